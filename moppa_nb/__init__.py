@@ -1,0 +1,11 @@
+"""moppa-nb: MoPPA, Coeff-Tuning and PEFT baselines for timm vision transformers.
+
+Importing the package registers every built-in method. This file is written by hand (nbdev only
+updates `__version__`); every other module is exported from `nbs/`.
+"""
+__version__ = "0.1.0"
+
+from moppa_nb.registry import PeftError, PeftMethod, ViTLayout, get_method, list_methods, register_method, vit_layout
+from moppa_nb import moppa as _moppa  # noqa: F401  (registers "moppa")
+from moppa_nb.adapt import (adapted_methods, apply_peft, count_trainable, load_adapter, merge_peft, save_adapter)
+from moppa_nb.moppa import route_regularisation, route_weights
