@@ -19,7 +19,7 @@ setup(
     license="Apache-2.0",
     python_requires=f">={cfg['min_python']}",
     packages=find_packages(include=[cfg["lib_name"], f"{cfg['lib_name']}.*"]),
-    include_package_data=True,
+    package_data={cfg["lib_name"]: ["published/*.csv"]},
     install_requires=requirements("requirements"),
     extras_require={
         "dev": requirements("dev_requirements"),
