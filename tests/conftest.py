@@ -1,7 +1,7 @@
 """Shared pytest set-up: no network, deterministic, small thread count."""
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch

@@ -1,0 +1,210 @@
+"""One table of invariants over every registered method and the compositions the experiments use."""
+import copy
+import inspect
+
+import pytest
+import timm
+import torch
+from torch import nn
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+from moppa_nb import PeftError, adapted_methods, apply_peft, list_methods, load_adapter, merge_peft, save_adapter
+from moppa_nb.adapt import is_head_parameter
+from moppa_nb.weight_space import perturb_for_testing
+
+IMAGE = 48   # 3 x 3 grid of 16 px patches, behind a CLS and a register token
+
+# id: (methods, starts at the identity, mergeable)
+CASES = {
+    "linear": ("linear", True, True),
+    "full": ("full", True, True),
+    "bitfit": ("bitfit", True, True),
+    "vpt": ("vpt", False, False),                 # prompts join attention from the first step
+    "vpt-shallow": ({"vpt": {"deep": False, "num_tokens": 4}}, False, False),
+    "adapter": ("adapter", True, False),
+    "adaptformer": ("adaptformer", True, False),
+    "lora": ("lora", True, True),
+    "ssf": ("ssf", True, True),
+    "fact-tt": ("fact", True, True),
+    "fact-tk": ({"fact": {"variant": "tk", "rank": 8}}, True, True),
+    "nola": ("nola", True, True),
+    "coeff": ("coeff", True, False),
+    "moppa": ("moppa", False, False),             # the prior filter acts from the first step
+    "moppa+ssf": (["moppa", "ssf"], False, False),
+    "lora+coeff": (["lora", "coeff"], True, False),
+    "fact+coeff": (["fact", "coeff"], True, False),
+}
+TABLE = [pytest.param(*case, id=name) for name, case in CASES.items()]
+
+
+def tiny_vit() -> VisionTransformer:
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMAGE, depth=2, num_classes=5,
+                             reg_tokens=1, drop_path_rate=0.0)
+
+
+def images(n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
+
+
+def method_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable tensors outside the head: what the methods own."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and not is_head_parameter(model, n)}
+
+
+def test_every_method_is_registered():
+    expected = {"linear", "full", "bitfit", "vpt", "adapter", "adaptformer", "lora", "ssf", "fact", "nola", "coeff", "moppa"}
+    assert expected <= set(list_methods())
+
+
+@pytest.mark.parametrize("methods, identity, mergeable", TABLE)
+def test_identity_at_init_and_perturbed_tensors_reach_the_output(methods, identity, mergeable):
+    plain = tiny_vit().eval()
+    adapted = apply_peft(copy.deepcopy(plain), methods).eval()
+    x = images()
+    with torch.no_grad():
+        expected, start = plain(x), adapted(x)
+        if not identity:
+            assert (start - expected).abs().max() > 1e-4, "marked non-identity but starts at the plain model"
+            return
+        torch.testing.assert_close(start, expected, atol=1e-5, rtol=0)
+        if not method_parameters(adapted):            # linear probe: nothing of the method to perturb
+            return
+        perturb_for_testing(adapted)
+        assert (adapted(x) - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("methods, identity, mergeable", TABLE)
+def test_gradients_reach_only_the_methods_and_the_head(methods, identity, mergeable):
+    model = apply_peft(tiny_vit(), methods).train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    owned = {n for n, _ in model.named_parameters()
+             if is_head_parameter(model, n) or any(m.is_trainable(n) for m in adapted_methods(model))}
+    assert trainable == owned
+    for method in adapted_methods(model):
+        if method.name == "linear":
+            assert not method_parameters(model)
+        else:
+            assert any(method.is_trainable(n) for n in trainable), f"{method.name} trains nothing"
+    model(images(3)).logsumexp(-1).mean().backward()
+    for name, parameter in model.named_parameters():
+        assert (parameter.grad is not None) == parameter.requires_grad, name
+    owned_by_methods = method_parameters(model)
+    if owned_by_methods:
+        assert sum(p.grad.abs().sum() for p in owned_by_methods.values()) > 0
+
+
+@pytest.mark.parametrize("methods, identity, mergeable", TABLE)
+def test_one_optimiser_step_changes_only_trainable_tensors(methods, identity, mergeable):
+    model = apply_peft(tiny_vit(), methods).train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    trainable = {n: p.detach().clone() for n, p in method_parameters(model).items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)   # every parameter offered
+    model(images(3)).logsumexp(-1).mean().backward()
+    optimizer.step()
+    now = dict(model.named_parameters())
+    assert all(torch.equal(now[n], before) for n, before in frozen.items())
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    if trainable:
+        assert any(not torch.equal(now[n], before) for n, before in trainable.items())
+
+
+@pytest.mark.parametrize("methods, identity, mergeable", TABLE)
+def test_deep_copy_is_an_independent_model(methods, identity, mergeable):
+    original = perturb_for_testing(apply_peft(tiny_vit(), methods)).eval()
+    clone = copy.deepcopy(original)
+    x = images()
+    with torch.no_grad():
+        before = original(x)
+        assert torch.equal(clone(x), before)
+        if method_parameters(original):
+            perturb_for_testing(original)               # hooks and shared factors of the clone are the clone's own
+            assert not torch.equal(original(x), before)
+            assert torch.equal(clone(x), before)
+
+
+@pytest.mark.parametrize("methods, identity, mergeable", TABLE)
+def test_save_load_round_trip_reproduces_outputs(methods, identity, mergeable, tmp_path):
+    source = apply_peft(tiny_vit(), methods)
+    added = set(source.state_dict()) - set(tiny_vit().state_dict())
+    assert added <= set(method_parameters(source)), "a method added persistent state that save_adapter would not save"
+    backbone = {k: v.clone() for k, v in source.state_dict().items() if "peft_" not in k}   # before training
+    perturb_for_testing(source)
+    save_adapter(source, tmp_path)
+    target = tiny_vit()
+    target.load_state_dict(backbone)
+    load_adapter(target, tmp_path)
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(source.eval()(x), target.eval()(x))
+
+
+@pytest.mark.parametrize("methods, identity, mergeable", TABLE)
+def test_merge_folds_into_a_plain_vit_or_refuses(methods, identity, mergeable):
+    model = perturb_for_testing(apply_peft(tiny_vit(), methods)).eval()
+    if not mergeable:
+        with pytest.raises(PeftError, match="Cannot merge"):
+            merge_peft(model)
+        return
+    x = images()
+    with torch.no_grad():
+        before = model(x)
+        merge_peft(model)
+        torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+        plain = tiny_vit().eval()
+        plain.load_state_dict(model.state_dict())          # strict: exactly a plain ViT's tensors
+        torch.testing.assert_close(plain(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_vpt_with_moppa_raises_a_clear_error():
+    model = apply_peft(tiny_vit(), ["vpt", "moppa"])
+    with pytest.raises(PeftError, match="token count must match"):
+        model(images())
+
+
+def test_coeff_refuses_attention_it_cannot_reach():
+    model = tiny_vit()
+    model.blocks[1].attn = nn.Identity()
+    with pytest.raises(PeftError, match="block 1 has Identity"):
+        apply_peft(model, "coeff")
+
+
+def test_timm_layout_the_wrappers_rely_on():
+    """Fails if timm changes the Attention/Block structure that the hooks of these methods assume."""
+    for forward in (Attention.forward, Block.forward):
+        parameters = inspect.signature(forward).parameters
+        assert list(parameters)[:4] == ["self", "x", "attn_mask", "is_causal"]
+        assert parameters["attn_mask"].default is None and parameters["is_causal"].default is False
+    model = tiny_vit().eval()
+    block = model.blocks[0]
+    attn = block.attn
+    assert type(block) is Block and type(attn) is Attention
+    for name in ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm", "attn_drop", "proj", "fused_attn"):
+        assert hasattr(attn, name), name
+    assert isinstance(attn.qkv, nn.Linear) and attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim
+    assert isinstance(attn.proj, nn.Linear) and isinstance(attn.attn_drop, nn.Dropout)
+    assert isinstance(block.norm1, nn.LayerNorm) and isinstance(block.norm2, nn.LayerNorm)
+    assert isinstance(block.mlp.fc1, nn.Linear) and isinstance(block.mlp.fc2, nn.Linear)
+    assert isinstance(model.patch_embed.proj, nn.Conv2d) and isinstance(model.norm, nn.LayerNorm)
+    assert model.num_prefix_tokens == 2
+
+    # The eager path applies attn_drop to the post-softmax maps (Coeff-Tuning hooks there), then @ V,
+    # and matches the fused path; the final norm runs after the last block (VPT removes its prompts there).
+    seen = []
+    x = images()
+    with torch.no_grad():
+        fused = model(x)
+        handles = [attn.attn_drop.register_forward_hook(lambda m, a, out: seen.append(("maps", out))),
+                   model.blocks[-1].register_forward_hook(lambda m, a, out: seen.append(("last block", None))),
+                   model.norm.register_forward_pre_hook(lambda m, a: seen.append(("norm", None)))]
+        attn.fused_attn = False
+        eager = model(x)
+    for handle in handles:
+        handle.remove()
+    assert [what for what, _ in seen] == ["maps", "last block", "norm"]
+    maps = seen[0][1]
+    tokens = model.num_prefix_tokens + 9
+    assert maps.shape == (2, attn.num_heads, tokens, tokens)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, attn.num_heads, tokens))
+    torch.testing.assert_close(eager, fused, atol=1e-5, rtol=0)

@@ -1,0 +1,54 @@
+"""Trainable parameters on ViT-B/16 (head excluded) against the method table of the spec."""
+import pytest
+import timm
+
+from moppa_nb import apply_peft, count_trainable
+
+# exact counts and how they arise (C = 768, 12 blocks, 12 heads); published values in the comments
+EXPECTED = {
+    "linear": 0,
+    "full": 85_798_656,                                                   # 85.8M
+    "bitfit": 12 * (2304 + 768 + 3072 + 768 + 2 * 768) + 768 + 768,       # 102,912 (0.10M)
+    "vpt": 12 * 50 * 768,                                                 # 460,800, deep, 50 tokens (0.53M)
+    "adapter": 12 * (768 * 8 + 8 + 8 * 768 + 768),                        # 156,768 (0.16M)
+    "adaptformer": 12 * (768 * 8 + 8 + 8 * 768 + 768),                    # 156,768 (0.16M)
+    "lora": 12 * 2 * 2 * 8 * 768,                                         # 294,912 (0.29M)
+    "ssf": 2 * (768 + 12 * (768 + 2304 + 768 + 768 + 3072 + 768) + 768),  # 205,824 (0.24M)
+    "fact": 2 * 16 * 768 + 144 * 16 ** 2,                                 # 61,440, TT rank 16 on 12 slices per block
+    "nola": 12 * 2 * 2 * 1024,                                            # 49,152 (about 0.05M)
+    "coeff": 12 * 12 * 12,                                                # 1,728
+    "moppa": 9_936,                                                       # reference form
+}
+VARIANTS = {
+    "fact-tt-attention": ({"fact": {"targets": "attention"}}, 2 * 16 * 768 + 48 * 16 ** 2),       # 36,864 (0.04M)
+    "fact-tk": ({"fact": {"variant": "tk"}}, 2 * 32 * 768 + 32 ** 3 + 144 * 32),                   # 86,528 (0.07M)
+    "vpt-shallow": ({"vpt": {"deep": False}}, 50 * 768),
+    "moppa+ssf": (["moppa", "ssf"], 9_936 + 205_824),
+    "fact+coeff": (["fact", "coeff"], 61_440 + 1_728),
+}
+
+
+def vit_b(device: str = "meta"):
+    """ViT-B/16 with random weights; on the meta device only the shapes exist (no memory, no init)."""
+    return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100, device=device)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_count_on_vit_b(name):
+    count = count_trainable(apply_peft(vit_b(), name))
+    print(f"{name:12s} {count:>12,}")
+    assert count == EXPECTED[name]
+
+
+@pytest.mark.parametrize("methods, expected", list(VARIANTS.values()), ids=list(VARIANTS))
+def test_count_of_variants_and_compositions(methods, expected):
+    count = count_trainable(apply_peft(vit_b(), methods))
+    print(f"{methods} {count:,}")
+    assert count == expected
+
+
+def test_meta_device_counts_are_the_real_models():
+    """One real CPU ViT-B, to show the meta-device counts above are those of an ordinary model."""
+    model = apply_peft(vit_b("cpu"), ["lora", "coeff", "ssf"])
+    assert count_trainable(model) == EXPECTED["lora"] + EXPECTED["coeff"] + EXPECTED["ssf"]
+    assert count_trainable(model, exclude_head=False) == count_trainable(model) + 768 * 100 + 100
