@@ -223,3 +223,14 @@ def test_clear_errors_for_bad_input():
     with pytest.raises(PeftError, match="fixed grid"):
         apply_peft(small_vit(dynamic_img_size=True), "moppa")
     assert layout.num_prefix_tokens == 3
+
+
+def test_moppa_trains_after_first_running_under_inference_mode():
+    """The DCT matrices are cached: one made under inference_mode must still work in a training step."""
+    from moppa_nb.dct import dct_matrix
+    dct_matrix.cache_clear()
+    model = apply_peft(small_vit(img_size=(40, 48)), "moppa")       # a grid no other test uses
+    with torch.inference_mode():
+        model.eval()(torch.randn(1, 3, 40, 48))
+    model.train()(torch.randn(2, 3, 40, 48)).sum().backward()
+    assert model.blocks[0].peft_moppa.times["heat"].grad is not None
