@@ -12,3 +12,5 @@ from moppa_nb import weight_space as _weight_space  # noqa: F401  (registers "li
 from moppa_nb import added_modules as _added_modules  # noqa: F401  (registers "vpt", "adapter", "adaptformer")
 from moppa_nb.adapt import (adapted_methods, apply_peft, count_trainable, load_adapter, merge_peft, save_adapter)
 from moppa_nb.moppa import route_regularisation, route_weights
+from moppa_nb.train import PROTOCOLS, TrainConfig, evaluate, fit
+from moppa_nb.checkpoint import CheckpointError
