@@ -1,0 +1,104 @@
+"""The pipeline end to end on tiny data: the paper profile on a fake VTAB-1K folder, and both papermill notebooks."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from moppa_nb.data import VTAB_CLASSES, write_vtab_task
+from moppa_nb.experiment import prepare_backbone, prepare_data, profile_settings, run_method
+from moppa_nb.report import write_report
+
+ROOT = Path(__file__).parent.parent
+TASKS = {"dtd": "Natural", "smallnorb_ele": "Structured"}
+
+
+def fake_vtab(root: Path) -> Path:
+    """A tiny VTAB-1K folder (NOAH layout) with two real task names and random 32 px images."""
+    rng = np.random.default_rng(0)
+    for task in TASKS:
+        classes = VTAB_CLASSES[task]
+        splits = {split: (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, classes, n))
+                  for split, n in (("train800", 16), ("val200", 8), ("test", 8))}
+        write_vtab_task(root, task, splits, num_classes=classes, image_format="jpg")
+    return root
+
+
+def local_timm_checkpoint(path: Path) -> Path:
+    """A 'pre-trained' timm checkpoint on local disk: the paper profile reads weights from a file, never a hub."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+def paper_params(tmp_path: Path) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    paper = params["profiles"]["paper"]
+    paper["data"]["root"] = str(fake_vtab(tmp_path / "vtab-1k"))
+    paper["tasks"] = TASKS
+    paper["backbone"] = {"kind": "timm", "name": "vit_tiny_patch16_224", "file": str(local_timm_checkpoint(tmp_path / "vit.safetensors")),
+                         "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
+    paper["preprocessing"]["size"] = 32
+    paper["train"].update(epochs=2, warmup_epochs=1, cooldown_epochs=1, batch_size=8, checkpoint_every=1, device="cpu")
+    paper["task_train"] = {"moppa": {"dtd": {**paper["task_train"]["moppa"]["dtd"], "batch_size": 4}}}
+    params["profile"] = "paper"
+    return params
+
+
+def test_paper_profile_end_to_end_on_fake_vtab(tmp_path):
+    params = paper_params(tmp_path)
+    profile = profile_settings(params)
+    index = prepare_data(profile, tmp_path / "prepared")
+    assert index["dtd"]["split_sizes"] == {"test": 8, "train800": 16, "train800val200": 24, "val200": 8}
+    record = prepare_backbone(profile, tmp_path / "backbone")
+    assert record["file"].endswith("vit.safetensors")
+    for method in ("moppa", "lora+coeff"):
+        results = run_method(method, params, tmp_path / "runs" / method)
+        assert {r["task"] for r in results["runs"]} == set(TASKS)
+        for run in results["runs"]:
+            assert {"val", "final", "best_test"} <= set(run["summary"])
+            assert len(run["history"]) == 3                          # 2 epochs + 1 cool-down
+    moppa_dtd = json.loads((tmp_path / "runs" / "moppa" / "results.json").read_text())["runs"][0]
+    assert moppa_dtd["settings"]["batch_size"] == 4 and moppa_dtd["settings"]["flip"] is True   # MoPPA's per-task setting
+    assert moppa_dtd["route_weights"] is not None
+    groups = {"Natural": ["dtd"], "Structured": ["smallnorb_ele"]}
+    tables = write_report(tmp_path / "runs", tmp_path / "report", groups, methods=["moppa", "lora+coeff"], profile="paper", published=True)
+    text = (tmp_path / "report" / "results.md").read_text()
+    assert "Published numbers" in text and "Protocol `val`" in text
+    assert list(tables["val"].index) == ["moppa", "lora+coeff"]
+    assert (tmp_path / "report" / "router_weights.png").is_file()
+
+
+def test_missing_task_folder_fails_at_prepare_naming_task_and_path(tmp_path):
+    params = paper_params(tmp_path)
+    params["profiles"]["paper"]["tasks"] = {"dtd": "Natural", "kitti": "Structured"}
+    with pytest.raises(FileNotFoundError, match="kitti.*vtab-1k"):
+        prepare_data(profile_settings(params), tmp_path / "prepared")
+
+
+def run_notebook(notebook: str, output: Path, parameters: dict, cwd: Path):
+    command = [sys.executable, "-m", "papermill", "--no-progress-bar", str(ROOT / "pipeline" / notebook), str(output)]
+    for key, value in parameters.items():
+        command += ["-p", key, str(value)]
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_training_and_report_notebooks_smoke(tmp_path):
+    params = paper_params(tmp_path)
+    params["profiles"]["paper"]["tasks"] = {"dtd": "Natural"}
+    params["methods"] = ["moppa"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    run_notebook("train.ipynb", tmp_path / "train_out.ipynb",
+                 {"method": "moppa", "output_dir": "runs/moppa", "metrics_file": "metrics/moppa.json"}, tmp_path)
+    metrics = json.loads((tmp_path / "metrics" / "moppa.json").read_text())
+    assert set(metrics["test_acc"]["dtd"]) == {"val", "final", "best_test"}
+    run_notebook("report.ipynb", tmp_path / "report_out.ipynb",
+                 {"results_dir": "runs", "output_dir": "report", "bench_csv": "none.csv"}, tmp_path)
+    assert (tmp_path / "report" / "results.md").is_file() and (tmp_path / "report" / "spectral_responses.png").is_file()
