@@ -14,3 +14,5 @@ from moppa_nb.adapt import (adapted_methods, apply_peft, count_trainable, load_a
 from moppa_nb.moppa import route_regularisation, route_weights
 from moppa_nb.train import PROTOCOLS, TrainConfig, evaluate, fit
 from moppa_nb.checkpoint import CheckpointError
+from moppa_nb.data import (VTAB_GROUPS, VTAB_TASKS, Preprocessing, TaskData, canonical_task, load_fgvc_task, load_vtab_task,
+                           write_vtab_task)
