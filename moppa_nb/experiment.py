@@ -50,9 +50,9 @@ def method_parts(method: str) -> list[str]:
 
 
 def run_settings(profile: dict, method: str, task: str) -> dict:
-    "Training settings of (method, task): profile `train`, then `method_train[method]`, then `task_train[method][task]`."
+    "Training settings of (method, task): profile `train`, then `method_train` of each part and of the whole spec, then `task_train[method][task]`."
     settings = dict(profile.get("train", {}))
-    for part in [method, *method.split("+")] if "+" in method else [method]:
+    for part in dict.fromkeys([*method.split("+"), method]):      # 'moppa+ssf' may override what 'moppa' sets
         settings.update(profile.get("method_train", {}).get(part, {}))
     settings.update(profile.get("task_train", {}).get(method, {}).get(task, {}))
     return settings
