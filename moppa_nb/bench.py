@@ -21,17 +21,27 @@ from .adapt import apply_peft, count_trainable, merge_peft
 from .registry import get_method, list_methods
 
 # %% auto #0
-__all__ = ['COMPOSITIONS', 'COLUMNS', 'default_specs', 'median_seconds', 'benchmark_method', 'add_ratios', 'run_benchmark',
-           'write_csv', 'format_table', 'main']
+__all__ = ['COMPOSITIONS', 'VARIANTS', 'COLUMNS', 'default_specs', 'split_spec', 'median_seconds', 'benchmark_method',
+           'add_ratios', 'run_benchmark', 'write_csv', 'format_table', 'main']
 
 # %% ../nbs/15_bench.ipynb #118cdcbe
 COMPOSITIONS = ("moppa+ssf", "lora+coeff", "fact+coeff")
+VARIANTS = {"eager": "every block's attention on timm's eager path (softmax maps materialised), as Coeff-Tuning runs it"}
 
 
 def default_specs() -> list[str]:
-    "Every registered method, then the standard compositions whose parts are registered."
+    "Every registered method, the standard compositions whose parts are registered, and `linear@eager`."
     available = set(list_methods())
-    return list_methods() + [c for c in COMPOSITIONS if set(c.split("+")) <= available]
+    return list_methods() + [c for c in COMPOSITIONS if set(c.split("+")) <= available] + ["linear@eager"]
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    "'lora+coeff' -> ('lora+coeff', ''); 'linear@eager' -> ('linear', 'eager'): a method spec and a backbone variant, both checked."
+    methods, _, variant = spec.partition("@")
+    for name in methods.split("+"): get_method(name)              # unknown names fail before any timing
+    if variant and variant not in VARIANTS:
+        raise ValueError(f"Unknown benchmark variant {variant!r} in {spec!r}; known: {sorted(VARIANTS)}")
+    return methods, variant
 
 
 def median_seconds(fn, warmup: int, repeats: int, device: torch.device) -> float:
@@ -66,8 +76,11 @@ def benchmark_method(spec: str,                                   # method spec 
     if num_threads: torch.set_num_threads(num_threads)
     device = torch.device(device)
     torch.manual_seed(0)
+    methods, variant = split_spec(spec)
     model = timm.create_model(model_name, pretrained=False, num_classes=100, **(model_kwargs or {}))
-    apply_peft(model, spec)
+    if variant == "eager":
+        for block in model.blocks: block.attn.fused_attn = False
+    apply_peft(model, methods)
     model.to(device)
     size = model.patch_embed.img_size
     images = torch.randn(batch_size, 3, *size, device=device)
@@ -91,7 +104,7 @@ def benchmark_method(spec: str,                                   # method spec 
     model.eval()
     infer_s = median_seconds(infer(model), warmup, repeats, device)
     merged_s = None
-    if all(get_method(name).mergeable for name in spec.split("+")):
+    if all(get_method(name).mergeable for name in methods.split("+")):
         merged = merge_peft(copy.deepcopy(model)).eval()
         merged_s = median_seconds(infer(merged), warmup, repeats, device)
     return {"method": spec, "device": str(device), "model": model_name, "batch_size": batch_size,
@@ -116,13 +129,14 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 def run_benchmark(specs: list[str] | None = None, isolate: bool = True, **kwargs) -> list[dict]:
     "Benchmark `specs` (default: every method and the standard compositions); `kwargs` go to `benchmark_method`."
     specs = specs or default_specs()
-    for spec in specs:
-        for name in spec.split("+"): get_method(name)          # unknown names fail before any timing
+    for spec in specs: split_spec(spec)
     if not isolate:
         return add_ratios([benchmark_method(spec, **kwargs) for spec in specs])
+    context = get_context("forkserver")                           # workers fork from a server that imported torch and timm once
+    context.set_forkserver_preload(["torch", "timm", "moppa_nb"])
     rows = []
     for spec in specs:
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
             rows.append(pool.submit(benchmark_method, spec, **kwargs).result())
     return add_ratios(rows)
 
@@ -181,7 +195,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         csv_path = write_csv(rows, args.output)
         caption = (f"Cost per method: {args.model} at {args.img_size} px, random weights, {args.device}, batch {batch}, "
                    f"median of {args.repeats} runs after {args.warmup} warm-up; times in ms per image; ratios from the same run "
-                   "(step_vs_frozen: over `linear`, the frozen backbone with a trained head; infer_vs_plain: over the unmodified ViT).")
+                   "(step_vs_frozen: over `linear`, the frozen backbone with a trained head; infer_vs_plain: over the unmodified ViT; "
+                   "`linear@eager`: that ViT on timm's eager attention path; peak memory: the CUDA allocator's peak, or on CPU the "
+                   "worker process's peak resident set, about 0.5 GB of imported libraries included).")
         csv_path.with_suffix(".md").write_text(f"# Benchmark\n\n**{caption}**\n\n{table}\n")
         print(f"wrote {csv_path} and {csv_path.with_suffix('.md')}")
     return rows

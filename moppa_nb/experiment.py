@@ -12,8 +12,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from torch import nn
 
 from .adapt import apply_peft, count_trainable, save_adapter
@@ -21,8 +19,8 @@ from .registry import PeftError, get_method
 
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'DATA_KEYS', 'load_params', 'profile_settings', 'method_parts', 'run_settings', 'train_config',
-           'peft_spec', 'load_task', 'build_model', 'train_run', 'run_method', 'prepare_data', 'backbone_probes',
-           'prepare_backbone', 'main']
+           'peft_spec', 'load_task', 'build_model', 'run_method', 'prepare_data', 'backbone_probes', 'prepare_backbone',
+           'main']
 
 # %% ../nbs/16_experiment.ipynb #1a0794ca
 MODEL_KEYS, DATA_KEYS = ("drop_path",), ("flip",)
@@ -102,62 +100,40 @@ def _static_route_weights(model: nn.Module) -> list | None:
     return route_weights(model).tolist()
 
 
-def train_run(method: str,                         # method spec, e.g. 'lora' or 'moppa+ssf'
-              profile: dict,                       # resolved profile (profile_settings)
-              task: str, group: str, seed: int,
-              output_dir: str | Path,              # the method's folder: the run goes to <task>/seed<k>/
-              progress: bool = False) -> dict:
-    "Train one (method, task, seed), resuming from its checkpoint; return its record for `results.json`."
-    from moppa_nb.train import fit
-    settings = run_settings(profile, method, task)
-    config = train_config(settings, seed)
-    data = load_task(profile, task, flip=settings.get("flip", False),
-                     splits=tuple(dict.fromkeys(s for s in (config.train_split, config.val_split, config.test_split) if s)))
-    torch.manual_seed(seed)
-    model = apply_peft(build_model(profile, data.num_classes, settings.get("drop_path", 0.0)), peft_spec(profile, method))
-    run_dir = Path(output_dir) / task / f"seed{seed}"
-    result = fit(model, data, config, run_dir, resume=True, progress=progress)
-    save_adapter(model, run_dir / "adapter")
-    history = result.pop("history")
-    return {"task": task, "group": group, "seed": seed, "settings": settings, "summary": result, "history": history,
-            "route_weights": _static_route_weights(model), "trainable_params": count_trainable(model)}
-
-
-def _run_all(jobs: list[tuple], workers: int) -> list[dict]:
-    "`train_run(*job)` for every job, in `workers` spawned processes when more than one (results in job order)."
-    if workers <= 1 or len(jobs) <= 1:
-        return [train_run(*job) for job in jobs]
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
-        return list(pool.map(train_run, *zip(*jobs)))
-
-
 def run_method(method: str,                          # method spec, e.g. 'lora' or 'moppa+ssf'
                params: dict,                         # the pipeline's parameters (load_params)
                output_dir: str | Path,               # where runs and results.json go
                profile: str | None = None,           # profile name (default: params['profile'])
                metrics_path: str | Path | None = None,  # small per-task metrics JSON for `dvc metrics` (default: in output_dir)
-               progress: bool = False,
-               workers: int | None = None) -> dict:  # (task, seed) runs trained at once, one process each (default: profile's `workers`, 1)
+               progress: bool = False) -> dict:
     "Train `method` on every task and seed of the profile; write and return the results."
+    from moppa_nb.train import fit
     settings_of = profile_settings(params, profile)
     output_dir = Path(output_dir); output_dir.mkdir(parents=True, exist_ok=True)
-    spec = peft_spec(settings_of, method)
-    for task in settings_of["tasks"]: train_config(run_settings(settings_of, method, task), 0)   # bad settings fail before any training
-    seeds = settings_of.get("seeds", [0])
-    workers = settings_of.get("workers", 1) if workers is None else workers
-    jobs = [(method, settings_of, task, group, seed, output_dir, progress and workers <= 1)
-            for task, group in settings_of["tasks"].items() for seed in seeds]
-    runs = _run_all(jobs, workers)
-    trainable = runs[-1]["trainable_params"]
-    for run in runs: del run["trainable_params"]
+    spec, runs, trainable = peft_spec(settings_of, method), [], None
+    for task, group in settings_of["tasks"].items():
+        settings = run_settings(settings_of, method, task)
+        needed = train_config(settings, 0)
+        data = load_task(settings_of, task, flip=settings.get("flip", False),
+                         splits=tuple(dict.fromkeys(s for s in (needed.train_split, needed.val_split, needed.test_split) if s)))
+        for seed in settings_of.get("seeds", [0]):
+            config = train_config(settings, seed)
+            torch.manual_seed(seed)
+            model = apply_peft(build_model(settings_of, data.num_classes, settings.get("drop_path", 0.0)), spec)
+            run_dir = output_dir / task / f"seed{seed}"
+            result = fit(model, data, config, run_dir, resume=True, progress=progress)
+            save_adapter(model, run_dir / "adapter")
+            trainable = count_trainable(model)
+            history = result.pop("history")
+            runs.append({"task": task, "group": group, "seed": seed, "settings": settings, "summary": result,
+                         "history": history, "route_weights": _static_route_weights(model)})
     results = {"method": method, "profile": settings_of["name"], "peft_spec": spec, "trainable_params": trainable, "runs": runs}
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
-    metrics = {run["task"] + (f"/seed{run['seed']}" if len(seeds) > 1 else ""):
+    metrics = {run["task"] + (f"/seed{run['seed']}" if len(settings_of.get("seeds", [0])) > 1 else ""):
                {p: run["summary"][p]["test_acc"] for p in ("val", "final", "best_test") if p in run["summary"]} for run in runs}
     metrics_path = Path(metrics_path or output_dir / "metrics.json"); metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps({"trainable_params": trainable, "test_acc": metrics}, indent=1))
     return results
-
 
 # %% ../nbs/16_experiment.ipynb #3305b419
 def prepare_data(profile: dict, output_dir: str | Path) -> dict:

@@ -75,19 +75,6 @@ def test_paper_profile_end_to_end_on_fake_vtab(tmp_path):
     assert (tmp_path / "report" / "router_weights.png").is_file()
 
 
-def test_parallel_workers_give_the_sequential_results(tmp_path):
-    params = paper_params(tmp_path)
-    params["profiles"]["paper"]["train"]["num_threads"] = 1          # a fixed thread count keeps CPU results reproducible
-    sequential = run_method("lora", params, tmp_path / "sequential", workers=1)
-    parallel = run_method("lora", params, tmp_path / "parallel", workers=2)
-    assert [r["task"] for r in parallel["runs"]] == list(TASKS)    # job order, not completion order
-    def outcome(run):                                                  # everything but wall times and throughput
-        return [{k: v for k, v in epoch.items() if "time" not in k and "per_s" not in k} for epoch in run["history"]], run["summary"]["val"]
-    for one, other in zip(sequential["runs"], parallel["runs"]):
-        assert outcome(one) == outcome(other)
-    assert parallel["trainable_params"] == sequential["trainable_params"] > 0
-
-
 def test_papermill_stages_create_their_output_folder():
     """papermill refuses to write into a missing folder, and dvc deletes a stage's outputs before running it."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -115,13 +102,13 @@ def run_notebook(notebook: str, output: Path, parameters: dict, cwd: Path):
 
 def test_training_and_report_notebooks_smoke(tmp_path):
     params = paper_params(tmp_path)
-    params["profiles"]["paper"]["workers"] = 2                        # spawned workers from inside a kernel
+    params["profiles"]["paper"]["tasks"] = {"dtd": "Natural"}
     params["methods"] = ["moppa"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     run_notebook("train.ipynb", tmp_path / "train_out.ipynb",
                  {"method": "moppa", "output_dir": "runs/moppa", "metrics_file": "metrics/moppa.json"}, tmp_path)
     metrics = json.loads((tmp_path / "metrics" / "moppa.json").read_text())
-    assert set(metrics["test_acc"]) == set(TASKS) and set(metrics["test_acc"]["dtd"]) == {"val", "final", "best_test"}
+    assert set(metrics["test_acc"]["dtd"]) == {"val", "final", "best_test"}
     run_notebook("report.ipynb", tmp_path / "report_out.ipynb",
                  {"results_dir": "runs", "output_dir": "report", "bench_csv": "none.csv"}, tmp_path)
     assert (tmp_path / "report" / "results.md").is_file() and (tmp_path / "report" / "spectral_responses.png").is_file()
