@@ -180,7 +180,7 @@ def _mean_route_weights(paths: list[Path]) -> np.ndarray | None:
     return None
 
 
-def write_report(runs_dir: str | Path,                   # folder with one <method>/results.json per method
+def write_report(runs_dir: str | Path,                   # folder with a <method>/results.json per method, at any depth
                  output_dir: str | Path,                 # where results.md, CSVs and figures go
                  groups: dict[str, list[str]],           # group -> tasks, in table order
                  methods: list[str] | None = None,       # row order
@@ -193,7 +193,7 @@ def write_report(runs_dir: str | Path,                   # folder with one <meth
     "Write tables (Markdown, CSV) and figures (PNG) of a profile's results; return the tables by protocol."
     runs_dir, output_dir = Path(runs_dir), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths = sorted(runs_dir.glob("*/results.json"))
+    paths = sorted(runs_dir.rglob("results.json"))          # runs/<profile>/<group>/<method>/results.json
     long = load_results(paths)
     long.to_csv(output_dir / "results.csv", index=False)
     tables = {p: accuracy_table(long, p, groups, methods) for p in PROTOCOLS if p in set(long.protocol)}

@@ -103,12 +103,12 @@ def run_notebook(notebook: str, output: Path, parameters: dict, cwd: Path):
 def test_training_and_report_notebooks_smoke(tmp_path):
     params = paper_params(tmp_path)
     params["profiles"]["paper"]["tasks"] = {"dtd": "Natural"}
-    params["methods"] = ["moppa"]
+    params["methods"] = {"ours": ["moppa"]}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     run_notebook("train.ipynb", tmp_path / "train_out.ipynb",
-                 {"method": "moppa", "output_dir": "runs/moppa", "metrics_file": "metrics/moppa.json"}, tmp_path)
-    metrics = json.loads((tmp_path / "metrics" / "moppa.json").read_text())
-    assert set(metrics["test_acc"]["dtd"]) == {"val", "final", "best_test"}
+                 {"group": "ours", "output_dir": "runs/ours", "metrics_file": "metrics/ours.json"}, tmp_path)
+    metrics = json.loads((tmp_path / "metrics" / "ours.json").read_text())
+    assert set(metrics["moppa"]["test_acc"]["dtd"]) == {"val", "final", "best_test"}
     run_notebook("report.ipynb", tmp_path / "report_out.ipynb",
                  {"results_dir": "runs", "output_dir": "report", "bench_csv": "none.csv"}, tmp_path)
     assert (tmp_path / "report" / "results.md").is_file() and (tmp_path / "report" / "spectral_responses.png").is_file()
