@@ -21,8 +21,8 @@ from .adapt import apply_peft, count_trainable, merge_peft
 from .registry import get_method, list_methods
 
 # %% auto #0
-__all__ = ['COMPOSITIONS', 'VARIANTS', 'COLUMNS', 'default_specs', 'split_spec', 'median_seconds', 'benchmark_method',
-           'add_ratios', 'run_benchmark', 'write_csv', 'format_table', 'main']
+__all__ = ['COMPOSITIONS', 'VARIANTS', 'COLUMNS', 'default_specs', 'split_spec', 'median_seconds', 'build_benchmark_model',
+           'benchmark_method', 'add_ratios', 'run_benchmark', 'interleaved_ratios', 'write_csv', 'format_table', 'main']
 
 # %% ../nbs/15_bench.ipynb #118cdcbe
 COMPOSITIONS = ("moppa+ssf", "lora+coeff", "fact+coeff")
@@ -66,47 +66,55 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10     # kB on Linux
 
 
-def benchmark_method(spec: str,                                   # method spec as apply_peft takes it ('lora', 'moppa+ssf')
-                     model_name: str = "vit_base_patch16_224",     # timm architecture (random weights)
-                     model_kwargs: dict | None = None,            # extra timm kwargs, e.g. img_size
-                     batch_size: int = 8, device: str = "cpu", warmup: int = 2, repeats: int = 5,
-                     num_threads: int | None = None) -> dict:
-    "Time one method: training step, inference (and merged inference), peak memory, trainable parameters."
+def build_benchmark_model(spec: str, model_name: str = "vit_base_patch16_224", model_kwargs: dict | None = None,
+                          batch_size: int = 8, device: str | torch.device = "cpu"):
+    "A randomly initialised timm ViT adapted with `spec` on `device`, a batch of images and labels, and its `train_step`."
     import timm
-    if num_threads: torch.set_num_threads(num_threads)
+    methods, variant = split_spec(spec)
     device = torch.device(device)
     torch.manual_seed(0)
-    methods, variant = split_spec(spec)
     model = timm.create_model(model_name, pretrained=False, num_classes=100, **(model_kwargs or {}))
     if variant == "eager":
         for block in model.blocks: block.attn.fused_attn = False
     apply_peft(model, methods)
     model.to(device)
-    size = model.patch_embed.img_size
-    images = torch.randn(batch_size, 3, *size, device=device)
+    images = torch.randn(batch_size, 3, *model.patch_embed.img_size, device=device)
     labels = torch.randint(0, 100, (batch_size,), device=device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = nn.CrossEntropyLoss()
 
     def train_step():
+        model.train()
         with _autocast(device): loss = loss_fn(model(images), labels)
         loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
+    return model, images, train_step
 
-    def infer(net):
-        def run():
-            with torch.inference_mode(), _autocast(device): net(images)
-        return run
 
+def _inference(net: nn.Module, images: torch.Tensor):
+    def run():
+        net.eval()
+        with torch.inference_mode(), _autocast(images.device): net(images)
+    return run
+
+
+def benchmark_method(spec: str,                                   # method spec as apply_peft takes it ('lora', 'moppa+ssf', 'linear@eager')
+                     model_name: str = "vit_base_patch16_224",     # timm architecture (random weights)
+                     model_kwargs: dict | None = None,            # extra timm kwargs, e.g. img_size
+                     batch_size: int = 8, device: str = "cpu", warmup: int = 2, repeats: int = 5,
+                     num_threads: int | None = None) -> dict:
+    "Time one method: training step, inference (and merged inference), peak memory, trainable parameters."
+    if num_threads: torch.set_num_threads(num_threads)
+    device = torch.device(device)
+    methods, _ = split_spec(spec)
+    model, images, train_step = build_benchmark_model(spec, model_name, model_kwargs, batch_size, device)
     if device.type == "cuda": torch.cuda.reset_peak_memory_stats(device)
-    model.train()
     train_s = median_seconds(train_step, warmup, repeats, device)
     peak = _peak_memory_mb(device)
-    model.eval()
-    infer_s = median_seconds(infer(model), warmup, repeats, device)
+    infer_s = median_seconds(_inference(model, images), warmup, repeats, device)
     merged_s = None
     if all(get_method(name).mergeable for name in methods.split("+")):
-        merged = merge_peft(copy.deepcopy(model)).eval()
-        merged_s = median_seconds(infer(merged), warmup, repeats, device)
+        merged = merge_peft(copy.deepcopy(model))
+        merged_s = median_seconds(_inference(merged, images), warmup, repeats, device)
     return {"method": spec, "device": str(device), "model": model_name, "batch_size": batch_size,
             "train_ms_per_image": 1e3 * train_s / batch_size, "infer_ms_per_image": 1e3 * infer_s / batch_size,
             "merged_infer_ms_per_image": None if merged_s is None else 1e3 * merged_s / batch_size,
@@ -140,6 +148,34 @@ def run_benchmark(specs: list[str] | None = None, isolate: bool = True, **kwargs
             rows.append(pool.submit(benchmark_method, spec, **kwargs).result())
     return add_ratios(rows)
 
+# %% ../nbs/15_bench.ipynb #a1979ade
+def interleaved_ratios(specs: list[str],                  # must include `linear` (and `lora` for step_vs_lora)
+                       rounds: int = 8, warmup: int = 1, model_name: str = "vit_base_patch16_224",
+                       model_kwargs: dict | None = None, batch_size: int = 4, device: str = "cpu",
+                       num_threads: int | None = None) -> list[dict]:
+    "Step and inference times measured round-robin in one process; ratios are medians of per-round ratios."
+    if num_threads: torch.set_num_threads(num_threads)
+    if "linear" not in specs: raise ValueError("interleaved_ratios needs 'linear' (the plain ViT) among the specs.")
+    device = torch.device(device)
+    runs = {}
+    for spec in specs:
+        model, images, train_step = build_benchmark_model(spec, model_name, model_kwargs, batch_size, device)
+        runs[spec] = {"step": train_step, "infer": _inference(model, images)}
+    times = {spec: {"step": [], "infer": []} for spec in specs}
+    for round_ in range(warmup + rounds):
+        for spec in specs:
+            for kind, fn in runs[spec].items():
+                seconds = median_seconds(fn, 0, 1, device)
+                if round_ >= warmup: times[spec][kind].append(seconds)
+
+    def ratio(spec, kind, base):
+        return statistics.median(a / b for a, b in zip(times[spec][kind], times[base][kind])) if base in times else None
+    return [{"method": spec, "rounds": rounds, "batch_size": batch_size, "device": str(device),
+             "train_ms_per_image": 1e3 * statistics.median(times[spec]["step"]) / batch_size,
+             "infer_ms_per_image": 1e3 * statistics.median(times[spec]["infer"]) / batch_size,
+             "step_vs_frozen": ratio(spec, "step", "linear"), "step_vs_lora": ratio(spec, "step", "lora"),
+             "infer_vs_plain": ratio(spec, "infer", "linear")} for spec in specs]
+
 # %% ../nbs/15_bench.ipynb #93003d23
 COLUMNS = ("method", "trainable_params", "train_ms_per_image", "step_vs_frozen", "step_vs_lora", "infer_ms_per_image",
            "infer_vs_plain", "merged_infer_ms_per_image", "merged_vs_plain", "peak_memory_mb", "batch_size", "device", "model")
@@ -153,14 +189,14 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def format_table(rows: list[dict]) -> str:
-    "A Markdown table of the main columns."
+def format_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS[:10]) -> str:
+    "A Markdown table of `columns` (default: the main ones)."
     def fmt(v):
         if v is None: return "-"
         if isinstance(v, float): return f"{v:.3f}" if v < 10 else f"{v:.1f}"
         if isinstance(v, int): return f"{v:,}"
         return str(v)
-    shown = COLUMNS[:10]
+    shown = columns
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in shown) + " |" for r in rows]
     return "\n".join(lines)
@@ -178,6 +214,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", default=None, help="CSV path")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="instead: time the methods round-robin in one process for ROUNDS rounds and print the ratios")
     parser.add_argument("--from-params", default=None, help="read methods, batch_size, warmup, repeats from this params.yaml's `bench`")
     args = parser.parse_args(argv)
     if args.from_params:
@@ -186,6 +224,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for key in ("methods", "batch_size", "warmup", "repeats"):
             if key in settings: setattr(args, key, settings[key])
     batch = args.batch_size or (64 if args.device.startswith("cuda") else 4)
+    if args.interleave:
+        rows = interleaved_ratios(args.methods or ["linear", "lora", "moppa", "coeff"], args.interleave, model_name=args.model,
+                                  model_kwargs={"img_size": args.img_size}, batch_size=batch, device=args.device,
+                                  num_threads=args.threads)
+        print(format_table(rows, ("method", "train_ms_per_image", "step_vs_frozen", "step_vs_lora", "infer_ms_per_image", "infer_vs_plain")))
+        return rows
     rows = run_benchmark(args.methods, isolate=not args.device.startswith("cuda"), model_name=args.model,
                          model_kwargs={"img_size": args.img_size}, batch_size=batch, device=args.device,
                          warmup=args.warmup, repeats=args.repeats, num_threads=args.threads)
