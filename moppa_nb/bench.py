@@ -181,10 +181,10 @@ COLUMNS = ("method", "trainable_params", "train_ms_per_image", "step_vs_frozen",
            "infer_vs_plain", "merged_infer_ms_per_image", "merged_vs_plain", "peak_memory_mb", "batch_size", "device", "model")
 
 
-def write_csv(rows: list[dict], path: str | Path) -> Path:
+def write_csv(rows: list[dict], path: str | Path, columns: tuple[str, ...] = COLUMNS) -> Path:
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader(); writer.writerows(rows)
     return path
 
@@ -216,19 +216,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output", default=None, help="CSV path")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="instead: time the methods round-robin in one process for ROUNDS rounds and print the ratios")
-    parser.add_argument("--from-params", default=None, help="read methods, batch_size, warmup, repeats from this params.yaml's `bench`")
+    parser.add_argument("--from-params", default=None, help="read methods, batch_size, warmup, repeats, interleave from this params.yaml")
+    parser.add_argument("--params-section", default="bench", help="the section of --from-params to read (default: bench)")
     args = parser.parse_args(argv)
     if args.from_params:
         import yaml
-        settings = yaml.safe_load(Path(args.from_params).read_text())["bench"]
-        for key in ("methods", "batch_size", "warmup", "repeats"):
+        settings = yaml.safe_load(Path(args.from_params).read_text())[args.params_section]
+        for key in ("methods", "batch_size", "warmup", "repeats", "interleave"):
             if key in settings: setattr(args, key, settings[key])
     batch = args.batch_size or (64 if args.device.startswith("cuda") else 4)
     if args.interleave:
         rows = interleaved_ratios(args.methods or ["linear", "lora", "moppa", "coeff"], args.interleave, model_name=args.model,
                                   model_kwargs={"img_size": args.img_size}, batch_size=batch, device=args.device,
                                   num_threads=args.threads)
-        print(format_table(rows, ("method", "train_ms_per_image", "step_vs_frozen", "step_vs_lora", "infer_ms_per_image", "infer_vs_plain")))
+        columns = ("method", "train_ms_per_image", "step_vs_frozen", "step_vs_lora", "infer_ms_per_image", "infer_vs_plain")
+        table = format_table(rows, columns)
+        print(table)
+        if args.output:
+            caption = (f"Interleaved cost ratios: {args.model} at {args.img_size} px, random weights, {args.device}, batch {batch}; "
+                       f"every model in one process, timed round-robin for {args.interleave} rounds after a warm-up round; "
+                       "ratios are medians of the per-round ratios (step over `linear` and over `lora`, inference over the plain ViT).")
+            csv_path = write_csv(rows, args.output, columns)
+            csv_path.with_suffix(".md").write_text(f"# Interleaved ratios\n\n**{caption}**\n\n{table}\n")
         return rows
     rows = run_benchmark(args.methods, isolate=not args.device.startswith("cuda"), model_name=args.model,
                          model_kwargs={"img_size": args.img_size}, batch_size=batch, device=args.device,

@@ -6,7 +6,8 @@ import re
 import sys
 from pathlib import Path
 
-SECTIONS = {"results": Path("reports/default/results.md"), "bench": Path("reports/bench/bench.md")}
+SECTIONS = {"results": Path("reports/default/results.md"), "bench": Path("reports/bench/bench.md"),
+            "interleaved": Path("reports/bench/interleaved.md")}
 
 
 def main() -> int:
