@@ -19,11 +19,11 @@ def main() -> int:
             return 1
         body = source.read_text().strip()
         body = re.sub(r"^# .*\n+", "", body)          # the file's own title
-        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(\n<!-- {name}:end -->)", re.S)
+        pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)   # empty or filled
         if not pattern.search(text):
             print(f"README.md has no <!-- {name}:start/end --> markers", file=sys.stderr)
             return 1
-        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     readme.write_text(text)
     return 0
 
