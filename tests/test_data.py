@@ -149,17 +149,14 @@ def test_malformed_line(fake_vtab, line):
         load_vtab_task(root, "toy", splits=("test",), cache_dir=False)
 
 
-def test_missing_image(fake_vtab):
+@pytest.mark.parametrize("damage, error, message", [
+    (lambda image: image.unlink(), FileNotFoundError, r"Task 'toy': image .*000003.png is listed but does not exist"),
+    (lambda image: image.write_bytes(b"not a png"), ValueError, r"Task 'toy': image .*000003.png cannot be decoded"),
+], ids=["missing", "undecodable"])
+def test_broken_image(fake_vtab, damage, error, message):
     root, _, _ = fake_vtab
-    (root / "toy" / "images" / "test" / "000003.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"Task 'toy': image .*000003.png is listed but does not exist"):
-        load_vtab_task(root, "toy", splits=("test",), cache_dir=False)
-
-
-def test_undecodable_image(fake_vtab):
-    root, _, _ = fake_vtab
-    (root / "toy" / "images" / "test" / "000003.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=r"Task 'toy': image .*000003.png cannot be decoded"):
+    damage(root / "toy" / "images" / "test" / "000003.png")
+    with pytest.raises(error, match=message):
         load_vtab_task(root, "toy", splits=("test",), cache_dir=False)
 
 
