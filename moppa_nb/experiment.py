@@ -19,8 +19,8 @@ from .registry import PeftError, get_method
 
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'DATA_KEYS', 'load_params', 'profile_settings', 'method_parts', 'run_settings', 'train_config',
-           'peft_spec', 'load_task', 'build_model', 'run_method', 'prepare_data', 'backbone_probes', 'prepare_backbone',
-           'main']
+           'peft_spec', 'load_task', 'build_model', 'probe_head', 'initialise_head', 'run_method', 'prepare_data',
+           'backbone_probes', 'prepare_backbone', 'main']
 
 # %% ../nbs/16_experiment.ipynb #1a0794ca
 MODEL_KEYS, DATA_KEYS = ("drop_path",), ("flip",)
@@ -92,12 +92,64 @@ def build_model(profile: dict, num_classes: int, drop_path: float = 0.0) -> nn.M
                                  pretrained_cfg_overlay=overlay, **backbone.get("kwargs", {}))
     raise ValueError(f"backbone.kind must be 'local' or 'timm', got {backbone['kind']!r}")
 
+# %% ../nbs/16_experiment.ipynb #31cf7ea5
+_PROBE_HEADS: dict = {}          # (backbone settings, task, splits, weight decays) -> probe head, per process
+
+
+def probe_head(profile: dict,                       # profile settings (its backbone is probed)
+               task: str,                           # task name (the cache key)
+               data,                                # TaskData with the train and selection splits
+               train_split: str = "train800",       # split the probe is fitted on
+               val_split: str = "val200",           # split that chooses the weight decay
+               test_split: str | None = None,       # also report the probe's accuracy on this split (never used to choose)
+               weight_decays: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1),
+               ) -> dict:
+    "The closed-form linear probe of the profile's frozen backbone on `task`, as head `weight` (C, D) and `bias` (C,)."
+    from moppa_nb.pretrain import fit_linear, task_features, vit_features
+    if not val_split:
+        raise ValueError("head_init: probe needs a selection split (val_split) to choose the probe's weight decay.")
+    key = (json.dumps(profile["backbone"], sort_keys=True), task, train_split, val_split, test_split, weight_decays)
+    if key not in _PROBE_HEADS:
+        features_fn = vit_features(build_model(profile, num_classes=0))
+        x = {split: task_features(features_fn, data, split) for split in (train_split, val_split)}
+        y = {split: data[split][1] for split in x}
+        mean, std = x[train_split].mean(0), x[train_split].std(0) + 1e-6
+        fits = {wd: fit_linear((x[train_split] - mean) / std, y[train_split], data.num_classes, wd) for wd in weight_decays}
+        accuracy = {wd: ((((x[val_split] - mean) / std) @ w + b).argmax(1) == y[val_split]).float().mean().item()
+                    for wd, (w, b) in fits.items()}
+        best = max(weight_decays, key=lambda wd: accuracy[wd])       # the smallest decay on ties
+        weight, bias = fits[best]
+        probe = {"weight": (weight / std[:, None]).T.contiguous(), "bias": bias - (mean / std) @ weight,
+                 "weight_decay": best, "val_acc": accuracy[best]}
+        if test_split:
+            logits = task_features(features_fn, data, test_split) @ probe["weight"].T + probe["bias"]
+            probe["test_acc"] = (logits.argmax(1) == data[test_split][1]).float().mean().item()
+        _PROBE_HEADS[key] = probe
+    return _PROBE_HEADS[key]
+
+
+def initialise_head(model: nn.Module, probe: dict) -> nn.Module:
+    "Copy a `probe_head` into the model's linear classification head (in place)."
+    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "head", None)
+    if not isinstance(head, nn.Linear) or tuple(head.weight.shape) != tuple(probe["weight"].shape):
+        raise ValueError(f"head_init: probe needs a linear head of shape {tuple(probe['weight'].shape)}, "
+                         f"the model has {head!r}.")
+    with torch.no_grad():
+        head.weight.copy_(probe["weight"]); head.bias.copy_(probe["bias"])
+    return model
+
 # %% ../nbs/16_experiment.ipynb #c861e0ba
 def _static_route_weights(model: nn.Module) -> list | None:
     from moppa_nb.moppa import moppa_operators, route_weights
     operators = moppa_operators(model)
     if not operators or operators[0].options.router != "static": return None
     return route_weights(model).tolist()
+
+
+def _head_init(settings: dict) -> str:
+    kind = settings.get("head_init", "random")
+    if kind not in ("random", "probe"): raise ValueError(f"head_init must be 'random' or 'probe', got {kind!r}")
+    return kind
 
 
 def run_method(method: str,                          # method spec, e.g. 'lora' or 'moppa+ssf'
@@ -120,13 +172,18 @@ def run_method(method: str,                          # method spec, e.g. 'lora' 
             config = train_config(settings, seed)
             torch.manual_seed(seed)
             model = apply_peft(build_model(settings_of, data.num_classes, settings.get("drop_path", 0.0)), spec)
+            probe = None
+            if _head_init(settings) == "probe":
+                probe = probe_head(settings_of, task, data, config.train_split, config.val_split, config.test_split)
+                initialise_head(model, probe)
             run_dir = output_dir / task / f"seed{seed}"
             result = fit(model, data, config, run_dir, resume=True, progress=progress)
             save_adapter(model, run_dir / "adapter")
             trainable = count_trainable(model)
             history = result.pop("history")
             runs.append({"task": task, "group": group, "seed": seed, "settings": settings, "summary": result,
-                         "history": history, "route_weights": _static_route_weights(model)})
+                         "history": history, "route_weights": _static_route_weights(model),
+                         "head_init": {"kind": _head_init(settings), **{k: v for k, v in (probe or {}).items() if k not in ("weight", "bias")}}})
     results = {"method": method, "profile": settings_of["name"], "peft_spec": spec, "trainable_params": trainable, "runs": runs}
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
     metrics = {run["task"] + (f"/seed{run['seed']}" if len(settings_of.get("seeds", [0])) > 1 else ""):

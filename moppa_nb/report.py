@@ -16,9 +16,11 @@ import pandas as pd
 import seaborn as sns
 
 # %% auto #0
-__all__ = ['PROTOCOLS', 'load_results', 'accuracy_table', 'to_markdown', 'published_vtab', 'published_table', 'save_figure',
-           'plot_accuracy_vs_params', 'plot_per_task', 'plot_router_weights', 'plot_spectral_responses',
-           'plot_training_curves', 'plot_cost', 'write_report']
+__all__ = ['PROTOCOLS', 'COUNT_COLUMNS', 'CONVERGENCE', 'TIMING_COLUMNS', 'load_results', 'accuracy_table', 'to_markdown',
+           'spread_table', 'paired_comparisons', 'run_convergence', 'convergence_table', 'protocol_inflation',
+           'published_vtab', 'published_table', 'save_figure', 'plot_accuracy_vs_params', 'plot_per_task',
+           'plot_router_weights', 'plot_router_weights_by_task', 'plot_spectral_responses', 'plot_training_curves',
+           'plot_cost', 'linear_vs_probe', 'write_report']
 
 # %% ../nbs/17_report.ipynb #c0b9018a
 PROTOCOLS = {"val": "val-selected (best val200 epoch, its test accuracy; official VTAB rule)",
@@ -62,16 +64,96 @@ def accuracy_table(long: pd.DataFrame, protocol: str, groups: dict[str, list[str
     return table.loc[order]
 
 # %% ../nbs/17_report.ipynb #18ba83ad
-def to_markdown(table: pd.DataFrame, caption: str, digits: int = 1) -> str:
-    "A Markdown table with a caption line; accuracies with `digits` decimals, params with thousands separators."
-    def cell(column, value):
+COUNT_COLUMNS = ("params", "seeds", "runs", "pairs")
+
+
+def to_markdown(table: pd.DataFrame, caption: str, digits: int = 1,
+                spread: pd.DataFrame | None = None,       # same shape: shown as `mean ± spread`
+                flags: set | None = None,                 # (row, column) cells to mark with †
+                index_name: str = "method") -> str:
+    "A Markdown table with a caption line; numbers with `digits` decimals (counts with thousands separators)."
+    def cell(row, column, value):
         if pd.isna(value): return "-"
-        if column in ("params", "seeds"): return f"{int(value):,}"
-        return f"{value:.{digits}f}"
-    header = "| method | " + " | ".join(table.columns) + " |"
+        if column in COUNT_COLUMNS: return f"{int(value):,}"
+        if not isinstance(value, (int, float, np.number)): return str(value)
+        text = f"{value:.{digits}f}"
+        if spread is not None and column in spread.columns and row in spread.index and pd.notna(spread.loc[row, column]):
+            text += f" ± {spread.loc[row, column]:.{digits}f}"
+        return text + ("†" if flags and (row, column) in flags else "")
+    header = f"| {index_name} | " + " | ".join(map(str, table.columns)) + " |"
     lines = [f"**{caption}**", "", header, "|" + "---|" * (len(table.columns) + 1)]
-    lines += ["| " + str(m) + " | " + " | ".join(cell(c, v) for c, v in row.items()) + " |" for m, row in table.iterrows()]
+    lines += ["| " + str(m) + " | " + " | ".join(cell(m, c, v) for c, v in row.items()) + " |" for m, row in table.iterrows()]
     return "\n".join(lines) + "\n"
+
+# %% ../nbs/17_report.ipynb #d98d6e27
+def spread_table(long: pd.DataFrame, protocol: str, groups: dict[str, list[str]], methods: list[str] | None = None) -> pd.DataFrame:
+    "Standard deviation over seeds (points) of every cell of `accuracy_table`: tasks, group means, Avg and Mean."
+    chosen = long[long.protocol == protocol]
+    per_seed = [accuracy_table(chosen[chosen.seed == seed], protocol, groups, methods).assign(seed=seed)
+                for seed in sorted(chosen.seed.unique())]
+    stacked = pd.concat(per_seed).drop(columns=["params", "seeds", "seed"])
+    spread = stacked.groupby(level=0).std(ddof=1)
+    order = accuracy_table(chosen, protocol, groups, methods).index
+    return spread.reindex(order)
+
+
+def paired_comparisons(long: pd.DataFrame, protocol: str, methods: list[str], baselines: list[str],
+                       resamples: int = 10_000, seed: int = 0) -> pd.DataFrame:
+    "Each of `methods` against each baseline on shared (task, seed) pairs: mean difference (points), 95% bootstrap CI, Wilcoxon p, verdict."
+    from scipy import stats
+    chosen = long[long.protocol == protocol].pivot_table(index=["task", "seed"], columns="method", values="test_acc") * 100
+    rows = []
+    for method in methods:
+        for baseline in baselines:
+            if method == baseline or method not in chosen or baseline not in chosen: continue
+            diff = (chosen[method] - chosen[baseline]).dropna().to_numpy()
+            if len(diff) < 2: continue
+            if np.allclose(diff, diff[0]):
+                low = high = float(diff[0]); p = 1.0 if diff[0] == 0 else 0.0
+            else:
+                ci = stats.bootstrap((diff,), np.mean, n_resamples=resamples, confidence_level=0.95,
+                                     random_state=np.random.default_rng(seed)).confidence_interval
+                low, high = float(ci.low), float(ci.high)
+                p = float(stats.wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
+            verdict = ("better" if low > 0 and p < 0.05 else "worse" if high < 0 and p < 0.05 else "not separated")
+            rows.append({"method": method, "baseline": baseline, "pairs": len(diff), "mean_diff": diff.mean(),
+                         "ci_low": low, "ci_high": high, "wilcoxon_p": p, "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+CONVERGENCE = {"window": 0.25, "val_range": 1.0, "loss_drop": 0.05}   # last quarter of epochs; points; relative
+
+
+def run_convergence(history: list[dict], window: float = CONVERGENCE["window"], val_range: float = CONVERGENCE["val_range"],
+                    loss_drop: float = CONVERGENCE["loss_drop"]) -> dict:
+    "Plateau check of one run: over the last `window` of epochs (at least 2), val accuracy range <= `val_range` points and train-loss fall <= `loss_drop` (relative)."
+    last = history[-max(2, int(np.ceil(window * len(history)))):]
+    vals = [100 * r["val_acc"] for r in last if r.get("val_acc") is not None]
+    losses = [r["train_loss"] for r in last]
+    spread = max(vals) - min(vals) if vals else float("nan")
+    drop = (losses[0] - losses[-1]) / max(abs(losses[0]), 1e-12)
+    converged = len(history) >= 2 and bool(vals) and spread <= val_range + 1e-9 and drop <= loss_drop
+    return {"epochs": len(history), "val_range_last": spread, "loss_drop_last": drop, "converged": bool(converged)}
+
+
+def convergence_table(paths: list[str | Path]) -> pd.DataFrame:
+    "One row per (method, task, seed) run of the `results.json` files: its `run_convergence` check."
+    rows = []
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        rows += [{"method": result["method"], "task": run["task"], "seed": run["seed"], **run_convergence(run["history"])}
+                 for run in result["runs"]]
+    return pd.DataFrame(rows)
+
+
+def protocol_inflation(long: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFrame:
+    "Per method: `best_test` minus `val` test accuracy (points) over its (task, seed) runs: mean, std, max, runs."
+    wide = long.pivot_table(index=["method", "task", "seed"], columns="protocol", values="test_acc")
+    if not {"val", "best_test"} <= set(wide.columns): raise ValueError("protocol_inflation needs the val and best_test protocols.")
+    gap = ((wide["best_test"] - wide["val"]) * 100).rename("gap").reset_index()
+    table = gap.groupby("method")["gap"].agg(mean="mean", std="std", max="max", runs="count")
+    order = [m for m in (methods or []) if m in table.index] + [m for m in table.index if m not in (methods or [])]
+    return table.loc[order]
 
 # %% ../nbs/17_report.ipynb #93073296
 def published_vtab() -> pd.DataFrame:
@@ -94,24 +176,36 @@ def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_accuracy_vs_params(table: pd.DataFrame, caption: str, score: str = "Avg") -> plt.Figure:
-    "Each method's `score` (%) against its trainable parameters (head excluded, symlog axis)."
-    fig, ax = plt.subplots(figsize=(6, 4))
-    data = table.reset_index()
-    sns.scatterplot(data=data, x="params", y=score, hue="method", s=80, ax=ax, legend=False)
-    for _, row in data.iterrows():
-        ax.annotate(row["method"], (row["params"], row[score]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xscale("symlog", linthresh=100); ax.set_xlabel("trainable parameters (head excluded)"); ax.set_ylabel(f"{score} accuracy (%)")
+def plot_accuracy_vs_params(table: pd.DataFrame, caption: str, score: str = "Avg",
+                            spread: pd.DataFrame | None = None) -> plt.Figure:
+    "Each method's `score` (%) against its trainable parameters (head excluded; log axis, 0 drawn at its left end), error bars from `spread`."
+    data = table.reset_index().rename(columns={"index": "method"})
+    positive = data.loc[data.params > 0, "params"]
+    floor = 10 ** np.floor(np.log10(positive.min())) / 10 if len(positive) else 1.0
+    data["x"] = data.params.where(data.params > 0, floor)                 # parameter-free methods at the left edge
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+    errors = spread[score].reindex(data.method).to_numpy() if spread is not None and score in spread else None
+    ax.errorbar(data.x, data[score], yerr=errors, fmt="none", ecolor="0.6", capsize=3, zorder=1)
+    sns.scatterplot(data=data, x="x", y=score, hue="method", s=70, ax=ax, legend=False, zorder=2)
+    order = data.sort_values(score).reset_index(drop=True)
+    for i, row in order.iterrows():                                       # alternate label sides, so neighbours do not overlap
+        ax.annotate(row["method"], (row["x"], row[score]), textcoords="offset points",
+                    xytext=(6 if i % 2 == 0 else -6, 3), ha="left" if i % 2 == 0 else "right", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlim(floor / 2, data.x.max() * 4)
+    ticks = [t for t in ax.get_xticks() if floor < t <= data.x.max() * 4]
+    ax.set_xticks([floor, *ticks], ["0", *[f"{t:,.0f}" for t in ticks]])
+    ax.set_xlabel("trainable parameters (head excluded; log scale)"); ax.set_ylabel(f"{score} accuracy (%)")
     ax.set_title(caption, fontsize=9)
     return fig
 
 
 def plot_per_task(long: pd.DataFrame, protocol: str, methods: list[str] | None = None) -> plt.Figure:
-    "Test accuracy per task and method (bars: mean over seeds, ticks: spread) for one protocol."
+    "Test accuracy per task and method (bars: mean over seeds, error bars: std over seeds) for one protocol."
     data = long[long.protocol == protocol].assign(accuracy=lambda d: d.test_acc * 100)
     order = [m for m in (methods or sorted(data.method.unique())) if m in set(data.method)]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * data.task.nunique() * max(1, len(order)) / 4), 4))
-    sns.barplot(data=data, x="task", y="accuracy", hue="method", hue_order=order, errorbar=("pi", 100), ax=ax)
+    sns.barplot(data=data, x="task", y="accuracy", hue="method", hue_order=order, errorbar="sd", capsize=0.1, err_kws={"linewidth": 0.8}, ax=ax)
     ax.set_ylabel("test accuracy (%)"); ax.set_title(f"Per-task accuracy, protocol: {PROTOCOLS[protocol]}", fontsize=9)
     ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left"); ax.tick_params(axis="x", rotation=30)
     return fig
@@ -121,7 +215,7 @@ def plot_router_weights(weights: np.ndarray, title: str = "MoPPA router weights"
     "Heat maps of router weights (blocks, 3 branches, heads): one panel per branch."
     from moppa_nb.router import BRANCHES
     weights = np.asarray(weights)
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2), sharey=True, layout="constrained")
     for i, (ax, branch) in enumerate(zip(axes, BRANCHES)):
         sns.heatmap(weights[:, i, :], vmin=0, vmax=1, cmap="viridis", ax=ax, cbar=i == 2, annot=weights.shape[2] <= 6, fmt=".2f")
         ax.set_title(branch); ax.set_xlabel("head"); ax.set_ylabel("block" if i == 0 else "")
@@ -129,11 +223,29 @@ def plot_router_weights(weights: np.ndarray, title: str = "MoPPA router weights"
     return fig
 
 
+def plot_router_weights_by_task(weights: dict[str, np.ndarray], title: str = "MoPPA router weights per task") -> plt.Figure:
+    "One row per task, one column per branch: heat maps of static router weights (blocks x heads), one shared colour scale."
+    from moppa_nb.router import BRANCHES
+    tasks = list(weights)
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(9, 2.1 * len(tasks) + 0.6), squeeze=False, layout="constrained")
+    for r, task in enumerate(tasks):
+        w = np.asarray(weights[task])
+        for i, branch in enumerate(BRANCHES):
+            ax = axes[r, i]
+            sns.heatmap(w[:, i, :], vmin=0, vmax=1, cmap="viridis", ax=ax, cbar=False, annot=w.shape[2] <= 6, fmt=".2f",
+                        annot_kws={"fontsize": 7})
+            ax.set_title(f"{task}: {branch}", fontsize=8); ax.set_xlabel("head" if r == len(tasks) - 1 else "")
+            ax.set_ylabel("block" if i == 0 else "")
+    fig.colorbar(plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="viridis"), ax=axes, shrink=0.6, label="weight")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def plot_spectral_responses(responses: dict[str, np.ndarray], title: str = "MoPPA spectral responses") -> plt.Figure:
     "Heat maps of spectral responses (name -> (H, W) array), e.g. each branch and the mixture of one block."
-    fig, axes = plt.subplots(1, len(responses), figsize=(3.2 * len(responses), 3))
+    fig, axes = plt.subplots(1, len(responses), figsize=(3.6 * len(responses), 3.2), layout="constrained")
     for ax, (name, response) in zip(np.atleast_1d(axes), responses.items()):
-        sns.heatmap(np.asarray(response), cmap="magma", ax=ax, square=True)
+        sns.heatmap(np.asarray(response), cmap="magma", ax=ax, square=True, cbar_kws={"shrink": 0.8})
         ax.set_title(name, fontsize=9); ax.set_xlabel("frequency m"); ax.set_ylabel("frequency n")
     fig.suptitle(title, fontsize=10)
     return fig
@@ -160,24 +272,104 @@ def plot_cost(table: pd.DataFrame, bench: pd.DataFrame, caption: str, score: str
     return fig
 
 # %% ../nbs/17_report.ipynb #935b829c
+TIMING_COLUMNS = ("train_time_s", "train_images_per_s", "eval_time_s", "eval_images_per_s")   # machine-dependent: kept out of reports
+
+
 def _histories(paths: list[Path]) -> pd.DataFrame:
     rows = []
     for path in paths:
         result = json.loads(Path(path).read_text())
         for run in result["runs"]:
             for record in run["history"]:
-                rows.append({"method": result["method"], "task": run["task"], "seed": run["seed"], **record})
+                rows.append({"method": result["method"], "task": run["task"], "seed": run["seed"],
+                             **{k: v for k, v in record.items() if k not in TIMING_COLUMNS}})
     return pd.DataFrame(rows)
 
 
-def _mean_route_weights(paths: list[Path]) -> np.ndarray | None:
-    "Static MoPPA router weights (blocks, 3, heads) averaged over the tasks and seeds of the `moppa` runs."
+def _route_weights_by_task(paths: list[Path]) -> dict[str, np.ndarray]:
+    "Static MoPPA router weights (blocks, 3, heads) of the `moppa` runs, averaged over seeds, per task."
     for path in paths:
         result = json.loads(Path(path).read_text())
-        weights = [run["route_weights"] for run in result["runs"] if run.get("route_weights") is not None]
-        if result["method"] == "moppa" and weights:
-            return np.mean(np.asarray(weights), axis=0)
-    return None
+        if result["method"] != "moppa": continue
+        by_task: dict[str, list] = {}
+        for run in result["runs"]:
+            if run.get("route_weights") is not None: by_task.setdefault(run["task"], []).append(run["route_weights"])
+        return {task: np.mean(np.asarray(w), axis=0) for task, w in by_task.items()}
+    return {}
+
+
+def linear_vs_probe(long: pd.DataFrame, paths: list[Path], protocol: str = "val") -> pd.DataFrame:
+    "Per task: the trained `linear` method (mean over seeds) against the closed-form probe its head started from (test, %)."
+    probes = {}
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        for run in result["runs"]:
+            if (run.get("head_init") or {}).get("test_acc") is not None: probes[run["task"]] = 100 * run["head_init"]["test_acc"]
+    linear = long[(long.method == "linear") & (long.protocol == protocol)].groupby("task", sort=False)["test_acc"].mean() * 100
+    table = pd.DataFrame({"linear": linear, "probe": pd.Series(probes)}).dropna()
+    return table.assign(difference=table.linear - table.probe, within_2_points=(table.linear - table.probe).abs() <= 2)
+
+
+def _markdown_comparisons(comparisons: pd.DataFrame, protocol: str) -> list[str]:
+    "Table and one sentence per comparison, worded no stronger than its interval."
+    if comparisons.empty: return []
+    table = comparisons.set_index(["method", "baseline"])
+    table.index = [f"{m} vs {b}" for m, b in table.index]
+    lines = [to_markdown(table, f"Paired differences (points, protocol `{protocol}`, over tasks x seeds): mean, 95% bootstrap "
+                                "CI, Wilcoxon signed-rank p", digits=2, index_name="comparison")]
+    for row in comparisons.itertuples():
+        if row.verdict == "not separated":
+            lines.append(f"- `{row.method}` vs `{row.baseline}`: the data do not separate them "
+                         f"({row.mean_diff:+.2f} points, CI [{row.ci_low:+.2f}, {row.ci_high:+.2f}], p = {row.wilcoxon_p:.3f}).")
+        else:
+            lines.append(f"- `{row.method}` is {row.verdict} than `{row.baseline}` on these tasks "
+                         f"({row.mean_diff:+.2f} points, CI [{row.ci_low:+.2f}, {row.ci_high:+.2f}], p = {row.wilcoxon_p:.3f}).")
+    return lines + [""]
+
+
+def _accuracy_sections(long: pd.DataFrame, convergence: pd.DataFrame, groups: dict, methods: list[str] | None,
+                       output_dir: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    "One table per protocol (mean ± std over seeds, unconverged cells flagged), written as CSV; and their Markdown."
+    unconverged = convergence[~convergence.converged]
+    flags = set(zip(unconverged.method, unconverged.task))
+    tables, lines = {}, []
+    for protocol in (p for p in PROTOCOLS if p in set(long.protocol)):
+        table, spread = accuracy_table(long, protocol, groups, methods), spread_table(long, protocol, groups, methods)
+        table.to_csv(output_dir / f"table_{protocol}.csv"); spread.to_csv(output_dir / f"table_{protocol}_std.csv")
+        tables[protocol] = table
+        lines.append(to_markdown(table, f"Protocol `{protocol}`: {PROTOCOLS[protocol]}; mean ± std over seeds", spread=spread, flags=flags))
+    return tables, lines
+
+
+def _convergence_section(convergence: pd.DataFrame) -> list[str]:
+    bad = convergence[~convergence.converged]
+    lines = [f"**Convergence** ({CONVERGENCE['window']:.0%} of the last epochs, at least 2: val200 range <= "
+             f"{CONVERGENCE['val_range']} point, train-loss fall <= {CONVERGENCE['loss_drop']:.0%}): "
+             f"{int(convergence.converged.sum())} of {len(convergence)} runs converged."]
+    if len(bad):
+        lines += ["Not converged (flagged † in the tables):", ""]
+        lines += [f"- {r.method} / {r.task} / seed {r.seed}: val range {r.val_range_last:.1f} points, loss fall "
+                  f"{r.loss_drop_last:.1%} over the last epochs" for r in bad.itertuples()]
+    return lines + [""]
+
+
+def _figures(long: pd.DataFrame, main: pd.DataFrame, main_spread: pd.DataFrame, main_protocol: str, paths: list[Path],
+             output_dir: Path, profile: str, methods, bench_csv, spectral_responses) -> None:
+    save_figure(plot_accuracy_vs_params(main, f"{profile} profile, protocol: {PROTOCOLS[main_protocol]}", spread=main_spread),
+                output_dir / "accuracy_vs_params.png")
+    save_figure(plot_per_task(long, main_protocol, methods), output_dir / "per_task.png")
+    histories = _histories(paths)
+    histories.to_csv(output_dir / "histories.csv", index=False)
+    save_figure(plot_training_curves(histories.dropna(subset=["val_acc"]), "val_acc"), output_dir / "training_curves.png")
+    weights = _route_weights_by_task(paths)
+    if weights:
+        save_figure(plot_router_weights_by_task(weights, f"MoPPA static router weights after training (mean over seeds), {profile} profile"),
+                    output_dir / "router_weights.png")
+    if spectral_responses:
+        save_figure(plot_spectral_responses(spectral_responses, f"Trained MoPPA spectral responses (mean over channels), {profile} profile"),
+                    output_dir / "spectral_responses.png")
+    if bench_csv is not None and Path(bench_csv).is_file():
+        save_figure(plot_cost(main, pd.read_csv(bench_csv), f"accuracy ({main_protocol}) vs cost"), output_dir / "cost.png")
 
 
 def write_report(runs_dir: str | Path,                   # folder with a <method>/results.json per method, at any depth
@@ -189,20 +381,34 @@ def write_report(runs_dir: str | Path,                   # folder with a <method
                  published: bool = False,                # add the published VTAB-1K table (paper profile)
                  spectral_responses: dict | None = None, # name -> (H, W) array of a trained MoPPA, for a figure
                  probes: dict | None = None,             # task -> {pretrained, random_init, raw_pixels} linear-probe accuracy
+                 compare: dict[str, list[str]] | None = None,  # method -> baselines it is tested against
                  ) -> dict[str, pd.DataFrame]:
     "Write tables (Markdown, CSV) and figures (PNG) of a profile's results; return the tables by protocol."
     runs_dir, output_dir = Path(runs_dir), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = sorted(runs_dir.rglob("results.json"))          # runs/<profile>/<group>/<method>/results.json
-    long = load_results(paths)
-    long.to_csv(output_dir / "results.csv", index=False)
-    tables = {p: accuracy_table(long, p, groups, methods) for p in PROTOCOLS if p in set(long.protocol)}
+    long, convergence = load_results(paths), convergence_table(paths)
+    long.to_csv(output_dir / "results.csv", index=False); convergence.to_csv(output_dir / "convergence.csv", index=False)
+    tables, sections = _accuracy_sections(long, convergence, groups, methods, output_dir)
+    main_protocol = "val" if "val" in tables else next(iter(tables))
     lines = [f"# Results: {profile} profile", "",
              "Generated by `dvc repro` (stage `report`) from the pipeline's `results.json` files: accuracies (%) on each",
-             "task's test split, mean over seeds; `params`: trainable parameters, head excluded. Every table names its protocol.", ""]
-    for protocol, table in tables.items():
-        table.to_csv(output_dir / f"table_{protocol}.csv")
-        lines.append(to_markdown(table, f"Protocol `{protocol}`: {PROTOCOLS[protocol]}"))
+             "task's test split, mean ± standard deviation over seeds; `params`: trainable parameters, head excluded.",
+             "Every table names its protocol.", "", *sections, *_convergence_section(convergence)]
+    probe_check = linear_vs_probe(long, paths, main_protocol)
+    if len(probe_check):
+        probe_check.to_csv(output_dir / "linear_vs_probe.csv")
+        lines.append(to_markdown(probe_check, f"The trained `linear` head (protocol `{main_protocol}`) against the closed-form probe "
+                                              "it started from (fit on train800, weight decay chosen on val200), test %", index_name="task"))
+    for method, baselines in (compare or {}).items():
+        comparisons = paired_comparisons(long, main_protocol, [method], baselines)
+        comparisons.to_csv(output_dir / f"significance_{method.replace('+', '_')}.csv", index=False)
+        lines += _markdown_comparisons(comparisons, main_protocol)
+    if {"val", "best_test"} <= set(long.protocol):
+        inflation = protocol_inflation(long, methods)
+        inflation.to_csv(output_dir / "protocol_inflation.csv")
+        lines.append(to_markdown(inflation, "Protocol inflation: `best_test` minus `val` test accuracy (points) over each "
+                                            "method's tasks x seeds (how much selecting the epoch on test flatters it)", digits=2))
     if published:
         pub = published_table(groups)
         pub.to_csv(output_dir / "table_published.csv")
@@ -211,22 +417,8 @@ def write_report(runs_dir: str | Path,                   # folder with a <method
         probe = pd.DataFrame(probes).T * 100
         probe.to_csv(output_dir / "backbone_probes.csv")
         lines.append(to_markdown(probe, "Is the backbone worth adapting? Linear-probe test accuracy (%) on frozen features "
-                                        "(L2 weight decay chosen on val200, refit on train800+val200)"))
+                                        "(L2 weight decay chosen on val200, refit on train800+val200)", index_name="task"))
     (output_dir / "results.md").write_text("\n".join(lines))
-    main = tables.get("val", next(iter(tables.values())))
-    main_protocol = "val" if "val" in tables else next(iter(tables))
-    save_figure(plot_accuracy_vs_params(main, f"{profile} profile, protocol: {PROTOCOLS[main_protocol]}"), output_dir / "accuracy_vs_params.png")
-    save_figure(plot_per_task(long, main_protocol, methods), output_dir / "per_task.png")
-    histories = _histories(paths)
-    histories.to_csv(output_dir / "histories.csv", index=False)
-    save_figure(plot_training_curves(histories.dropna(subset=["test_acc"])), output_dir / "training_curves.png")
-    weights = _mean_route_weights(paths)
-    if weights is not None:
-        save_figure(plot_router_weights(weights, f"MoPPA router weights after training (mean over tasks), {profile} profile"),
-                    output_dir / "router_weights.png")
-    if spectral_responses:
-        save_figure(plot_spectral_responses(spectral_responses, f"Trained MoPPA spectral responses (mean over channels), {profile} profile"),
-                    output_dir / "spectral_responses.png")
-    if bench_csv is not None and Path(bench_csv).is_file():
-        save_figure(plot_cost(main, pd.read_csv(bench_csv), f"accuracy ({main_protocol}) vs cost"), output_dir / "cost.png")
+    _figures(long, tables[main_protocol], spread_table(long, main_protocol, groups, methods), main_protocol, paths,
+             output_dir, profile, methods, bench_csv, spectral_responses)
     return tables
