@@ -211,3 +211,41 @@ def test_npz_that_is_not_big_vision_fails(tmp_path):
     np.savez(tmp_path / "foreign.npz", weights=np.zeros(3))
     with pytest.raises(BackboneLoadError, match="not a big_vision checkpoint"):
         create_backbone(NAME, tmp_path / "foreign.npz", **TINY)
+
+
+def _to_big_vision(model) -> dict:
+    "A ViT in the original JAX (AugReg) .npz names, the inverse of what timm's `_load_weights` reads."
+    t = lambda x: x.detach().numpy()
+    heads, dim = model.blocks[0].attn.num_heads, model.embed_dim
+    w = {"embedding/kernel": t(model.patch_embed.proj.weight.permute(2, 3, 1, 0)), "embedding/bias": t(model.patch_embed.proj.bias),
+         "cls": t(model.cls_token), "Transformer/posembed_input/pos_embedding": t(model.pos_embed),
+         "Transformer/encoder_norm/scale": t(model.norm.weight), "Transformer/encoder_norm/bias": t(model.norm.bias),
+         "head/kernel": t(model.head.weight.T), "head/bias": t(model.head.bias)}
+    for i, block in enumerate(model.blocks):
+        p = f"Transformer/encoderblock_{i}/"
+        w |= {p + "LayerNorm_0/scale": t(block.norm1.weight), p + "LayerNorm_0/bias": t(block.norm1.bias),
+              p + "LayerNorm_2/scale": t(block.norm2.weight), p + "LayerNorm_2/bias": t(block.norm2.bias)}
+        for n, weight, bias in zip(("query", "key", "value"), block.attn.qkv.weight.chunk(3), block.attn.qkv.bias.chunk(3)):
+            w |= {p + f"MultiHeadDotProductAttention_1/{n}/kernel": t(weight.T.reshape(dim, heads, -1)),
+                  p + f"MultiHeadDotProductAttention_1/{n}/bias": t(bias.reshape(heads, -1))}
+        w |= {p + "MultiHeadDotProductAttention_1/out/kernel": t(block.attn.proj.weight.reshape(dim, heads, -1).permute(1, 2, 0)),
+              p + "MultiHeadDotProductAttention_1/out/bias": t(block.attn.proj.bias)}
+        for r, fc in enumerate((block.mlp.fc1, block.mlp.fc2)):
+            w |= {p + f"MlpBlock_3/Dense_{r}/kernel": t(fc.weight.T), p + f"MlpBlock_3/Dense_{r}/bias": t(fc.bias)}
+    return w
+
+
+def test_big_vision_npz(tmp_path, source):
+    weights = _to_big_vision(source)
+    np.savez(tmp_path / "augreg.npz", **weights)
+    model, record = create_backbone(NAME, tmp_path / "augreg.npz", num_classes=7, **TINY)
+    _check_filled(model, source.state_dict(), record)
+    assert record["layout"] == "big_vision_npz" and record["head"] == "fresh"
+    assert not torch.equal(model.head.weight, source.head.weight)
+    model, record = create_backbone(NAME, tmp_path / "augreg.npz", num_classes=7, load_head=True, **TINY)
+    assert torch.equal(model.head.weight, source.head.weight) and record["tensors_loaded"] == len(source.state_dict())
+    with pytest.raises(BackboneLoadError, match="2 missing: head.weight, head.bias"):   # timm skips a head that does not fit
+        create_backbone(NAME, tmp_path / "augreg.npz", num_classes=3, load_head=True, **TINY)
+    np.savez(tmp_path / "no_norm.npz", **{k: v for k, v in weights.items() if "encoder_norm" not in k})
+    with pytest.raises(BackboneLoadError, match="encoder_norm/scale"):
+        create_backbone(NAME, tmp_path / "no_norm.npz", **TINY)
