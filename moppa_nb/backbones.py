@@ -223,7 +223,7 @@ def create_backbone(name: str,                          # timm model name, with 
     record = {"name": name, "file": str(path), "sha256": file_sha256(path), "layout": layout, "nesting": nesting,
               "tensors_loaded": tensors, "dropped": len(dropped), "head": head,
               "mean": tuple(float(v) for v in mean), "std": tuple(float(v) for v in std), "normalization_source": source,
-              "input_size": (3, *img_size) if img_size else tuple(cfg["input_size"]),
+              "input_size": (kwargs.get("in_chans", 3), *img_size) if img_size else tuple(cfg["input_size"]),
               "pretrained_input_size": tuple(cfg["input_size"]), "interpolation": cfg.get("interpolation")}
     return model, record
 
