@@ -227,7 +227,7 @@ def create_backbone(name: str,                          # timm model name, with 
               "pretrained_input_size": tuple(cfg["input_size"]), "interpolation": cfg.get("interpolation")}
     return model, record
 
-# %% ../nbs/09_backbones.ipynb #5c1d3190
+# %% ../nbs/09_backbones.ipynb #6c83ef9c
 def input_normalization(record: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
     "The (mean, std) per channel that the backbone of `record` (from `create_backbone`) expects, on pixels scaled to [0, 1]."
     return tuple(record["mean"]), tuple(record["std"])
