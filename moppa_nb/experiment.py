@@ -92,7 +92,7 @@ def build_model(profile: dict, num_classes: int, drop_path: float = 0.0) -> nn.M
                                  pretrained_cfg_overlay=overlay, **backbone.get("kwargs", {}))
     raise ValueError(f"backbone.kind must be 'local' or 'timm', got {backbone['kind']!r}")
 
-# %% ../nbs/16_experiment.ipynb #31cf7ea5
+# %% ../nbs/16_experiment.ipynb #f7c5ffe0
 _PROBE_HEADS: dict = {}          # (backbone settings, task, splits, weight decays) -> probe head, per process
 
 

@@ -85,7 +85,7 @@ def to_markdown(table: pd.DataFrame, caption: str, digits: int = 1,
     lines += ["| " + str(m) + " | " + " | ".join(cell(m, c, v) for c, v in row.items()) + " |" for m, row in table.iterrows()]
     return "\n".join(lines) + "\n"
 
-# %% ../nbs/17_report.ipynb #d98d6e27
+# %% ../nbs/17_report.ipynb #f5e1b141
 def spread_table(long: pd.DataFrame, protocol: str, groups: dict[str, list[str]], methods: list[str] | None = None) -> pd.DataFrame:
     "Standard deviation over seeds (points) of every cell of `accuracy_table`: tasks, group means, Avg and Mean."
     chosen = long[long.protocol == protocol]
