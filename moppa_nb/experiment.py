@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -19,8 +20,8 @@ from .registry import PeftError, get_method
 
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'DATA_KEYS', 'load_params', 'profile_settings', 'method_parts', 'run_settings', 'train_config',
-           'peft_spec', 'load_task', 'build_model', 'probe_head', 'initialise_head', 'run_method', 'prepare_data',
-           'backbone_probes', 'prepare_backbone', 'main']
+           'peft_spec', 'load_task', 'build_model', 'backbone_identity', 'probe_head', 'initialise_head', 'run_method',
+           'DataMissing', 'prepare_data', 'backbone_probes', 'prepare_backbone', 'main']
 
 # %% ../nbs/16_experiment.ipynb #1a0794ca
 MODEL_KEYS, DATA_KEYS = ("drop_path",), ("flip",)
@@ -85,12 +86,25 @@ def build_model(profile: dict, num_classes: int, drop_path: float = 0.0) -> nn.M
     if backbone["kind"] == "local":
         from moppa_nb.pretrain import load_backbone
         return load_backbone(backbone["path"], num_classes=num_classes, drop_path_rate=drop_path)
-    if backbone["kind"] == "timm":
-        import timm
-        overlay = {"file": backbone["file"]} if backbone.get("file") else None
-        return timm.create_model(backbone["name"], pretrained=True, num_classes=num_classes, drop_path_rate=drop_path,
-                                 pretrained_cfg_overlay=overlay, **backbone.get("kwargs", {}))
+    if backbone["kind"] == "timm":           # every backbone tensor filled from the file, or a BackboneLoadError naming the keys
+        from moppa_nb.backbones import create_backbone
+        model, _ = create_backbone(backbone["name"], backbone.get("file"), num_classes=num_classes, drop_path_rate=drop_path,
+                                   **backbone.get("kwargs", {}))
+        return model
     raise ValueError(f"backbone.kind must be 'local' or 'timm', got {backbone['kind']!r}")
+
+
+def backbone_identity(profile: dict) -> dict:
+    "Where the profile's backbone weights come from and their SHA-256, for each run's record."
+    from moppa_nb.backbones import file_sha256
+    backbone = profile["backbone"]
+    if backbone["kind"] == "local":
+        from moppa_nb.pretrain import BACKBONE_WEIGHTS
+        path = Path(backbone["path"]) / BACKBONE_WEIGHTS
+        return {"kind": "local", "file": str(path), "sha256": file_sha256(path) if path.is_file() else None}
+    from moppa_nb.backbones import create_backbone
+    _, record = create_backbone(backbone["name"], backbone.get("file"), **backbone.get("kwargs", {}))
+    return {"kind": "timm", **{k: record.get(k) for k in ("name", "file", "sha256", "layout", "mean", "std")}}
 
 # %% ../nbs/16_experiment.ipynb #f7c5ffe0
 _PROBE_HEADS: dict = {}          # (backbone settings, task, splits, weight decays) -> probe head, per process
@@ -157,9 +171,11 @@ def run_method(method: str,                          # method spec, e.g. 'lora' 
                output_dir: str | Path,               # where runs and results.json go
                profile: str | None = None,           # profile name (default: params['profile'])
                metrics_path: str | Path | None = None,  # small per-task metrics JSON for `dvc metrics` (default: in output_dir)
-               progress: bool = False) -> dict:
+               progress: bool = False,               # tqdm bars of `fit` (per epoch and step)
+               on_run_end: Callable[[dict], None] | None = None,  # called with each finished run's record (e.g. a progress bar)
+               ) -> dict:
     "Train `method` on every task and seed of the profile; write and return the results."
-    from moppa_nb.train import fit
+    from moppa_nb.train import fit, timeless
     settings_of = profile_settings(params, profile)
     output_dir = Path(output_dir); output_dir.mkdir(parents=True, exist_ok=True)
     spec, runs, trainable = peft_spec(settings_of, method), [], None
@@ -180,11 +196,13 @@ def run_method(method: str,                          # method spec, e.g. 'lora' 
             result = fit(model, data, config, run_dir, resume=True, progress=progress)
             save_adapter(model, run_dir / "adapter")
             trainable = count_trainable(model)
-            history = result.pop("history")
-            runs.append({"task": task, "group": group, "seed": seed, "settings": settings, "summary": result,
+            history = [timeless(record) for record in result.pop("history")]     # timings stay in each run's timing.json
+            runs.append({"task": task, "group": group, "seed": seed, "settings": settings, "summary": timeless(result),
                          "history": history, "route_weights": _static_route_weights(model),
                          "head_init": {"kind": _head_init(settings), **{k: v for k, v in (probe or {}).items() if k not in ("weight", "bias")}}})
-    results = {"method": method, "profile": settings_of["name"], "peft_spec": spec, "trainable_params": trainable, "runs": runs}
+            if on_run_end is not None: on_run_end(runs[-1])
+    results = {"method": method, "profile": settings_of["name"], "peft_spec": spec, "trainable_params": trainable,
+               "backbone": backbone_identity(settings_of), "runs": runs}
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
     metrics = {run["task"] + (f"/seed{run['seed']}" if len(settings_of.get("seeds", [0])) > 1 else ""):
                {p: run["summary"][p]["test_acc"] for p in ("val", "final", "best_test") if p in run["summary"]} for run in runs}
@@ -193,6 +211,10 @@ def run_method(method: str,                          # method spec, e.g. 'lora' 
     return results
 
 # %% ../nbs/16_experiment.ipynb #3305b419
+class DataMissing(FileNotFoundError):
+    "A profile's dataset is not where its settings say: the message says how to get it."
+
+
 def prepare_data(profile: dict, output_dir: str | Path) -> dict:
     "Build (mini_vtab) or check (vtab) the profile's tasks; write and return `index.json` in `output_dir`."
     from moppa_nb.data import _task_folder, read_list_file
@@ -203,6 +225,9 @@ def prepare_data(profile: dict, output_dir: str | Path) -> dict:
         build_mini_vtab(data["root"], tasks=list(profile["tasks"]), seed=data.get("seed", 0), test_size=data.get("test_size", 1000))
     elif data["kind"] != "vtab":
         raise ValueError(f"data.kind must be 'mini_vtab' or 'vtab', got {data['kind']!r}")
+    elif not Path(data["root"]).is_dir():
+        raise DataMissing(f"no VTAB-1K data at {data['root']}: put the 19 tasks there in the NOAH layout "
+                          "(README, 'Reproduction: the paper profile'), or point profiles.<name>.data.root at them")
     index = {}
     for task, group in profile["tasks"].items():
         name, folder, num_classes = _task_folder(data["root"], task)
@@ -233,12 +258,15 @@ def prepare_backbone(profile: dict, output_dir: str | Path) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     if backbone["kind"] == "local":
         from moppa_nb.pretrain import PretrainConfig, pretrain_backbone
-        record = pretrain_backbone(output_dir, PretrainConfig(**backbone.get("pretrain", {})))
+        print("backbone: distilling the default ViT (about 3-4 minutes on 2 CPU cores)", flush=True)
+        record = pretrain_backbone(output_dir, PretrainConfig(**backbone.get("pretrain", {})), progress=True)
+        print("backbone: linear probes of its features on every task", flush=True)
         probes = backbone_probes(profile, output_dir)
         (output_dir / "probes.json").write_text(json.dumps(probes, indent=1))
         return {**record, "probes": probes}
-    model = build_model(profile, num_classes=2)
-    record = {"kind": "timm", "name": backbone["name"], "file": backbone.get("file"),
+    from moppa_nb.backbones import create_backbone
+    model, loaded = create_backbone(backbone["name"], backbone.get("file"), num_classes=2, **backbone.get("kwargs", {}))
+    record = {"kind": "timm", **loaded,
               "pretrained_cfg": {k: v for k, v in model.pretrained_cfg.items() if isinstance(v, (str, int, float, bool, type(None)))},
               "parameters": sum(p.numel() for p in model.parameters())}
     (output_dir / "backbone.json").write_text(json.dumps(record, indent=1))
@@ -255,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     profile = profile_settings(params, args.profile)
-    if args.stage == "prepare": prepare_data(profile, args.output)
+    if args.stage == "prepare":
+        try: prepare_data(profile, args.output)
+        except DataMissing as error: raise SystemExit(f"prepare: {error}") from None    # one line, no traceback
     elif args.stage == "backbone": prepare_backbone(profile, args.output)
     else:
         if not args.method: parser.error("train needs a METHOD")

@@ -148,7 +148,7 @@ def distill_backbone(images: torch.Tensor,          # uint8 (N, H, W) grey upstr
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-        if progress and (step + 1) % 100 == 0: print(f"step {step + 1}: loss {np.mean(losses[-100:]):.3f}")
+        if progress and (step + 1) % 100 == 0: print(f"step {step + 1} of {config.steps}: loss {np.mean(losses[-100:]):.3f}", flush=True)
     return student.eval(), losses
 
 
@@ -199,10 +199,13 @@ def pretrain_backbone(output_dir: str | Path,                       # where back
     info = {"recipe": dataclasses.asdict(config), "input_normalization": INPUT_NORMALIZATION,
             "upstream": source, "upstream_images": len(images),
             "teacher": f"ImageNet MobileNetV2 ({MOBILENET_FILE}), block {config.teacher_block} at {config.teacher_resolution} px",
-            "final_loss": float(np.mean(losses[-50:])), "teacher_seconds": round(teacher_s, 1),
-            "total_seconds": round(time.perf_counter() - started, 1), "threads": torch.get_num_threads()}
+            "final_loss": float(np.mean(losses[-50:]))}
     save_backbone(student, output_dir, config.architecture(), info)
-    return {"architecture": config.architecture(), **info}
+    # machine-dependent facts go to timing.json (not hashed by DVC), so backbone.json is the same for the same backbone
+    timing = {"teacher_seconds": round(teacher_s, 1), "total_seconds": round(time.perf_counter() - started, 1),
+              "threads": torch.get_num_threads()}
+    (Path(output_dir) / "timing.json").write_text(json.dumps(timing, indent=1))
+    return {"architecture": config.architecture(), **info, "timing": timing}
 
 # %% ../nbs/12_pretrain.ipynb #441e157a
 def vit_features(model: VisionTransformer) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 import time
@@ -29,9 +30,10 @@ from .registry import _describe, _type_ok
 from .router import entropy_weight
 
 # %% auto #0
-__all__ = ['RUNTIME_FIELDS', 'PROTOCOLS', 'RUN_FILES', 'TrainConfig', 'trajectory_config', 'resolve_device', 'autocast_dtype',
-           'autocast', 'make_optimizer', 'make_scheduler', 'DeviceSplit', 'device_split', 'epoch_draws',
-           'training_batch', 'evaluate', 'protocol_results', 'unavailable_protocols', 'train_epoch', 'fit']
+__all__ = ['RUNTIME_FIELDS', 'PROTOCOLS', 'RUN_FILES', 'TIMING_FILE', 'TIMING_FIELDS', 'TrainConfig', 'trajectory_config',
+           'resolve_device', 'autocast_dtype', 'autocast', 'make_optimizer', 'make_scheduler', 'DeviceSplit',
+           'device_split', 'epoch_draws', 'training_batch', 'evaluate', 'protocol_results', 'unavailable_protocols',
+           'train_epoch', 'timeless', 'fit']
 
 # %% ../nbs/13_train.ipynb #bbd30909
 @dataclass(frozen=True)
@@ -290,7 +292,26 @@ def train_epoch(model: nn.Module,          # the model (the route regularisation
     return {**record, "route_reg": losses[:, 1].mean().item()} if regularise else record
 
 # %% ../nbs/13_train.ipynb #e32d0731
-RUN_FILES = (CHECKPOINT_NAME, "history.json", "summary.json")  # what `fit` writes in run_dir
+RUN_FILES = (CHECKPOINT_NAME, "history.json", "summary.json")  # what `fit` writes in run_dir, identical for identical runs
+TIMING_FILE = "timing.json"    # wall times and throughput, machine-dependent: kept apart (.dvcignore keeps DVC from hashing it)
+TIMING_FIELDS = ("train_time_s", "train_images_per_s", "eval_time_s", "eval_images_per_s", "wall_time_s",
+                 "images_per_s_train", "images_per_s_eval", "peak_gpu_memory_gib")
+
+
+def timeless(record: dict) -> dict:
+    "`record` (an epoch's or a summary) without its timing fields: what two identical runs agree on."
+    return {k: v for k, v in record.items() if k not in TIMING_FIELDS}
+
+
+def _timing(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k in TIMING_FIELDS or k == "epoch"}
+
+
+def _with_timing(history: list[dict], run_dir: Path) -> list[dict]:
+    "A resumed history with the timings that `timing.json` kept of its epochs (None where it has none)."
+    path = run_dir / TIMING_FILE
+    kept = {r["epoch"]: r for r in json.loads(path.read_text()).get("epochs", [])} if path.is_file() else {}
+    return [{**r, **{k: kept.get(r["epoch"], {}).get(k) for k in TIMING_FIELDS[:4]}} for r in history]
 
 
 def _open_live(live, resume: bool):
@@ -377,8 +398,9 @@ def fit(model: nn.Module,             # timm ViT, adapted with apply_peft (or no
     checkpoint, history, first_epoch = run_dir / CHECKPOINT_NAME, [], 0
     if resume and checkpoint.exists():
         first_epoch, history = resume_checkpoint(checkpoint, state)
+        history = _with_timing(history, run_dir)
     else:
-        for name in RUN_FILES:
+        for name in (*RUN_FILES, TIMING_FILE):
             (run_dir / name).unlink(missing_ok=True)
     forward = torch.compile(model) if config.compile else model
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -402,16 +424,19 @@ def fit(model: nn.Module,             # timm ViT, adapted with apply_peft (or no
             else:
                 record.update({f"{role}_acc": None for role in config.evaluation_splits} | {"eval_time_s": None, "eval_images_per_s": None})
             history.append(record)
-            write_json(run_dir / RUN_FILES[1], history)
+            write_json(run_dir / RUN_FILES[1], [timeless(r) for r in history])
+            write_json(run_dir / TIMING_FILE, {"epochs": [_timing(r) for r in history]})
             if live is not None:
                 _log_epoch(live, record)
             if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.total_epochs:
-                save_checkpoint(checkpoint, state, epoch + 1, history)
+                save_checkpoint(checkpoint, state, epoch + 1, [timeless(r) for r in history])
             epochs.set_postfix({k: f"{record[k]:.3g}" for k in ("train_loss", "val_acc", "test_acc") if record.get(k) is not None})
             if on_epoch_end is not None:
                 on_epoch_end(record)
         summary = _summary(history, model, task, config, device, dtype, first_epoch, started)
-        write_json(run_dir / RUN_FILES[2], summary)
+        write_json(run_dir / RUN_FILES[2], timeless(summary))
+        write_json(run_dir / TIMING_FILE, {"epochs": [_timing(r) for r in history], **_timing(summary),
+                                           "threads": torch.get_num_threads()})
         if live is not None:
             live.summary.update({f"{name}/{key}": summary[name][key] for name in PROTOCOLS if name in summary
                                  for key in ("epoch", "test_acc", "val_acc") if key in summary[name]})

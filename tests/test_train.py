@@ -72,6 +72,8 @@ def test_same_seed_gives_identical_metrics_and_another_seed_differs(tmp_path):
     first = fit(tiny_moppa_vit(), toy_task(), CONFIG, tmp_path / "a", progress=False)
     second = fit(tiny_moppa_vit(), toy_task(), CONFIG, tmp_path / "b", progress=False)
     assert timeless(first["history"]) == timeless(second["history"])
+    for name in ("history.json", "summary.json"):                  # identical runs write identical files (timings apart)
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert all(first[p] == second[p] for p in ("val", "final", "best_test"))
     other = fit(tiny_moppa_vit(), toy_task(), replace(CONFIG, seed=4, epochs=2), tmp_path / "c", progress=False)
     assert other["history"][0]["train_loss"] != first["history"][0]["train_loss"]
@@ -83,12 +85,15 @@ def test_summary_and_files(tmp_path):
     assert all({"epoch", "test_acc", "val_acc", "rule"} <= set(summary[p]) for p in ("val", "final", "best_test"))
     assert summary["final"]["epoch"] == 2 and summary["trainable_params"] > 0
     assert summary["images_per_s_train"] > 0 and summary["images_per_s_eval"] > 0 and summary["wall_time_s"] > 0
+    timing = json.loads((tmp_path / "timing.json").read_text())           # timings live apart from the run's results
+    assert timing["wall_time_s"] == summary["wall_time_s"] and [r["epoch"] for r in timing["epochs"]] == [1, 2]
     assert summary["config"]["lr"] == CONFIG.lr and summary["split_sizes"] == {"train800": 64, "val200": 32, "test": 64}
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk["final"] == summary["final"] and "history" not in on_disk
+    assert on_disk["final"] == summary["final"] and "history" not in on_disk and "wall_time_s" not in on_disk
     history = json.loads((tmp_path / "history.json").read_text())
-    assert [r["epoch"] for r in history] == [1, 2] and history == summary["history"]
-    assert {"lr", "train_loss", "route_reg", "val_acc", "test_acc", *TIMELESS} <= set(history[0])
+    assert [r["epoch"] for r in history] == [1, 2] and history == timeless(summary["history"])
+    assert {"lr", "train_loss", "route_reg", "val_acc", "test_acc"} <= set(history[0]) and not set(TIMELESS) & set(history[0])
+    assert set(TIMELESS) <= set(summary["history"][0]) and set(TIMELESS) <= set(timing["epochs"][0])
 
 
 class Interrupted(Exception):
