@@ -234,6 +234,8 @@ def read_adapter_files(directory: str | Path) -> tuple[dict, dict[str, torch.Ten
 
 
 def _check_backbone(model: nn.Module, saved: dict, config_file: Path) -> None:
+    if not isinstance(saved, dict):
+        raise PeftError(f"{config_file}: 'backbone' must be an object (class, architecture, frozen tensors), got {saved!r}.")
     current = backbone_identity(model)
     differ = [f"{key}: {saved.get(key)!r} saved, {current[key]!r} now" for key in current if saved.get(key) != current[key]]
     if differ:
@@ -254,7 +256,10 @@ def load_adapter(model: nn.Module,             # plain or adapted timm ViT
             train_head = saved.get("train_head", True)
             if not isinstance(train_head, bool):
                 raise PeftError(f"{directory / ADAPTER_CONFIG}: 'train_head' must be true or false, got {train_head!r}.")
-            apply_peft(model, saved["methods"], train_head=train_head)
+            try:
+                apply_peft(model, saved["methods"], train_head=train_head)
+            except PeftError as error:
+                raise PeftError(f"{directory / ADAPTER_CONFIG}: its methods cannot be applied: {error}") from None
         current = _json_roundtrip(adapter_config(model))
         current["train_head"] = bool(getattr(model, "peft_train_head", True))
         for key, what in (("methods", "methods or options"), ("layout", "model layout"), ("num_classes", "number of classes"),

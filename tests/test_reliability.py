@@ -222,6 +222,10 @@ def test_unreadable_config_names_the_file(content, match, tmp_path):
     (lambda c: c.update(num_classes=7), "number of classes"),
     (lambda c: c.update(methods={"lora": {"rank": 4, "alpha": 8.0}}), "wrong shapes.*peft_lora"),
     (lambda c: c.update(train_head="yes"), "'train_head' must be true or false"),
+    (lambda c: c.update(methods={"lorra": {}}), "adapter_config.json: its methods cannot be applied: Unknown PEFT method 'lorra'"),
+    (lambda c: c.update(methods={"lora": {"alpha": "8"}}), "adapter_config.json: its methods cannot be applied: Option 'alpha'"),
+    (lambda c: c.update(backbone=[1]), "adapter_config.json: 'backbone' must be an object"),
+    (lambda c: c["backbone"].update(architecture="vit_base_patch16_224"), "another backbone.*architecture"),
 ])
 def test_inconsistent_config_is_refused_and_the_model_is_left_as_it_was(edit, match, tmp_path):
     source = trained("lora")
