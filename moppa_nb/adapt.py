@@ -167,11 +167,13 @@ def backbone_identity(model: nn.Module) -> dict:
 
 # %% ../nbs/05_adapt.ipynb #b2c0f006
 def _atomic_write(path: Path, write) -> None:
-    "Call `write(tmp)` on a temporary file beside `path`, then rename it over `path`."
+    "Call `write(tmp)` on a temporary file beside `path`, flush it to disk, then rename it over `path`."
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         write(tmp)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
