@@ -250,6 +250,8 @@ def load_adapter(model: nn.Module,             # plain or adapted timm ViT
                  force: bool = False,          # load even onto another backbone (same layout and tensor shapes)
                  ) -> nn.Module:
     "Load an adapter saved by `save_adapter` into `model` (adapting a plain model first); refuse any mismatch, leaving the model as it was."
+    if not isinstance(force, bool):
+        raise PeftError(f"force must be True or False, got {force!r} ({type(force).__name__}).")
     directory = Path(directory)
     saved, tensors = read_adapter_files(directory)
     snapshot = ModelSnapshot(model)

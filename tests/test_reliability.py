@@ -256,6 +256,16 @@ def test_another_backbone_is_refused_unless_forced(spec, tmp_path):
         assert torch.equal(dict(other.named_parameters())[name], tensor), name
 
 
+@pytest.mark.parametrize("force", ["yes", 1, None])
+def test_force_must_be_a_bool(force, tmp_path):
+    source = trained("lora")
+    save_adapter(source, tmp_path)
+    target = same_backbone(source)
+    with pytest.raises(PeftError, match="force must be True or False"):
+        load_adapter(target, tmp_path, force=force)
+    assert not adapted_methods(target)
+
+
 def test_another_layout_is_refused_even_when_forced(tmp_path):
     save_adapter(trained("lora"), tmp_path)
     other = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, num_classes=5, reg_tokens=1)
