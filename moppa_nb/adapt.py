@@ -6,17 +6,23 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .registry import PeftError, PeftMethod, build_options, get_method, vit_layout
+from .registry import (PeftError, PeftMethod, build_options, check_options_fit, composition_conflicts, get_method,
+                               vit_layout)
 
 # %% auto #0
-__all__ = ['MethodSpec', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'parse_methods', 'head_prefixes', 'is_head_parameter',
-           'adapted_methods', 'apply_peft', 'count_trainable', 'adapter_config', 'adapter_state_dict', 'save_adapter',
+__all__ = ['MethodSpec', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'ADAPTER_FORMAT', 'parse_methods', 'ModelSnapshot', 'head_prefixes',
+           'is_head_parameter', 'adapted_methods', 'apply_peft', 'count_trainable', 'adapter_config',
+           'adapter_state_dict', 'tensor_sha256', 'backbone_identity', 'save_adapter', 'read_adapter_files',
            'load_adapter', 'merge_peft']
 
 # %% ../nbs/05_adapt.ipynb #037a0a97
@@ -42,6 +48,28 @@ def parse_methods(methods: MethodSpec) -> list[tuple[str, dict]]:
         raise PeftError(f"Each method may appear once, and at least one is needed; got {names}.")
     return pairs
 
+# %% ../nbs/05_adapt.ipynb #b2c0f002
+class ModelSnapshot:
+    "The structure of `model` (modules' attributes, children, parameters, buffers, hooks) and its `requires_grad` flags."
+    def __init__(self, model: nn.Module):
+        self.modules = {}
+        for module in model.modules():
+            attributes = dict(module.__dict__)
+            contents = {key: value.copy() for key, value in attributes.items() if isinstance(value, (dict, set))}
+            self.modules[module] = (attributes, contents)
+        self.requires_grad = {parameter: parameter.requires_grad for parameter in model.parameters()}
+
+    def restore(self) -> None:
+        "Put every recorded module and flag back as it was (in place: the same dict objects, refilled)."
+        for module, (attributes, contents) in self.modules.items():
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            for key, items in contents.items():
+                attributes[key].clear()
+                attributes[key].update(items)
+        for parameter, flag in self.requires_grad.items():
+            parameter.requires_grad_(flag)
+
 # %% ../nbs/05_adapt.ipynb #0c4e2703
 def head_prefixes(model: nn.Module) -> tuple[str, ...]:
     "Parameter-name prefixes of the classification head (timm's `pretrained_cfg['classifier']`)."
@@ -63,22 +91,33 @@ def apply_peft(model: nn.Module,               # a timm VisionTransformer
                methods: MethodSpec,            # name, names or dict name -> options
                train_head: bool = True,        # whether the classification head trains
                ) -> nn.Module:
-    "Install `methods` into `model` (in place) and freeze all but their parameters and the head."
+    "Install `methods` into `model` (in place, all or nothing) and freeze all but their parameters and the head."
     if adapted_methods(model):
         raise PeftError(f"The model is already adapted with {[m.name for m in adapted_methods(model)]}; "
                         "pass every method to one apply_peft call (e.g. ['moppa', 'ssf']).")
+    if not isinstance(train_head, bool):
+        raise PeftError(f"train_head must be True or False, got {train_head!r} ({type(train_head).__name__}).")
     layout = vit_layout(model)
     instances = []
     for name, options in parse_methods(methods):
         cls = get_method(name)
         instances.append(cls(build_options(cls.Options, name, options)))
-    for method in instances:
-        method.install(model, layout)
-    model.peft_methods = instances
-    model.train(model.training)          # new modules follow the model's train/eval mode
-    for name, parameter in model.named_parameters():
-        trains = any(m.is_trainable(name) for m in instances) or (train_head and is_head_parameter(model, name))
-        parameter.requires_grad_(trains)
+        check_options_fit(name, instances[-1].options, layout)
+    conflicts = composition_conflicts(instances)
+    if conflicts:
+        raise PeftError(f"Methods {[m.name for m in instances]} cannot be composed: {'; '.join(conflicts)}.")
+    snapshot = ModelSnapshot(model)
+    try:
+        for method in instances:
+            method.install(model, layout)
+        model.peft_methods, model.peft_train_head = instances, train_head
+        model.train(model.training)          # new modules follow the model's train/eval mode
+        for name, parameter in model.named_parameters():
+            trains = any(m.is_trainable(name) for m in instances) or (train_head and is_head_parameter(model, name))
+            parameter.requires_grad_(trains)
+    except BaseException:
+        snapshot.restore()
+        raise
     return model
 
 
@@ -89,6 +128,7 @@ def count_trainable(model: nn.Module, exclude_head: bool = True) -> int:
 
 # %% ../nbs/05_adapt.ipynb #ff5d79f6
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
+ADAPTER_FORMAT = 2   # 2: tensor hashes, train_head and backbone identity in the config
 
 
 def adapter_config(model: nn.Module) -> dict:
@@ -106,44 +146,145 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    "sha256 of a tensor's dtype, shape and bytes."
+    tensor = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def backbone_identity(model: nn.Module) -> dict:
+    "What the adapter was trained on: model class, timm architecture, and a sha256 over the frozen (not trained) tensors."
+    digest, count = hashlib.sha256(), 0
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            digest.update(f"{name}|{tensor_sha256(parameter)}|".encode())
+            count += 1
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "architecture": getattr(model, "pretrained_cfg", {}).get("architecture"),
+            "frozen_tensors": count, "frozen_sha256": digest.hexdigest()}
+
+# %% ../nbs/05_adapt.ipynb #b2c0f006
+def _atomic_write(path: Path, write) -> None:
+    "Call `write(tmp)` on a temporary file beside `path`, flush it to disk, then rename it over `path`."
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    "Write `adapter.safetensors` and `adapter_config.json` to `directory`; return it."
+    "Write `adapter.safetensors`, then `adapter_config.json` (each atomically) to `directory`; return it."
     from safetensors.torch import save_file
+    if getattr(model, "peft_merged", False):
+        raise PeftError("The model was merged (merge_peft): its adapter is folded into the backbone weights, so it cannot "
+                        "be saved as an adapter. Save the adapter before merging, or save the model's state_dict.")
     directory = Path(directory); directory.mkdir(parents=True, exist_ok=True)
-    config = adapter_config(model)
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-    save_file({k: v.contiguous() for k, v in adapter_state_dict(model).items()}, str(directory / ADAPTER_WEIGHTS))
+    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    config = {"format": ADAPTER_FORMAT, **adapter_config(model), "train_head": bool(getattr(model, "peft_train_head", True)),
+              "backbone": backbone_identity(model), "tensors": {k: tensor_sha256(v) for k, v in tensors.items()}}
+    _atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    _atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return directory
 
-
+# %% ../nbs/05_adapt.ipynb #b2c0f007
 def _json_roundtrip(value):
     return json.loads(json.dumps(value))
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
-    "Load an adapter saved by `save_adapter` into `model` (adapting a plain model first); refuse any mismatch."
+def read_adapter_files(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    "The config and tensors of the adapter in `directory`, checked against the recorded hashes; `PeftError` naming the file otherwise."
     from safetensors.torch import load_file
     directory = Path(directory)
-    if not (directory / ADAPTER_CONFIG).is_file() or not (directory / ADAPTER_WEIGHTS).is_file():
+    config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    if not config_file.is_file() or not weights_file.is_file():
         raise PeftError(f"No adapter in {directory}: expected {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}.")
-    saved = json.loads((directory / ADAPTER_CONFIG).read_text())
-    if not adapted_methods(model):
-        apply_peft(model, saved["methods"])
-    current = _json_roundtrip(adapter_config(model))
-    for key, what in (("methods", "methods or options"), ("layout", "model layout"), ("num_classes", "number of classes")):
-        if current[key] != saved[key]:
-            raise PeftError(f"Incompatible adapter in {directory}: its {what} {saved[key]} differ from the model's {current[key]}.")
-    tensors = load_file(str(directory / ADAPTER_WEIGHTS))
-    expected = adapter_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong:
-        raise PeftError(f"Incompatible adapter in {directory}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                        f"wrong shapes {[(k, tuple(tensors[k].shape), tuple(expected[k].shape)) for k in wrong[:5]]}.")
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name in tensors:
-                parameter.copy_(tensors[name])
+    try:
+        config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PeftError(f"{config_file} is not valid JSON ({error}); it is damaged: save the adapter again.") from None
+    required = {"methods": dict, "layout": dict, "num_classes": int}
+    bad = [key for key, kind in required.items() if not isinstance(config, dict) or not isinstance(config.get(key), kind)]
+    if bad:
+        raise PeftError(f"{config_file} is not an adapter config: it needs {', '.join(f'{k!r} ({required[k].__name__})' for k in bad)}.")
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as error:
+        raise PeftError(f"{weights_file} cannot be read as safetensors ({type(error).__name__}: {error}); "
+                        "it is truncated or damaged: save the adapter again.") from None
+    hashes = config.get("tensors")
+    if hashes is None:
+        warnings.warn(f"{config_file} records no tensor hashes (saved by an older moppa_nb): the weights and the backbone "
+                      "cannot be verified; save the adapter again.")
+        return config, tensors
+    if not isinstance(hashes, dict) or set(hashes) != set(tensors):
+        names = set(hashes) if isinstance(hashes, dict) else set()
+        raise PeftError(f"{weights_file} does not hold the tensors {config_file} lists: missing "
+                        f"{sorted(names - set(tensors))[:5]}, unlisted {sorted(set(tensors) - names)[:5]}.")
+    corrupted = [name for name, tensor in tensors.items() if tensor_sha256(tensor) != hashes[name]]
+    if corrupted:
+        raise PeftError(f"{weights_file} is corrupted: tensor(s) {corrupted[:5]} differ from the sha256 recorded in "
+                        f"{config_file}; save the adapter again.")
+    return config, tensors
+
+
+def _check_backbone(model: nn.Module, saved: dict, config_file: Path) -> None:
+    if not isinstance(saved, dict):
+        raise PeftError(f"{config_file}: 'backbone' must be an object (class, architecture, frozen tensors), got {saved!r}.")
+    current = backbone_identity(model)
+    differ = [f"{key}: {saved.get(key)!r} saved, {current[key]!r} now" for key in current if saved.get(key) != current[key]]
+    if differ:
+        raise PeftError(f"The adapter {config_file} was saved on another backbone ({'; '.join(differ)}); "
+                        "load it into the model it was trained on, or pass force=True to load it anyway.")
+
+
+def load_adapter(model: nn.Module,             # plain or adapted timm ViT
+                 directory: str | Path,        # folder written by save_adapter
+                 force: bool = False,          # load even onto another backbone (same layout and tensor shapes)
+                 ) -> nn.Module:
+    "Load an adapter saved by `save_adapter` into `model` (adapting a plain model first); refuse any mismatch, leaving the model as it was."
+    if not isinstance(force, bool):
+        raise PeftError(f"force must be True or False, got {force!r} ({type(force).__name__}).")
+    directory = Path(directory)
+    saved, tensors = read_adapter_files(directory)
+    snapshot = ModelSnapshot(model)
+    try:
+        if not adapted_methods(model):
+            train_head = saved.get("train_head", True)
+            if not isinstance(train_head, bool):
+                raise PeftError(f"{directory / ADAPTER_CONFIG}: 'train_head' must be true or false, got {train_head!r}.")
+            try:
+                apply_peft(model, saved["methods"], train_head=train_head)
+            except PeftError as error:
+                raise PeftError(f"{directory / ADAPTER_CONFIG}: its methods cannot be applied: {error}") from None
+        current = _json_roundtrip(adapter_config(model))
+        current["train_head"] = bool(getattr(model, "peft_train_head", True))
+        for key, what in (("methods", "methods or options"), ("layout", "model layout"), ("num_classes", "number of classes"),
+                          ("train_head", "train_head")):
+            if key in saved and current[key] != saved[key]:
+                raise PeftError(f"Incompatible adapter in {directory}: its {what} {saved[key]} differ from the model's {current[key]}.")
+        if "backbone" in saved and not force:
+            _check_backbone(model, saved["backbone"], directory / ADAPTER_CONFIG)
+        expected = adapter_state_dict(model)
+        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+        if missing or unexpected or wrong:
+            raise PeftError(f"Incompatible adapter in {directory}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                            f"wrong shapes {[(k, tuple(tensors[k].shape), tuple(expected[k].shape)) for k in wrong[:5]]}.")
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name in tensors:
+                    parameter.copy_(tensors[name])
+    except BaseException:
+        snapshot.restore()
+        raise
     return model
 
 # %% ../nbs/05_adapt.ipynb #a83d65fd
@@ -155,4 +296,5 @@ def merge_peft(model: nn.Module) -> nn.Module:
         raise PeftError(f"Cannot merge {not_mergeable}: they change the computation, not only the weights.")
     for method in methods:
         method.merge(model)
+    model.peft_merged = True             # save_adapter refuses: the adapter is inside the backbone weights now
     return model

@@ -66,6 +66,7 @@ def prompt_bound(model: nn.Module, dim: int) -> float:
 class VPT(PeftMethod):
     "Visual Prompt Tuning (Jia et al., 2022), deep or shallow."
     Options = VPTOptions
+    changes_token_count = True   # the blocks see the prompts too; apply_peft refuses methods that need the plain grid
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         bound = prompt_bound(model, layout.embed_dim)

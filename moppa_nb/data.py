@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,8 @@ from PIL import Image
 # %% auto #0
 __all__ = ['VTAB_TASKS', 'VTAB_CLASSES', 'VTAB_GROUPS', 'VTAB_SPLITS', 'TASK_ALIASES', 'NORMALIZATIONS', 'INTERPOLATIONS',
            'TASK_INFO', 'FGVC_TASKS', 'FGVC_ALIASES', 'FGVC_SPLITS', 'canonical_task', 'task_group', 'Preprocessing',
-           'write_vtab_task', 'TaskData', 'default_cache_dir', 'read_list_file', 'decode_image', 'decode_images',
-           'load_vtab_task', 'FgvcSpec', 'canonical_fgvc_task', 'read_json_split', 'load_fgvc_task']
+           'write_vtab_task', 'TaskData', 'default_cache_dir', 'check_relative_path', 'read_list_file', 'decode_image',
+           'decode_images', 'load_vtab_task', 'FgvcSpec', 'canonical_fgvc_task', 'read_json_split', 'load_fgvc_task']
 
 # %% ../nbs/10_data.ipynb #c318df76
 VTAB_TASKS = ("caltech101", "cifar", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397",
@@ -197,8 +198,15 @@ def _task_folder(root: str | Path, task: str) -> tuple[str, Path, int]:
                                 f"sub-folder per task (<root>/<task>/train800.txt, ...).")
     present = sorted(p.name for p in root.iterdir() if p.is_dir())
     if (root / task / TASK_INFO).is_file():
-        info = json.loads((root / task / TASK_INFO).read_text())
-        if not isinstance(info.get("num_classes"), int) or info["num_classes"] < 1:
+        try:
+            info = json.loads((root / task / TASK_INFO).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"Task {task!r}: {root / task / TASK_INFO} is not valid JSON ({error}); expected an object "
+                             'such as {"num_classes": 10}.') from None
+        if not isinstance(info, dict):
+            raise ValueError(f"Task {task!r}: {root / task / TASK_INFO} must hold a JSON object such as "
+                             f'{{"num_classes": 10}}, got a {type(info).__name__}.')
+        if not isinstance(info.get("num_classes"), int) or isinstance(info["num_classes"], bool) or info["num_classes"] < 1:
             raise ValueError(f"Task {task!r}: {root / task / TASK_INFO} must give a positive int 'num_classes', got {info}.")
         return task, root / task, info["num_classes"]
     try:
@@ -209,6 +217,15 @@ def _task_folder(root: str | Path, task: str) -> tuple[str, Path, int]:
     if not folder.is_dir():
         raise FileNotFoundError(f"Task {task!r}: folder {folder} does not exist; task folders under {root}: {present}.")
     return name, folder, VTAB_CLASSES[name]
+
+
+def check_relative_path(relative: str, where: str, task: str) -> str:
+    "`relative` if it is a relative path that stays inside its folder, else a `ValueError` saying where it is listed."
+    parts = Path(relative).parts
+    if Path(relative).is_absolute() or relative.startswith(("/", "\\")) or ".." in parts or not parts:
+        raise ValueError(f"Task {task!r}: {where}: image path {relative!r} must be relative to the task folder and stay "
+                         "inside it (no absolute path, no '..').")
+    return relative
 
 
 def read_list_file(path: Path, task: str, num_classes: int) -> list[tuple[str, int]]:
@@ -224,7 +241,7 @@ def read_list_file(path: Path, task: str, num_classes: int) -> list[tuple[str, i
         label = int(parts[1])
         if not 0 <= label < num_classes:
             raise ValueError(f"Task {task!r}: {path}:{number}: label {label} outside [0, {num_classes}).")
-        entries.append((parts[0], label))
+        entries.append((check_relative_path(parts[0], f"{path}:{number}", task), label))
     return entries
 
 
@@ -253,21 +270,55 @@ def decode_images(paths: list[Path], size: int, interpolation: str, task: str = 
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def _cache_file(cache_dir: Path, task: str, split: str, list_file: Path, preprocessing: Preprocessing) -> Path:
+def _cache_file(cache_dir: Path, task: str, split: str, list_file: Path, preprocessing: Preprocessing,
+                image_root: Path, entries: list[tuple[str, int]]) -> Path | None:
+    "The cache file of a split: its name fingerprints the list file and every image's size and mtime (None if one is missing)."
     stat = list_file.stat()
-    fingerprint = hashlib.sha1(f"{list_file.resolve()}|{stat.st_mtime_ns}|".encode() + list_file.read_bytes()).hexdigest()[:12]
-    return cache_dir / f"{task}_{split}_{preprocessing.size}_{preprocessing.interpolation}_{fingerprint}.pt"
+    digest = hashlib.sha1(f"{list_file.resolve()}|{stat.st_mtime_ns}|".encode() + list_file.read_bytes())
+    for relative in dict.fromkeys(relative for relative, _ in entries):
+        try:
+            image = (image_root / relative).stat()
+        except OSError:
+            return None                     # decoding reports the missing image
+        digest.update(f"|{relative}|{image.st_size}|{image.st_mtime_ns}".encode())
+    return cache_dir / f"{task}_{split}_{preprocessing.size}_{preprocessing.interpolation}_{digest.hexdigest()[:12]}.pt"
+
+
+def _read_cache(cached: Path, entries: list[tuple[str, int]], size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    "A split from its cache file, or None (with a one-line warning) if the file is damaged; the caller decodes again."
+    try:
+        stored = torch.load(cached, weights_only=True)
+        images, labels = stored["images"], stored["labels"]
+        if (not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != (len(entries), 3, size, size)
+                or labels.tolist() != [label for _, label in entries]):
+            raise ValueError("unexpected contents")
+    except Exception as error:
+        warnings.warn(f"Discarding the damaged cache file {cached} ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}); "
+                      "decoding the images again.", stacklevel=3)
+        cached.unlink(missing_ok=True)
+        return None
+    return images, labels
+
+
+def _cache_folder(cache_dir: Path) -> Path:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"Cannot create the cache folder {cache_dir} ({error.strerror or error}); pass cache_dir=False, another "
+                         "folder, or set MOPPA_NB_CACHE to a writable folder.") from None
+    return cache_dir
 
 
 def _load_splits(task: str, image_root: Path, lists: dict[str, tuple[Path, list[tuple[str, int]]]],
                  preprocessing: Preprocessing, cache_dir: Path | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     "Decode (or read from the cache) each split; an image listed in several splits is decoded once."
     splits, to_decode = {}, {}
+    cache_dir = cache_dir and _cache_folder(cache_dir)
     for split, (list_file, entries) in lists.items():
-        cached = cache_dir and _cache_file(cache_dir, task, split, list_file, preprocessing)
-        if cached and cached.is_file():
-            stored = torch.load(cached, weights_only=True)
-            splits[split] = (stored["images"], stored["labels"])
+        cached = cache_dir and _cache_file(cache_dir, task, split, list_file, preprocessing, image_root, entries)
+        stored = _read_cache(cached, entries, preprocessing.size) if cached and cached.is_file() else None
+        if stored is not None:
+            splits[split] = stored
         else:
             to_decode[split] = (cached, entries)
     if not to_decode: return splits
@@ -279,7 +330,6 @@ def _load_splits(task: str, image_root: Path, lists: dict[str, tuple[Path, list[
         index = torch.tensor([position[relative] for relative, _ in entries], dtype=torch.long)
         splits[split] = (images[index], torch.tensor([label for _, label in entries], dtype=torch.int64))
         if cached:
-            cached.parent.mkdir(parents=True, exist_ok=True)
             partial = cached.with_suffix(f".{os.getpid()}.tmp")
             torch.save({"images": splits[split][0], "labels": splits[split][1]}, partial)
             partial.replace(cached)
@@ -369,7 +419,8 @@ def load_fgvc_task(root: str | Path,                          # FGVC root holdin
         unknown = sorted({str(v) for v in anno.values() if v not in contiguous})
         if unknown:
             raise ValueError(f"Task {name!r}: {path} has class ids absent from train.json: {unknown[:5]}.")
-        lists[split] = (path, [(relative, contiguous[class_id]) for relative, class_id in anno.items()])
+        lists[split] = (path, [(check_relative_path(relative, str(path), name), contiguous[class_id])
+                               for relative, class_id in anno.items()])
     cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
     image_root = folder / spec.image_dir if spec.image_dir else folder
     return TaskData(name, spec.num_classes, _load_splits(name, image_root, lists, preprocessing, cache), preprocessing)

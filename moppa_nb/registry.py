@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, fields
 
@@ -14,8 +15,9 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['PeftError', 'build_options', 'ViTLayout', 'vit_layout', 'NoOptions', 'PeftMethod', 'register_method', 'list_methods',
-           'get_method']
+__all__ = ['OUTPUT_SCALES', 'WIDTH_BOUNDED_OPTIONS', 'PeftError', 'check_option_value', 'build_options', 'ViTLayout',
+           'vit_layout', 'check_options_fit', 'NoOptions', 'PeftMethod', 'register_method', 'composition_conflicts',
+           'list_methods', 'get_method']
 
 # %% ../nbs/00_registry.ipynb #0fec4740
 class PeftError(ValueError):
@@ -47,8 +49,30 @@ def _type_hints(options_class: type) -> dict:
     return typing.get_type_hints(options_class, globalns=namespace)
 
 
+def _floats(value) -> list[float]:
+    "The float values in an option value (a number, or a sequence of them)."
+    if isinstance(value, float): return [value]
+    if isinstance(value, (tuple, list)): return [v for item in value for v in _floats(item)]
+    return []
+
+
+# Float options that multiply a method's whole output: 0 makes the method inert (its output and gradients are 0).
+OUTPUT_SCALES = ("alpha", "scale")
+
+
+def check_option_value(method: str, key: str, value) -> None:
+    "Refuse values no method can use: NaN or infinite numbers, and 0 for an output scale (`OUTPUT_SCALES`)."
+    if any(not math.isfinite(v) for v in _floats(value)):
+        raise PeftError(f"Option {key!r} of method {method!r} must be a finite number, got {value!r}.")
+    if key in OUTPUT_SCALES and isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+        raise PeftError(f"Option {key!r} of method {method!r} must be non-zero: it multiplies the method's output, "
+                        "so 0 makes the method inert (nothing it adds reaches the output, its gradients are 0).")
+
+
 def build_options(options_class: type, method: str, given: dict | None = None):
     "Validate `given` against the dataclass `options_class` of `method` and return an instance."
+    if given is not None and not isinstance(given, dict):
+        raise PeftError(f"Options of method {method!r} must be a dict, got {type(given).__name__}.")
     given = dict(given or {})
     hints = _type_hints(options_class)
     names = [f.name for f in fields(options_class)]
@@ -57,8 +81,12 @@ def build_options(options_class: type, method: str, given: dict | None = None):
             raise PeftError(f"Unknown option {key!r} for method {method!r}; known options: {names}.{_suggest(key, names)}")
         if not _type_ok(value, hints[key]):
             raise PeftError(f"Option {key!r} of method {method!r} must be {_describe(hints[key])}, got {value!r} ({type(value).__name__}).")
+        check_option_value(method, key, value)
         if isinstance(value, list): given[key] = tuple(value)
-    return options_class(**given)
+    options = options_class(**given)
+    for field in fields(options):                  # defaults and values set by __post_init__ too
+        check_option_value(method, field.name, getattr(options, field.name))
+    return options
 
 
 def _describe(annotation) -> str:
@@ -98,6 +126,19 @@ def vit_layout(model: nn.Module) -> ViTLayout:
     return ViTLayout(grid=tuple(int(g) for g in grid), num_prefix_tokens=int(model.num_prefix_tokens),
                      embed_dim=int(model.embed_dim), num_heads=int(attn.num_heads), depth=len(model.blocks))
 
+# %% ../nbs/00_registry.ipynb #a1c0f004
+# Integer options bounded by the token width C: a factor of rank > C is no better than rank C.
+WIDTH_BOUNDED_OPTIONS = ("rank", "bottleneck")
+
+
+def check_options_fit(method: str, options, layout: ViTLayout) -> None:
+    "Refuse options that cannot fit the model of `layout`, naming the option and its range."
+    for key in WIDTH_BOUNDED_OPTIONS:
+        value = getattr(options, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= layout.embed_dim:
+            raise PeftError(f"Option {key!r} of method {method!r} must be in [1, {layout.embed_dim}] (the model's token "
+                            f"width), got {value}.")
+
 # %% ../nbs/00_registry.ipynb #b81a1753
 @dataclass(frozen=True)
 class NoOptions:
@@ -109,6 +150,8 @@ class PeftMethod:
     name: str = ""                      # registry key, set by `register_method`
     Options: type = NoOptions           # dataclass of the method's options
     mergeable: bool = False             # whether `merge` folds it into the backbone weights
+    changes_token_count: bool = False   # the blocks see more (or fewer) tokens than prefix + H*W patches
+    needs_token_grid: bool = False      # reads the block input as exactly prefix + H*W patch tokens
 
     def __init__(self, options):
         self.options = options
@@ -146,6 +189,20 @@ def register_method(name: str):
         _METHODS[name] = cls
         return cls
     return decorator
+
+
+# Methods whose classes (in notebooks of their own) do not declare yet that they read the token grid.
+_NEEDS_TOKEN_GRID = {"moppa"}   # MoPPA filters the patch tokens as an H x W grid before attention
+
+
+def composition_conflicts(methods: typing.Sequence[PeftMethod]) -> list[str]:
+    "Why the `methods` cannot run together (empty when they can): a method needing the H x W token grid beside one that changes the token count."
+    grid = [m.name for m in methods if m.needs_token_grid or m.name in _NEEDS_TOKEN_GRID]
+    changing = [m.name for m in methods if m.changes_token_count]
+    if grid and changing:
+        return [f"{changing} change the number of tokens the blocks see, while {grid} need exactly the model's "
+                f"prefix + H x W patch tokens"]
+    return []
 
 
 def list_methods() -> list[str]:

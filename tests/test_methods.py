@@ -157,10 +157,11 @@ def test_merge_folds_into_a_plain_vit_or_refuses(methods, identity, mergeable):
         torch.testing.assert_close(plain(x), before, atol=1e-5, rtol=1e-5)
 
 
-def test_vpt_with_moppa_raises_a_clear_error():
-    model = apply_peft(tiny_vit(), ["vpt", "moppa"])
-    with pytest.raises(PeftError, match="token count must match"):
-        model(images())
+def test_vpt_with_moppa_is_refused_when_applied():
+    model = tiny_vit()
+    with pytest.raises(PeftError, match=r"\['vpt'\] change the number of tokens.*\['moppa'\] need"):
+        apply_peft(model, ["vpt", "moppa"])
+    assert not adapted_methods(model) and not any(m._forward_pre_hooks for m in model.modules())
 
 
 def test_coeff_refuses_attention_it_cannot_reach():
