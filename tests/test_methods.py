@@ -29,7 +29,9 @@ CASES = {
     "fact-tk": ({"fact": {"variant": "tk", "rank": 8}}, True, True),
     "nola": ("nola", True, True),
     "coeff": ("coeff", True, False),
-    "moppa": ("moppa", False, False),             # the prior filter acts from the first step
+    "moppa": ("moppa", False, False),             # the filter replaces the tokens (no identity branch); responses are not 1 at init
+    "moppa-residual": ({"moppa": {"residual": True}}, False, False),   # X + filter(X): not the identity either
+    "moppa-both": ({"moppa": {"placement": "both"}}, False, False),
     "moppa+ssf": (["moppa", "ssf"], False, False),
     "lora+coeff": (["lora", "coeff"], True, False),
     "fact+coeff": (["fact", "coeff"], True, False),

@@ -24,6 +24,7 @@ VARIANTS = {
     "fact-tk": ({"fact": {"variant": "tk"}}, 2 * 32 * 768 + 32 ** 3 + 144 * 32),                   # 86,528 (0.07M)
     "vpt-shallow": ({"vpt": {"deep": False}}, 50 * 768),
     "moppa+ssf": (["moppa", "ssf"], 9_936 + 205_824),
+    "moppa-both": ({"moppa": {"placement": "both"}}, 3 * 14 * 14 * 12 + 24 * (3 * 64 + 3 * 12 + 12)),   # 12,816
     "fact+coeff": (["fact", "coeff"], 61_440 + 1_728),
 }
 
