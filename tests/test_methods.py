@@ -29,6 +29,8 @@ CASES = {
     "fact-tk": ({"fact": {"variant": "tk", "rank": 8}}, True, True),
     "nola": ("nola", True, True),
     "coeff": ("coeff", True, False),
+    "coeff-identity": ({"coeff": {"parameterisation": "identity"}}, True, False),   # alpha = I, no residual
+    "coeff-random": ({"coeff": {"parameterisation": "random"}}, False, False),
     "moppa": ("moppa", False, False),             # the filter replaces the tokens (no identity branch); responses are not 1 at init
     "moppa-residual": ({"moppa": {"residual": True}}, False, False),   # X + filter(X): not the identity either
     "moppa-both": ({"moppa": {"placement": "both"}}, False, False),

@@ -26,6 +26,8 @@ VARIANTS = {
     "moppa+ssf": (["moppa", "ssf"], 9_936 + 205_824),
     "moppa-both": ({"moppa": {"placement": "both"}}, 3 * 14 * 14 * 12 + 24 * (3 * 64 + 3 * 12 + 12)),   # 12,816
     "fact+coeff": (["fact", "coeff"], 61_440 + 1_728),
+    "coeff-identity": ({"coeff": {"parameterisation": "identity"}}, 1_728),
+    "coeff-random": ({"coeff": {"parameterisation": "random"}}, 1_728),
 }
 
 
