@@ -36,6 +36,13 @@ CASES = {
     "moppa-both": ({"moppa": {"placement": "both"}}, False, False),
     "moppa+ssf": (["moppa", "ssf"], False, False),
     "lora+coeff": (["lora", "coeff"], True, False),
+    "rlrr": ("rlrr", True, True),
+    "rlrr-public-init": ({"rlrr": {"init": "public"}}, False, True),   # the public code's kaiming-uniform scales
+    "rlrr+ssf": (["rlrr", "ssf"], True, True),
+    "moppa+rlrr+ssf": (["moppa", "rlrr", "ssf"], False, False),       # the released MoPPA-like configuration
+    "dora": ("dora", True, True),
+    "dora+ssf": (["dora", "ssf"], True, True),
+    "dora+coeff": (["dora", "coeff"], True, False),
     "fact+coeff": (["fact", "coeff"], True, False),
 }
 TABLE = [pytest.param(*case, id=name) for name, case in CASES.items()]
@@ -56,7 +63,8 @@ def method_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_every_method_is_registered():
-    expected = {"linear", "full", "bitfit", "vpt", "adapter", "adaptformer", "lora", "ssf", "fact", "nola", "coeff", "moppa"}
+    expected = {"linear", "full", "bitfit", "vpt", "adapter", "adaptformer", "lora", "ssf", "fact", "nola", "coeff", "moppa",
+                "rlrr", "dora"}
     assert expected <= set(list_methods())
 
 
@@ -165,6 +173,13 @@ def test_vpt_with_moppa_raises_a_clear_error():
     model = apply_peft(tiny_vit(), ["vpt", "moppa"])
     with pytest.raises(PeftError, match="token count must match"):
         model(images())
+
+
+@pytest.mark.parametrize("methods", [["ssf", "rlrr"], ["lora", "dora"], ["ssf", "dora"]])
+def test_methods_reading_the_frozen_weight_come_first(methods):
+    """RLRR and DoRA build W' from W: after SSF or LoRA on the same layer, hook and merge would disagree."""
+    with pytest.raises(PeftError, match=f"list '{methods[1]}' before"):
+        apply_peft(tiny_vit(), methods)
 
 
 def test_coeff_refuses_attention_it_cannot_reach():
