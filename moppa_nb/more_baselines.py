@@ -5,6 +5,7 @@
 # %% ../nbs/09b_more_baselines.ipynb #91106ba2
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from dataclasses import dataclass
@@ -13,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import PeftError, ViTLayout, register_method
+from .registry import PeftError, PeftMethod, ViTLayout, register_method
 from .weight_space import LoRAQV, WeightSpaceMethod, install_qv
 
 # %% auto #0
-__all__ = ['RLRR_TARGETS', 'refuse_hooked_layer', 'RLRROptions', 'ResidualRescaling', 'RLRR', 'DoRAOptions', 'DoRAQV', 'DoRA']
+__all__ = ['RLRR_TARGETS', 'refuse_hooked_layer', 'RLRROptions', 'ResidualRescaling', 'RLRR', 'DoRAOptions', 'DoRAQV', 'DoRA',
+           'normal_levels', 'fake_quantise', 'BiAdapterOptions', 'QuantisedLinear', 'BinaryParallelAdapter',
+           'BiAdapter']
 
 # %% ../nbs/09b_more_baselines.ipynb #0038580b
 def refuse_hooked_layer(layer: nn.Module, method: str, where: str) -> None:
@@ -148,3 +151,93 @@ class DoRA(WeightSpaceMethod):
         for index, block in enumerate(model.blocks):
             refuse_hooked_layer(block.attn.qkv, self.name, f"block {index}'s attn.qkv")
         install_qv(model, self.prefix, lambda qkv: DoRAQV(qkv, self.options.rank, self.options.alpha))
+
+# %% ../nbs/09b_more_baselines.ipynb #7224bbd3
+@functools.lru_cache(maxsize=8)
+def normal_levels(bits: int, iterations: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    "Levels (`2^bits`) and thresholds (`2^bits - 1`) of the quantiser of a standard normal, float64."
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    n = 2 ** bits
+    thresholds = normal.icdf(torch.arange(1, n, dtype=torch.float64) / n)
+    for _ in range(iterations):
+        mass = torch.cat([torch.zeros(1, dtype=torch.float64), normal.cdf(thresholds), torch.ones(1, dtype=torch.float64)])
+        levels = normal.icdf((mass[:-1] + mass[1:]) / 2)
+        thresholds = (levels[:-1] + levels[1:]) / 2
+    return levels, thresholds
+
+
+def fake_quantise(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    "`Q_b(standardised weight)` mapped back to the weight's mean and std, with a straight-through gradient."
+    levels, thresholds = (t.to(weight.device, weight.dtype) for t in normal_levels(bits))
+    mean, std = weight.mean(), weight.std()
+    z = (weight - mean) / (std + 1e-5)
+    quantised = levels[torch.bucketize(z.detach(), thresholds)]
+    return (z + (quantised - z).detach()) * std + mean
+
+# %% ../nbs/09b_more_baselines.ipynb #175a671c
+@dataclass(frozen=True)
+class BiAdapterOptions:
+    "Options of the `bi_adapter` method."
+    bits: int = 1             # bits per adapter weight; 32 trains plain float weights
+    dim: int = 32             # bottleneck width
+    scale: float = 1.0        # s, multiplies the branch (the public configs pick it per task from 0.01 to 10)
+    dropout: float = 0.1      # dropout after the ReLU
+
+    def __post_init__(self):
+        if not (1 <= self.bits <= 8 or self.bits == 32):
+            raise PeftError(f"Option 'bits' of method 'bi_adapter' must be 1 to 8, or 32 (no quantisation), got {self.bits}.")
+        if self.dim < 1:
+            raise PeftError(f"Option 'dim' of method 'bi_adapter' must be at least 1, got {self.dim}.")
+        if not 0 <= self.dropout < 1:
+            raise PeftError(f"Option 'dropout' of method 'bi_adapter' must be in [0, 1), got {self.dropout}.")
+
+
+class QuantisedLinear(nn.Module):
+    "A bias-free linear map whose weight is fake-quantised to `bits` bits in the forward pass (`bits=32`: plain)."
+    def __init__(self, dim_in: int, dim_out: int, bits: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim_out, dim_in))
+        self.bits = bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.bits == 32 else fake_quantise(self.weight, self.bits)
+        return F.linear(x, weight.to(x.dtype))
+
+
+class BinaryParallelAdapter(nn.Module):
+    "`s * Up(Dropout(ReLU(Down(x))))` from the block's residual stream `x`, added to the block's MLP output."
+    def __init__(self, dim: int, options: BiAdapterOptions):
+        super().__init__()
+        self.down = QuantisedLinear(dim, options.dim, options.bits)
+        self.up = QuantisedLinear(options.dim, dim, options.bits)
+        self.drop, self.scale = nn.Dropout(options.dropout), options.scale
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        if options.bits == 32: nn.init.zeros_(self.up.weight)
+        else: nn.init.trunc_normal_(self.up.weight, std=0.001, a=-0.002, b=0.002)
+        self.pending: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.drop(torch.relu(self.down(x)))) * self.scale
+
+    def from_norm_input(self, norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        "Forward hook on `norm2`: compute the branch from its input, the residual stream."
+        self.pending = self(args[0])
+
+    def add_to_mlp(self, mlp: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        "Forward hook on `mlp`: add the branch computed from the same block's `norm2` input."
+        if self.pending is None:
+            raise PeftError("Bi-Adapter computes its branch at the block's norm2; the MLP ran without it.")
+        branch, self.pending = self.pending, None
+        return output + branch
+
+
+@register_method("bi_adapter")
+class BiAdapter(PeftMethod):
+    "Bi-AdaptFormer (Jie et al., 2024): AdaptFormer's parallel bottleneck with fake-quantised (1-bit by default) weights."
+    Options = BiAdapterOptions
+
+    def install(self, model: nn.Module, layout: ViTLayout) -> None:
+        for block in model.blocks:
+            block.peft_bi_adapter = BinaryParallelAdapter(layout.embed_dim, self.options).to(block.mlp.fc1.weight.device)
+            block.norm2.register_forward_hook(block.peft_bi_adapter.from_norm_input)
+            block.mlp.register_forward_hook(block.peft_bi_adapter.add_to_mlp)

@@ -43,6 +43,8 @@ CASES = {
     "dora": ("dora", True, True),
     "dora+ssf": (["dora", "ssf"], True, True),
     "dora+coeff": (["dora", "coeff"], True, False),
+    "bi_adapter": ("bi_adapter", False, False),                        # 1-bit Up cannot be zero (see 09b)
+    "bi_adapter-32bit": ({"bi_adapter": {"bits": 32}}, True, False),
     "fact+coeff": (["fact", "coeff"], True, False),
 }
 TABLE = [pytest.param(*case, id=name) for name, case in CASES.items()]
@@ -64,7 +66,7 @@ def method_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_every_method_is_registered():
     expected = {"linear", "full", "bitfit", "vpt", "adapter", "adaptformer", "lora", "ssf", "fact", "nola", "coeff", "moppa",
-                "rlrr", "dora"}
+                "rlrr", "dora", "bi_adapter"}
     assert expected <= set(list_methods())
 
 
