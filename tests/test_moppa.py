@@ -339,6 +339,16 @@ def test_default_route_regularisation_is_the_public_term(epoch):
     torch.testing.assert_close(ours, expected.to(ours.dtype), atol=1e-7, rtol=1e-6)   # the public log(a + 1e-8)
 
 
+def test_route_regularisation_with_a_branch_mask_averages_over_the_active_branches():
+    """The public code takes the mean over the active (branch, head) entries: 2 branches here, not 3."""
+    model = apply_peft(small_vit(), {"moppa": {"branches": ["heat", "poisson"]}}).train()
+    model(torch.randn(2, 3, 32, 48))
+    routers = [op.router for op in moppa_operators(model)]
+    assert routers[0].logits.shape[0] == 2
+    expected = public_route_term([r.logits for r in routers], [r.tau for r in routers], 1, 10, 0.05)
+    torch.testing.assert_close(route_regularisation(model, 1, 10, 0.05), expected, atol=1e-7, rtol=1e-6)
+
+
 def test_summed_route_entropy_is_three_times_the_default():
     torch.manual_seed(1)
     mean = apply_peft(small_vit(), "moppa")
