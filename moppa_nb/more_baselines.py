@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import PeftError, PeftMethod, ViTLayout, register_method
-from .weight_space import LoRAQV, WeightSpaceMethod, install_qv
+from .weight_space import LoRAQV, QVLowRank, WeightSpaceMethod, install_qv
 
 # %% auto #0
 __all__ = ['RLRR_TARGETS', 'refuse_hooked_layer', 'RLRROptions', 'ResidualRescaling', 'RLRR', 'DoRAOptions', 'DoRAQV', 'DoRA',
-           'normal_levels', 'fake_quantise', 'BiAdapterOptions', 'QuantisedLinear', 'BinaryParallelAdapter',
-           'BiAdapter']
+           'normal_levels', 'fake_quantise', 'BiAdapterOptions', 'quantised_weight', 'init_bi_projections',
+           'QuantisedLinear', 'BinaryParallelAdapter', 'BiAdapter', 'BiLoRAOptions', 'QuantisedQV', 'BiLoRA']
 
 # %% ../nbs/09b_more_baselines.ipynb #0038580b
 def refuse_hooked_layer(layer: nn.Module, method: str, where: str) -> None:
@@ -178,6 +178,7 @@ def fake_quantise(weight: torch.Tensor, bits: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class BiAdapterOptions:
     "Options of the `bi_adapter` method."
+    method: typing.ClassVar[str] = "bi_adapter"
     bits: int = 1             # bits per adapter weight; 32 trains plain float weights
     dim: int = 32             # bottleneck width
     scale: float = 1.0        # s, multiplies the branch (the public configs pick it per task from 0.01 to 10)
@@ -185,11 +186,24 @@ class BiAdapterOptions:
 
     def __post_init__(self):
         if not (1 <= self.bits <= 8 or self.bits == 32):
-            raise PeftError(f"Option 'bits' of method 'bi_adapter' must be 1 to 8, or 32 (no quantisation), got {self.bits}.")
+            raise PeftError(f"Option 'bits' of method {self.method!r} must be 1 to 8, or 32 (no quantisation), got {self.bits}.")
         if self.dim < 1:
-            raise PeftError(f"Option 'dim' of method 'bi_adapter' must be at least 1, got {self.dim}.")
+            raise PeftError(f"Option 'dim' of method {self.method!r} must be at least 1, got {self.dim}.")
         if not 0 <= self.dropout < 1:
-            raise PeftError(f"Option 'dropout' of method 'bi_adapter' must be in [0, 1), got {self.dropout}.")
+            raise PeftError(f"Option 'dropout' of method {self.method!r} must be in [0, 1), got {self.dropout}.")
+
+
+def quantised_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    "The weight the forward pass uses: fake-quantised to `bits` bits, or as is for 32."
+    return weight if bits == 32 else fake_quantise(weight, bits)
+
+
+def init_bi_projections(down: torch.Tensor, up: torch.Tensor, bits: int) -> None:
+    "`down` as PyTorch's default linear init; `up` zero in float (32 bits), else truncated normal (std 0.001, +-0.002)."
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+        if bits == 32: nn.init.zeros_(up)
+        else: nn.init.trunc_normal_(up, std=0.001, a=-0.002, b=0.002)
 
 
 class QuantisedLinear(nn.Module):
@@ -200,8 +214,7 @@ class QuantisedLinear(nn.Module):
         self.bits = bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight if self.bits == 32 else fake_quantise(self.weight, self.bits)
-        return F.linear(x, weight.to(x.dtype))
+        return F.linear(x, quantised_weight(self.weight, self.bits).to(x.dtype))
 
 
 class BinaryParallelAdapter(nn.Module):
@@ -211,9 +224,7 @@ class BinaryParallelAdapter(nn.Module):
         self.down = QuantisedLinear(dim, options.dim, options.bits)
         self.up = QuantisedLinear(options.dim, dim, options.bits)
         self.drop, self.scale = nn.Dropout(options.dropout), options.scale
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        if options.bits == 32: nn.init.zeros_(self.up.weight)
-        else: nn.init.trunc_normal_(self.up.weight, std=0.001, a=-0.002, b=0.002)
+        init_bi_projections(self.down.weight, self.up.weight, options.bits)
         self.pending: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,3 +252,36 @@ class BiAdapter(PeftMethod):
             block.peft_bi_adapter = BinaryParallelAdapter(layout.embed_dim, self.options).to(block.mlp.fc1.weight.device)
             block.norm2.register_forward_hook(block.peft_bi_adapter.from_norm_input)
             block.mlp.register_forward_hook(block.peft_bi_adapter.add_to_mlp)
+
+# %% ../nbs/09b_more_baselines.ipynb #54dd75ff
+@dataclass(frozen=True)
+class BiLoRAOptions(BiAdapterOptions):
+    "Options of the `bi_lora` method."
+    method: typing.ClassVar[str] = "bi_lora"
+
+
+class QuantisedQV(QVLowRank):
+    "Bi-LoRA factors for Q and V (index 0 and 1): `Down` (`A`) and `Up` (`B`), each fake-quantised on its own."
+    def __init__(self, dim_in: int, dim_out: int, options: BiLoRAOptions):
+        super().__init__()
+        self.a = nn.Parameter(torch.empty(2, options.dim, dim_in))
+        self.b = nn.Parameter(torch.empty(2, dim_out, options.dim))
+        for i in range(2):
+            init_bi_projections(self.a[i], self.b[i], options.bits)
+        self.bits, self.scaling, self.drop = options.bits, options.scale, nn.Dropout(options.dropout)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.stack([quantised_weight(f[i], self.bits) for i in range(2)]) for f in (self.a, self.b))
+
+    def add_to_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        "Forward hook on `qkv`: the Q and V deltas from the dropped-out input."
+        return super().add_to_qkv(module, (self.drop(args[0]), *args[1:]), output)
+
+
+@register_method("bi_lora")
+class BiLoRA(WeightSpaceMethod):
+    "Bi-LoRA (Jie et al., 2024): LoRA on Q and V with fake-quantised (1-bit by default) factors; mergeable."
+    Options = BiLoRAOptions
+
+    def install(self, model: nn.Module, layout: ViTLayout) -> None:
+        install_qv(model, self.prefix, lambda qkv: QuantisedQV(qkv.in_features, qkv.out_features // 3, self.options))

@@ -45,6 +45,8 @@ CASES = {
     "dora+coeff": (["dora", "coeff"], True, False),
     "bi_adapter": ("bi_adapter", False, False),                        # 1-bit Up cannot be zero (see 09b)
     "bi_adapter-32bit": ({"bi_adapter": {"bits": 32}}, True, False),
+    "bi_lora": ("bi_lora", False, True),                              # quantised factors: fixed matrices once trained
+    "bi_lora-32bit": ({"bi_lora": {"bits": 32}}, True, True),
     "fact+coeff": (["fact", "coeff"], True, False),
 }
 TABLE = [pytest.param(*case, id=name) for name, case in CASES.items()]
@@ -66,7 +68,7 @@ def method_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_every_method_is_registered():
     expected = {"linear", "full", "bitfit", "vpt", "adapter", "adaptformer", "lora", "ssf", "fact", "nola", "coeff", "moppa",
-                "rlrr", "dora", "bi_adapter"}
+                "rlrr", "dora", "bi_adapter", "bi_lora"}
     assert expected <= set(list_methods())
 
 

@@ -21,6 +21,7 @@ EXPECTED = {
     "rlrr": 12 * (3 * 768 + 3 * 768 + (768 + 2 * 3072) + (3072 + 2 * 768)),   # 193,536: value, proj, fc1, fc2 (in + 2 out)
     "dora": 12 * 2 * (8 * (768 + 768) + 768),                            # 313,344: LoRA rank 8 on Q, V + magnitudes
     "bi_adapter": 12 * 2 * 768 * 32,                                      # 589,824, bottleneck 32, no biases
+    "bi_lora": 12 * 2 * 2 * 768 * 32,                                     # 1,179,648, rank 32 on Q and V
 }
 VARIANTS = {
     "fact-tt-attention": ({"fact": {"targets": "attention"}}, 2 * 16 * 768 + 48 * 16 ** 2),       # 36,864 (0.04M)
