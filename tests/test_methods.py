@@ -10,6 +10,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from moppa_nb import PeftError, adapted_methods, apply_peft, list_methods, load_adapter, merge_peft, save_adapter
 from moppa_nb.adapt import is_head_parameter
+from moppa_nb.more_baselines import spt_allocation, spt_sensitivity
 from moppa_nb.weight_space import perturb_for_testing
 
 IMAGE = 48   # 3 x 3 grid of 16 px patches, behind a CLS and a register token
@@ -49,7 +50,6 @@ CASES = {
     "bi_lora-32bit": ({"bi_lora": {"bits": 32}}, True, True),
     "fact+coeff": (["fact", "coeff"], True, False),
 }
-TABLE = [pytest.param(*case, id=name) for name, case in CASES.items()]
 
 
 def tiny_vit() -> VisionTransformer:
@@ -61,6 +61,21 @@ def images(n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
 
 
+def spt_allocation_for_tests() -> dict:
+    """SPT's allocation for `tiny_vit` from two random batches: some structured matrices, full vectors and sparse entries."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        batches = [(images(4), torch.tensor([0, 1, 2, 3])) for _ in range(2)]
+        sensitivity = spt_sensitivity(tiny_vit(), batches)
+    allocation = spt_allocation(sensitivity, budget=sum(s.numel() for s in sensitivity.values()) // 50)
+    assert allocation["structured"] and allocation["full"] and allocation["sparse"]
+    return allocation
+
+
+CASES["spt"] = ({"spt": {"allocation": spt_allocation_for_tests()}}, True, True)
+TABLE = [pytest.param(*case, id=name) for name, case in CASES.items()]
+
+
 def method_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable tensors outside the head: what the methods own."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad and not is_head_parameter(model, n)}
@@ -68,7 +83,7 @@ def method_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_every_method_is_registered():
     expected = {"linear", "full", "bitfit", "vpt", "adapter", "adaptformer", "lora", "ssf", "fact", "nola", "coeff", "moppa",
-                "rlrr", "dora", "bi_adapter", "bi_lora"}
+                "rlrr", "dora", "bi_adapter", "bi_lora", "spt"}
     assert expected <= set(list_methods())
 
 
