@@ -28,7 +28,7 @@ __all__ = ['RLRR_TARGETS', 'SPT_EXCLUDED', 'refuse_hooked_layer', 'RLRROptions',
 def refuse_hooked_layer(layer: nn.Module, method: str, where: str) -> None:
     "Raise `PeftError` if `layer` already has forward hooks: `method` must come before the methods that installed them."
     if layer._forward_hooks or layer._forward_pre_hooks:
-        raise PeftError(f"Method {method!r} rescales the frozen weight of {where}, which another method already hooks; "
+        raise PeftError(f"Method {method!r} builds on the frozen weights of {where}, which another method already hooks; "
                         f"list {method!r} before methods that hook or fold into the same layers (e.g. '{method}+ssf').")
 
 # %% ../nbs/09b_more_baselines.ipynb #6673355c
