@@ -10,6 +10,7 @@ from moppa_nb import moppa as _moppa  # noqa: F401  (registers "moppa")
 from moppa_nb import coeff as _coeff  # noqa: F401  (registers "coeff")
 from moppa_nb import weight_space as _weight_space  # noqa: F401  (registers "linear", "full", "bitfit", "lora", "nola", "ssf", "fact")
 from moppa_nb import added_modules as _added_modules  # noqa: F401  (registers "vpt", "adapter", "adaptformer")
+from moppa_nb import more_baselines as _more_baselines  # noqa: F401  (registers "rlrr", "dora", "bi_adapter", "bi_lora", "spt")
 from moppa_nb.adapt import (adapted_methods, apply_peft, count_trainable, load_adapter, merge_peft, save_adapter)
 from moppa_nb.moppa import route_regularisation, route_weights
 from moppa_nb.train import PROTOCOLS, TrainConfig, evaluate, fit

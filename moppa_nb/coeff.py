@@ -5,6 +5,8 @@
 # %% ../nbs/06_coeff.ipynb #df9b87f9
 from __future__ import annotations
 
+import math
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -22,23 +24,32 @@ __all__ = ['CoeffOptions', 'HeadMixer', 'CoeffTuning']
 class CoeffOptions:
     "Options of the `coeff` method."
     dropout: float = 0.1          # dropout probability on alpha during training (the paper uses 0.1-0.2)
+    parameterisation: typing.Literal["residual", "identity", "random"] = "residual"   # A + alpha A (alpha = 0), alpha A (alpha = I), alpha A (random alpha)
 
     def __post_init__(self):
         if not 0 <= self.dropout < 1:
             raise PeftError(f"Option 'dropout' of method 'coeff' must be in [0, 1), got {self.dropout}.")
 
 
+def _initial_alpha(num_heads: int, parameterisation: str) -> torch.Tensor:
+    if parameterisation == "residual": return torch.zeros(num_heads, num_heads)
+    if parameterisation == "identity": return torch.eye(num_heads)
+    bound = 1 / math.sqrt(num_heads)
+    return torch.empty(num_heads, num_heads).uniform_(-bound, bound)
+
+
 class HeadMixer(nn.Module):
-    "One layer's head-mixing coefficients `alpha` (heads x heads), zero at initialisation."
-    def __init__(self, num_heads: int, dropout: float):
+    "One layer's head-mixing coefficients `alpha` (heads x heads): zero (residual), the identity, or random at initialisation."
+    def __init__(self, num_heads: int, dropout: float, parameterisation: str = "residual"):
         super().__init__()
-        self.alpha = nn.Parameter(torch.zeros(num_heads, num_heads))
-        self.dropout = dropout
+        self.alpha = nn.Parameter(_initial_alpha(num_heads, parameterisation))
+        self.dropout, self.residual = dropout, parameterisation == "residual"
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        "Recombine attention maps `(B, h, N, M)`: `A + alpha @ A` over the head axis."
+        "Recombine attention maps `(B, h, N, M)` over the head axis: `A + alpha @ A` (residual) or `alpha @ A`."
         alpha = F.dropout(self.alpha, self.dropout, self.training).to(maps.dtype)
-        return maps + torch.matmul(alpha, maps.flatten(2)).view_as(maps)
+        mixed = torch.matmul(alpha, maps.flatten(2)).view_as(maps)
+        return maps + mixed if self.residual else mixed
 
     def mix_maps(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         "Forward hook on timm's `attn_drop`, which the eager attention path applies to the post-softmax maps."
@@ -61,5 +72,5 @@ class CoeffTuning(PeftMethod):
         for block in model.blocks:
             attn = block.attn
             attn.fused_attn = False
-            attn.peft_coeff = HeadMixer(layout.num_heads, self.options.dropout).to(attn.qkv.weight.device)
+            attn.peft_coeff = HeadMixer(layout.num_heads, self.options.dropout, self.options.parameterisation).to(attn.qkv.weight.device)
             attn.attn_drop.register_forward_hook(attn.peft_coeff.mix_maps)

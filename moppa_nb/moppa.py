@@ -17,7 +17,8 @@ from .registry import PeftError, PeftMethod, ViTLayout, register_method
 from .router import BRANCHES, InputRouter, StaticRouter, entropy_weight, full_weights, route_entropy
 
 # %% auto #0
-__all__ = ['MoPPAOptions', 'SharedPriors', 'MoPPAOperator', 'MoPPA', 'moppa_operators', 'route_regularisation', 'route_weights']
+__all__ = ['MoPPAOptions', 'SharedPriors', 'MoPPAOperator', 'MoPPA', 'moppa_operators', 'operator_route_entropy',
+           'route_regularisation', 'route_weights']
 
 # %% ../nbs/04_moppa.ipynb #400bf1f8
 @dataclass(frozen=True)
@@ -27,7 +28,9 @@ class MoPPAOptions:
     router: typing.Literal["static", "input"] = "static"          # input-independent (default) or input-dependent mixture
     branches: tuple[str, ...] = BRANCHES                          # active priors; a subset ablates the others
     laplacian: typing.Literal["continuous", "discrete"] = "continuous"  # eigenvalues (pi n/H)^2 or 2 - 2cos(pi n/H)
-    residual: bool = True                                          # output X + filter(X) (True) or filter(X)
+    residual: bool = False                                         # output filter(X) (public code) or X + filter(X)
+    placement: typing.Literal["attn", "mlp", "both"] = "attn"     # filter the input of attention (published), of the MLP, or both
+    route_entropy: typing.Literal["mean", "sum"] = "mean"         # entropy averaged over branches (public code) or summed (nats)
     tau_init: float = 5.0                                          # initial router temperature
 
     def __post_init__(self):
@@ -110,42 +113,57 @@ class MoPPAOperator(nn.Module):
         out = patches + filtered if self.options.residual else filtered
         return torch.cat([prefix, out], dim=1)
 
-    def filter_attention_input(self, module: nn.Module, args: tuple) -> tuple:
-        "Forward pre-hook for the block's `norm1`: the attention branch sees `norm1(MoPPA(x))`."
+    def filter_norm_input(self, module: nn.Module, args: tuple) -> tuple:
+        "Forward pre-hook for the block's `norm1` (or `norm2`): that branch sees `norm(MoPPA(x))`, the residual stream `x`."
         return (self(args[0]), *args[1:])
 
 # %% ../nbs/04_moppa.ipynb #8bf8880d
+_NORMS = {"attn": ("norm1",), "mlp": ("norm2",), "both": ("norm1", "norm2")}
+
+
 @register_method("moppa")
 class MoPPA(PeftMethod):
-    "Mixture of Physical Priors Adapter (Wang et al., 2024), before self-attention in every block."
+    "Mixture of Physical Priors Adapter (Wang et al., 2024), before self-attention (or the MLP) in every block."
     Options = MoPPAOptions
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         model.peft_moppa = SharedPriors(layout, self.options)
         for block in model.blocks:
-            block.peft_moppa = MoPPAOperator(layout, self.options, model.peft_moppa)
-            block.norm1.register_forward_pre_hook(block.peft_moppa.filter_attention_input)
+            for norm in _NORMS[self.options.placement]:
+                operator = MoPPAOperator(layout, self.options, model.peft_moppa)
+                owner = block if norm == "norm1" else getattr(block, norm)
+                owner.peft_moppa = operator
+                getattr(block, norm).register_forward_pre_hook(operator.filter_norm_input)
 
 
 def moppa_operators(model: nn.Module) -> list[MoPPAOperator]:
-    "The MoPPA operators of an adapted model, one per block."
-    return [m for m in model.modules() if isinstance(m, MoPPAOperator)]
+    "The MoPPA operators of an adapted model, block by block, the attention one before the MLP one."
+    places = [(block, getattr(block, "norm2", None)) for block in getattr(model, "blocks", [])]
+    return [op for owners in places for op in (getattr(o, "peft_moppa", None) for o in owners) if isinstance(op, MoPPAOperator)]
 
 # %% ../nbs/04_moppa.ipynb #c07db88b
+def operator_route_entropy(operator: MoPPAOperator) -> torch.Tensor:
+    "Entropy of `operator`'s last route weights over branches, averaged over heads (and samples); per branch if `route_entropy='mean'`."
+    weights = operator.last_route_weights
+    branch_dim = weights.dim() - 2
+    entropy = route_entropy(weights, branch_dim=branch_dim)
+    return entropy / weights.shape[branch_dim] if operator.options.route_entropy == "mean" else entropy
+
+
 def route_regularisation(model: nn.Module, epoch: float, total_epochs: float, scale: float) -> torch.Tensor:
-    "`-lambda(epoch) * sum over blocks of H(route weights)`, from the weights of the last forward pass."
+    "`-lambda(epoch) * sum over operators of H(route weights)`, from the weights of the last forward pass."
     operators = moppa_operators(model)
     weight = entropy_weight(epoch, total_epochs, scale)
     if not operators or weight == 0:
         return torch.zeros(())
     if any(op.last_route_weights is None for op in operators):
         raise RuntimeError("route_regularisation needs a forward pass first: the route weights are computed there.")
-    entropy = sum(route_entropy(op.last_route_weights, branch_dim=op.last_route_weights.dim() - 2) for op in operators)
+    entropy = sum(operator_route_entropy(op) for op in operators)
     return -weight * entropy
 
 
 def route_weights(model: nn.Module) -> torch.Tensor:
-    "Static router weights of every block as (blocks, 3, heads), masked branches 0, order `BRANCHES`."
+    "Static router weights of every operator as (operators, 3, heads), masked branches 0, order `BRANCHES`."
     operators = moppa_operators(model)
     if any(not isinstance(op.router, StaticRouter) for op in operators):
         raise PeftError("route_weights reads static routers; an input-dependent router's weights depend on the input.")

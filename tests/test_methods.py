@@ -10,6 +10,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from moppa_nb import PeftError, adapted_methods, apply_peft, list_methods, load_adapter, merge_peft, save_adapter
 from moppa_nb.adapt import is_head_parameter
+from moppa_nb.more_baselines import spt_allocation, spt_sensitivity
 from moppa_nb.weight_space import perturb_for_testing
 
 IMAGE = 48   # 3 x 3 grid of 16 px patches, behind a CLS and a register token
@@ -29,12 +30,26 @@ CASES = {
     "fact-tk": ({"fact": {"variant": "tk", "rank": 8}}, True, True),
     "nola": ("nola", True, True),
     "coeff": ("coeff", True, False),
-    "moppa": ("moppa", False, False),             # the prior filter acts from the first step
+    "coeff-identity": ({"coeff": {"parameterisation": "identity"}}, True, False),   # alpha = I, no residual
+    "coeff-random": ({"coeff": {"parameterisation": "random"}}, False, False),
+    "moppa": ("moppa", False, False),             # the filter replaces the tokens (no identity branch); responses are not 1 at init
+    "moppa-residual": ({"moppa": {"residual": True}}, False, False),   # X + filter(X): not the identity either
+    "moppa-both": ({"moppa": {"placement": "both"}}, False, False),
     "moppa+ssf": (["moppa", "ssf"], False, False),
     "lora+coeff": (["lora", "coeff"], True, False),
+    "rlrr": ("rlrr", True, True),
+    "rlrr-public-init": ({"rlrr": {"init": "public"}}, False, True),   # the public code's kaiming-uniform scales
+    "rlrr+ssf": (["rlrr", "ssf"], True, True),
+    "moppa+rlrr+ssf": (["moppa", "rlrr", "ssf"], False, False),       # the released MoPPA-like configuration
+    "dora": ("dora", True, True),
+    "dora+ssf": (["dora", "ssf"], True, True),
+    "dora+coeff": (["dora", "coeff"], True, False),
+    "bi_adapter": ("bi_adapter", False, False),                        # 1-bit Up cannot be zero (see 09b)
+    "bi_adapter-32bit": ({"bi_adapter": {"bits": 32}}, True, False),
+    "bi_lora": ("bi_lora", False, True),                              # quantised factors: fixed matrices once trained
+    "bi_lora-32bit": ({"bi_lora": {"bits": 32}}, True, True),
     "fact+coeff": (["fact", "coeff"], True, False),
 }
-TABLE = [pytest.param(*case, id=name) for name, case in CASES.items()]
 
 
 def tiny_vit() -> VisionTransformer:
@@ -46,13 +61,29 @@ def images(n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
 
 
+def spt_allocation_for_tests() -> dict:
+    """SPT's allocation for `tiny_vit` from two random batches: some structured matrices, full vectors and sparse entries."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        batches = [(images(4), torch.tensor([0, 1, 2, 3])) for _ in range(2)]
+        sensitivity = spt_sensitivity(tiny_vit(), batches)
+    allocation = spt_allocation(sensitivity, budget=sum(s.numel() for s in sensitivity.values()) // 50)
+    assert allocation["structured"] and allocation["full"] and allocation["sparse"]
+    return allocation
+
+
+CASES["spt"] = ({"spt": {"allocation": spt_allocation_for_tests()}}, True, True)
+TABLE = [pytest.param(*case, id=name) for name, case in CASES.items()]
+
+
 def method_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable tensors outside the head: what the methods own."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad and not is_head_parameter(model, n)}
 
 
 def test_every_method_is_registered():
-    expected = {"linear", "full", "bitfit", "vpt", "adapter", "adaptformer", "lora", "ssf", "fact", "nola", "coeff", "moppa"}
+    expected = {"linear", "full", "bitfit", "vpt", "adapter", "adaptformer", "lora", "ssf", "fact", "nola", "coeff", "moppa",
+                "rlrr", "dora", "bi_adapter", "bi_lora", "spt"}
     assert expected <= set(list_methods())
 
 
@@ -162,6 +193,13 @@ def test_vpt_with_moppa_is_refused_when_applied():
     with pytest.raises(PeftError, match=r"\['vpt'\] change the number of tokens.*\['moppa'\] need"):
         apply_peft(model, ["vpt", "moppa"])
     assert not adapted_methods(model) and not any(m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("methods", [["ssf", "rlrr"], ["lora", "dora"], ["ssf", "dora"]])
+def test_methods_reading_the_frozen_weight_come_first(methods):
+    """RLRR and DoRA build W' from W: after SSF or LoRA on the same layer, hook and merge would disagree."""
+    with pytest.raises(PeftError, match=f"list '{methods[1]}' before"):
+        apply_peft(tiny_vit(), methods)
 
 
 def test_coeff_refuses_attention_it_cannot_reach():

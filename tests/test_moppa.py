@@ -1,4 +1,6 @@
 """The maths and the contracts of the MoPPA foundation: DCT, priors vs grid PDEs, router, installation, saving."""
+import copy
+
 import numpy as np
 import pytest
 import scipy.fft
@@ -234,3 +236,139 @@ def test_moppa_trains_after_first_running_under_inference_mode():
         model.eval()(torch.randn(1, 3, 40, 48))
     model.train()(torch.randn(2, 3, 40, 48)).sum().backward()
     assert model.blocks[0].peft_moppa.times["heat"].grad is not None
+
+
+# ---------------------------------------------------------------- defaults against the public formulas
+# An independent transcription of the public MoPPA-like operator (`HCO`) and block forward, written from
+# the formulas, not from moppa_nb: DCT-II by explicit cosine sums, responses exp(-|w|^2)^relu(k t),
+# cos(|w|^2 relu(k t)), relu(k t), router softmax(P / tau) per head, no identity branch, CLS bypasses.
+def public_cosine_map(n: int) -> torch.Tensor:
+    """Row k, column x: sqrt(2/n) cos(pi k (x + 1/2) / n), row 0 divided by sqrt(2) (orthonormal DCT-II)."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    x = torch.arange(n, dtype=torch.float64)[None, :]
+    weight = torch.cos(k * (x + 0.5) / n * np.pi) * np.sqrt(2 / n)
+    weight[0] /= np.sqrt(2)
+    return weight
+
+
+def public_operator(x, grid, heads, k_maps, times, path_weight, temperature, prefix=1):
+    """x: (B, prefix + H*W, C); k_maps: 3 x (H, W, heads); times: 3 x (head_dim,); path_weight (3, heads); temperature (heads,)."""
+    b, _, c = x.shape
+    h, w = grid
+    d = c // heads
+    cls, patches = x[:, :prefix], x[:, prefix:].reshape(b, h, w, c)
+    cos_h, cos_w = public_cosine_map(h), public_cosine_map(w)
+    spectrum = torch.einsum("nh,bhwc,mw->bnmc", cos_h, patches, cos_w)
+    freq_n = torch.arange(h, dtype=torch.float64) * np.pi / h
+    freq_m = torch.arange(w, dtype=torch.float64) * np.pi / w
+    squared = (freq_n[:, None] ** 2 + freq_m[None, :] ** 2)[:, :, None]              # (H, W, 1)
+    weight = torch.softmax(path_weight / temperature, dim=0)                          # (3, heads)
+    coefficient = [torch.relu((k[..., None] * t).reshape(h, w, c)) for k, t in zip(k_maps, times)]
+    response = (weight[0].repeat_interleave(d) * torch.pow(torch.exp(-squared), coefficient[0])
+                + weight[1].repeat_interleave(d) * torch.cos(squared * coefficient[1])
+                + weight[2].repeat_interleave(d) * coefficient[2])
+    filtered = torch.einsum("nh,bnmc,mw->bhwc", cos_h, spectrum * response, cos_w).reshape(b, h * w, c)
+    return torch.cat([cls, filtered], dim=1)
+
+
+def public_route_term(path_weights, temperatures, epoch, total_epochs, scale):
+    """Minus lambda(e) times the sum over blocks of mean(-a log(a + 1e-8)) over (branch, head) entries."""
+    decay = (max(1 - epoch / total_epochs, 0.5) - 0.5) / 0.5
+    entropy = sum(-torch.mean(a * torch.log(a + 1e-8))
+                  for a in (torch.softmax(p / t, dim=0) for p, t in zip(path_weights, temperatures)))
+    return -scale * decay * entropy
+
+
+def operator_arguments(model, operator):
+    names = ("heat", "wave", "poisson")
+    return dict(k_maps=[model.peft_moppa.maps[n] for n in names], times=[operator.times[n] for n in names],
+                path_weight=operator.router.logits, temperature=operator.router.tau)
+
+
+def public_style_vit():
+    """Square grid, one CLS token, no registers (as in the public code), in float64 with perturbed MoPPA tensors."""
+    torch.manual_seed(0)
+    plain = small_vit(img_size=40, reg_tokens=0, drop_path_rate=0.0).double().eval()
+    model = apply_peft(copy.deepcopy(plain), "moppa").double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "peft_moppa" in name.split("."):
+                p.add_(0.2 * torch.randn_like(p))
+    return plain, model
+
+
+def test_default_operator_matches_the_public_formulas():
+    plain, model = public_style_vit()
+    layout = vit_layout(model)
+    operator = model.blocks[0].peft_moppa
+    x = torch.randn(3, layout.num_tokens, layout.embed_dim, dtype=torch.float64)
+    with torch.no_grad():
+        ours = operator(x)
+        theirs = public_operator(x, layout.grid, layout.num_heads, **operator_arguments(model, operator))
+    diff = (ours - theirs).abs().max().item()
+    print(f"operator, max abs diff vs public formulas: {diff:.2e}")
+    assert diff < 1e-10
+    assert (ours - x).abs().max() > 0.1                     # no identity branch: not trivially the input
+
+
+def test_default_model_output_matches_the_public_block_forward():
+    """x = x + Attn(Norm1(MoPPA(x))); x = x + MLP(Norm2(x)); final norm; head on CLS, with the plain model's modules."""
+    plain, model = public_style_vit()
+    layout = vit_layout(model)
+    images = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    with torch.no_grad():
+        x = plain._pos_embed(plain.patch_embed(images))
+        for block, operator in zip(plain.blocks, moppa_operators(model)):
+            filtered = public_operator(x, layout.grid, layout.num_heads, **operator_arguments(model, operator))
+            x = x + block.attn(block.norm1(filtered))
+            x = x + block.mlp(block.norm2(x))
+        theirs = plain.head(plain.norm(x)[:, 0])
+        ours = model(images)
+    diff = (ours - theirs).abs().max().item()
+    print(f"whole model, max abs diff vs public block forward: {diff:.2e}")
+    assert diff < 1e-10
+
+
+@pytest.mark.parametrize("epoch", [0, 3, 7.5, 12, 20])
+def test_default_route_regularisation_is_the_public_term(epoch):
+    plain, model = public_style_vit()
+    model.train()(torch.randn(2, 3, 40, 40, dtype=torch.float64))
+    routers = [op.router for op in moppa_operators(model)]
+    expected = public_route_term([r.logits for r in routers], [r.tau for r in routers], epoch, 20, 0.05)
+    ours = route_regularisation(model, epoch, 20, 0.05)
+    torch.testing.assert_close(ours, expected.to(ours.dtype), atol=1e-7, rtol=1e-6)   # the public log(a + 1e-8)
+
+
+def test_route_regularisation_with_a_branch_mask_averages_over_the_active_branches():
+    """The public code takes the mean over the active (branch, head) entries: 2 branches here, not 3."""
+    model = apply_peft(small_vit(), {"moppa": {"branches": ["heat", "poisson"]}}).train()
+    model(torch.randn(2, 3, 32, 48))
+    routers = [op.router for op in moppa_operators(model)]
+    assert routers[0].logits.shape[0] == 2
+    expected = public_route_term([r.logits for r in routers], [r.tau for r in routers], 1, 10, 0.05)
+    torch.testing.assert_close(route_regularisation(model, 1, 10, 0.05), expected, atol=1e-7, rtol=1e-6)
+
+
+def test_summed_route_entropy_is_three_times_the_default():
+    torch.manual_seed(1)
+    mean = apply_peft(small_vit(), "moppa")
+    total = apply_peft(copy.deepcopy(small_vit()), {"moppa": {"route_entropy": "sum"}})
+    total.load_state_dict(mean.state_dict())
+    images = torch.randn(2, 3, 32, 48)
+    mean(images), total(images)
+    torch.testing.assert_close(route_regularisation(total, 1, 10, 0.1), 3 * route_regularisation(mean, 1, 10, 0.1))
+
+
+@pytest.mark.parametrize("placement", ["mlp", "both"])
+def test_placement_before_the_mlp(placement):
+    model = apply_peft(small_vit(), {"moppa": {"placement": placement}}).eval()
+    block = model.blocks[0]
+    assert len(moppa_operators(model)) == (2 if placement == "mlp" else 4)
+    x = torch.randn(2, vit_layout(model).num_tokens, 48)
+    with torch.no_grad():
+        attention_input = block.peft_moppa(x) if placement == "both" else x
+        expected = x + block.attn(block.norm1.forward(attention_input))
+        expected = expected + block.mlp(block.norm2.forward(block.norm2.peft_moppa(expected)))
+        torch.testing.assert_close(block(x), expected)
+    model.train()(torch.randn(2, 3, 32, 48)).sum().backward()
+    assert block.norm2.peft_moppa.times["heat"].grad is not None

@@ -18,13 +18,22 @@ EXPECTED = {
     "nola": 12 * 2 * 2 * 1024,                                            # 49,152 (about 0.05M)
     "coeff": 12 * 12 * 12,                                                # 1,728
     "moppa": 9_936,                                                       # reference form
+    "rlrr": 12 * (3 * 768 + 3 * 768 + (768 + 2 * 3072) + (3072 + 2 * 768)),   # 193,536: value, proj, fc1, fc2 (in + 2 out)
+    "dora": 12 * 2 * (8 * (768 + 768) + 768),                            # 313,344: LoRA rank 8 on Q, V + magnitudes
+    "bi_adapter": 12 * 2 * 768 * 32,                                      # 589,824, bottleneck 32, no biases
+    "bi_lora": 12 * 2 * 2 * 768 * 32,                                     # 1,179,648, rank 32 on Q and V
 }
 VARIANTS = {
     "fact-tt-attention": ({"fact": {"targets": "attention"}}, 2 * 16 * 768 + 48 * 16 ** 2),       # 36,864 (0.04M)
     "fact-tk": ({"fact": {"variant": "tk"}}, 2 * 32 * 768 + 32 ** 3 + 144 * 32),                   # 86,528 (0.07M)
     "vpt-shallow": ({"vpt": {"deep": False}}, 50 * 768),
     "moppa+ssf": (["moppa", "ssf"], 9_936 + 205_824),
+    "moppa-both": ({"moppa": {"placement": "both"}}, 3 * 14 * 14 * 12 + 24 * (3 * 64 + 3 * 12 + 12)),   # 12,816
     "fact+coeff": (["fact", "coeff"], 61_440 + 1_728),
+    "moppa+rlrr+ssf": (["moppa", "rlrr", "ssf"], 9_936 + 193_536 + 205_824),
+    "dora+coeff": (["dora", "coeff"], 313_344 + 1_728),
+    "coeff-identity": ({"coeff": {"parameterisation": "identity"}}, 1_728),
+    "coeff-random": ({"coeff": {"parameterisation": "random"}}, 1_728),
 }
 
 
