@@ -125,6 +125,7 @@ _NORMS = {"attn": ("norm1",), "mlp": ("norm2",), "both": ("norm1", "norm2")}
 class MoPPA(PeftMethod):
     "Mixture of Physical Priors Adapter (Wang et al., 2024), before self-attention (or the MLP) in every block."
     Options = MoPPAOptions
+    needs_token_grid = True       # filters the patch tokens as an H x W grid: refused beside methods that add tokens (VPT)
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         model.peft_moppa = SharedPriors(layout, self.options)

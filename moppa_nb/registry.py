@@ -191,13 +191,12 @@ def register_method(name: str):
     return decorator
 
 
-# Methods whose classes (in notebooks of their own) do not declare yet that they read the token grid.
-_NEEDS_TOKEN_GRID = {"moppa"}   # MoPPA filters the patch tokens as an H x W grid before attention
+
 
 
 def composition_conflicts(methods: typing.Sequence[PeftMethod]) -> list[str]:
     "Why the `methods` cannot run together (empty when they can): a method needing the H x W token grid beside one that changes the token count."
-    grid = [m.name for m in methods if m.needs_token_grid or m.name in _NEEDS_TOKEN_GRID]
+    grid = [m.name for m in methods if m.needs_token_grid]
     changing = [m.name for m in methods if m.changes_token_count]
     if grid and changing:
         return [f"{changing} change the number of tokens the blocks see, while {grid} need exactly the model's "

@@ -113,3 +113,34 @@ def test_training_and_report_notebooks_smoke(tmp_path):
     run_notebook("report.ipynb", tmp_path / "report_out.ipynb",
                  {"results_dir": "runs", "output_dir": "report", "bench_csv": "none.csv"}, tmp_path)
     assert (tmp_path / "report" / "results.md").is_file() and (tmp_path / "report" / "spectral_responses.png").is_file()
+
+
+SYSTEM_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1", "LANG": "C.UTF-8"}
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "python").is_file(), reason="needs the project's .venv (scripts/setup.sh)")
+def test_stage_commands_find_the_project_venv_without_activation():
+    """dvc runs stage commands with the caller's PATH; pipeline/env puts .venv first, so `.venv/bin/dvc repro` works as written."""
+    done = subprocess.run(["pipeline/env", "python", "-c", "import sys, torch, moppa_nb; print(sys.prefix)"],
+                          cwd=ROOT, env=SYSTEM_ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.strip()).resolve() == (ROOT / ".venv").resolve()
+    missing = subprocess.run(["pipeline/env", "no-such-tool"], cwd=ROOT, env=SYSTEM_ENV, capture_output=True, text=True)
+    assert missing.returncode == 127 and "scripts/setup.sh" in missing.stderr
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "dvc").is_file(), reason="needs the project's .venv (scripts/setup.sh)")
+def test_failed_paper_run_reports_missing_data_in_one_line_and_leaves_the_workspace_as_it_was(tmp_path):
+    """README's way to run the paper profile (`dvc exp run --temp`) without VTAB-1K: one line, params.yaml and git untouched."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    (clone / ".venv").symlink_to(ROOT / ".venv")
+    before = (clone / "params.yaml").read_bytes()
+    done = subprocess.run([".venv/bin/dvc", "exp", "run", "--temp", "-S", "profile=paper"], cwd=clone, env=SYSTEM_ENV,
+                          capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "prepare: no VTAB-1K data at data/vtab-1k" in output and "Traceback" not in output
+    assert (clone / "params.yaml").read_bytes() == before
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout
+    assert status == "" and not (clone / ".git" / "EXEC_HEAD").exists()
