@@ -24,7 +24,7 @@ __all__ = ['MODEL_KEYS', 'DATA_KEYS', 'load_params', 'profile_settings', 'method
            'DataMissing', 'prepare_data', 'backbone_probes', 'prepare_backbone', 'main']
 
 # %% ../nbs/16_experiment.ipynb #1a0794ca
-MODEL_KEYS, DATA_KEYS = ("drop_path",), ("flip",)
+MODEL_KEYS, DATA_KEYS = ("drop_path", "head_init"), ("flip",)   # settings for the model and the data, not TrainConfig
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
