@@ -121,19 +121,20 @@ def paired_comparisons(long: pd.DataFrame, protocol: str, methods: list[str], ba
     return pd.DataFrame(rows)
 
 
-CONVERGENCE = {"window": 0.25, "val_range": 1.0, "loss_drop": 0.05}   # last quarter of epochs; points; relative
+CONVERGENCE = {"window": 0.25, "val_trend": 1.0, "loss_drop": 0.05}   # a quarter of the epochs; points; relative
 
 
-def run_convergence(history: list[dict], window: float = CONVERGENCE["window"], val_range: float = CONVERGENCE["val_range"],
+def run_convergence(history: list[dict], window: float = CONVERGENCE["window"], val_trend: float = CONVERGENCE["val_trend"],
                     loss_drop: float = CONVERGENCE["loss_drop"]) -> dict:
-    "Plateau check of one run: over the last `window` of epochs (at least 2), val accuracy range <= `val_range` points and train-loss fall <= `loss_drop` (relative)."
-    last = history[-max(2, int(np.ceil(window * len(history)))):]
-    vals = [100 * r["val_acc"] for r in last if r.get("val_acc") is not None]
-    losses = [r["train_loss"] for r in last]
-    spread = max(vals) - min(vals) if vals else float("nan")
+    "Plateau check of one run: mean val accuracy of the last `window` of epochs (at least 2) within `val_trend` points of the window before, and train loss falling by at most `loss_drop` (relative) over the last window."
+    size = max(2, int(np.ceil(window * len(history))))
+    val = [100 * r["val_acc"] if r.get("val_acc") is not None else np.nan for r in history]
+    last, before = np.nanmean(val[-size:]) if len(val) else np.nan, np.nanmean(val[-2 * size:-size]) if len(val) >= 2 * size else np.nan
+    losses = [r["train_loss"] for r in history[-size:]]
+    trend = float(last - before)
     drop = (losses[0] - losses[-1]) / max(abs(losses[0]), 1e-12)
-    converged = len(history) >= 2 and bool(vals) and spread <= val_range + 1e-9 and drop <= loss_drop
-    return {"epochs": len(history), "val_range_last": spread, "loss_drop_last": drop, "converged": bool(converged)}
+    converged = len(history) >= 2 * size and np.isfinite(trend) and abs(trend) <= val_trend + 1e-9 and drop <= loss_drop
+    return {"epochs": len(history), "val_trend_last": trend, "loss_drop_last": drop, "converged": bool(converged)}
 
 
 def convergence_table(paths: list[str | Path]) -> pd.DataFrame:
@@ -343,12 +344,13 @@ def _accuracy_sections(long: pd.DataFrame, convergence: pd.DataFrame, groups: di
 
 def _convergence_section(convergence: pd.DataFrame) -> list[str]:
     bad = convergence[~convergence.converged]
-    lines = [f"**Convergence** ({CONVERGENCE['window']:.0%} of the last epochs, at least 2: val200 range <= "
-             f"{CONVERGENCE['val_range']} point, train-loss fall <= {CONVERGENCE['loss_drop']:.0%}): "
+    lines = [f"**Convergence** (mean val200 accuracy of the last {CONVERGENCE['window']:.0%} of the epochs, at least 2, within "
+             f"{CONVERGENCE['val_trend']} point of the {CONVERGENCE['window']:.0%} before, and training loss falling by at most "
+             f"{CONVERGENCE['loss_drop']:.0%} over the last {CONVERGENCE['window']:.0%}): "
              f"{int(convergence.converged.sum())} of {len(convergence)} runs converged."]
     if len(bad):
-        lines += ["Not converged (flagged † in the tables):", ""]
-        lines += [f"- {r.method} / {r.task} / seed {r.seed}: val range {r.val_range_last:.1f} points, loss fall "
+        lines += ["", "Not converged (flagged † in the tables):", ""]
+        lines += [f"- {r.method} / {r.task} / seed {r.seed}: val trend {r.val_trend_last:+.1f} points, loss fall "
                   f"{r.loss_drop_last:.1%} over the last epochs" for r in bad.itertuples()]
     return lines + [""]
 

@@ -144,3 +144,19 @@ def test_failed_paper_run_reports_missing_data_in_one_line_and_leaves_the_worksp
     assert (clone / "params.yaml").read_bytes() == before
     status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout
     assert status == "" and not (clone / ".git" / "EXEC_HEAD").exists()
+
+
+def test_head_init_probe_starts_every_run_from_the_same_closed_form_probe(tmp_path):
+    """LP-FT as the default profile runs it: the head starts at the probe, recorded with the probe's val and test accuracy."""
+    params = paper_params(tmp_path)
+    paper = params["profiles"]["paper"]
+    paper["tasks"] = {"dtd": "Natural"}
+    paper["seeds"] = [0, 1]
+    paper["train"].update(head_init="probe", epochs=1, warmup_epochs=0, cooldown_epochs=0)
+    results = run_method("linear", params, tmp_path / "runs" / "linear")
+    inits = [run["head_init"] for run in results["runs"]]
+    assert all(init["kind"] == "probe" and {"val_acc", "test_acc", "weight_decay"} <= set(init) for init in inits)
+    assert inits[0] == inits[1]                                   # one probe per task, whatever the seed
+    paper["train"]["head_init"] = "zeros"
+    with pytest.raises(ValueError, match="head_init must be 'random' or 'probe'"):
+        run_method("linear", params, tmp_path / "runs" / "bad")
