@@ -68,3 +68,25 @@ def test_rlrr_hook_equals_split_cat_in_place_at_inference():
         delta = F.linear(x * rescaling.scale_in, layer.weight[r]) * rescaling.scale_out + rescaling.shift
         return torch.cat([output[..., :r.start], output[..., r] + delta, output[..., r.stop:]], dim=-1)
     check(rescaling, lambda x: rescaling.rescale(layer, (x,), layer(x)), old, torch.randn(2, 7, 16))
+
+
+def test_moppa_operator_equals_slice_cat_with_gradients():
+    from moppa_nb.dct import spectral_filter
+    from moppa_nb.moppa import MoPPAOperator, MoPPAOptions, SharedPriors
+    from moppa_nb.registry import ViTLayout
+    torch.manual_seed(0)
+    layout = ViTLayout((4, 4), 1, 24, 3, 2)
+    for residual in (False, True):
+        for router in ("static", "input"):
+            options = MoPPAOptions(residual=residual, router=router)
+            shared = SharedPriors(layout, options)
+            op = MoPPAOperator(layout, options, shared)
+            op.shared_module = shared                                 # so named_parameters covers the shared maps here
+            def old(x):
+                prefix, patches = x[:, :1], x[:, 1:]
+                filtered = spectral_filter(patches, op.mixed_response(op.router(patches)).to(x.dtype), (4, 4))
+                return torch.cat([prefix, patches + filtered if residual else filtered], dim=1)
+            check(op, op, old, torch.randn(2, 17, 24))
+            with torch.no_grad():                                     # cached path, twice
+                torch.testing.assert_close(op(torch.ones(2, 17, 24)), old(torch.ones(2, 17, 24)), atol=1e-6, rtol=1e-6)
+                torch.testing.assert_close(op(torch.ones(2, 17, 24)), old(torch.ones(2, 17, 24)), atol=1e-6, rtol=1e-6)
