@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import importlib.util
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -17,28 +18,40 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapt import apply_peft, count_trainable, merge_peft
+from .adapt import apply_peft, count_trainable, is_head_parameter, merge_peft
 from .registry import get_method, list_methods
 
 # %% auto #0
-__all__ = ['COMPOSITIONS', 'VARIANTS', 'COLUMNS', 'default_specs', 'split_spec', 'median_seconds', 'build_benchmark_model',
-           'benchmark_method', 'add_ratios', 'run_benchmark', 'interleaved_ratios', 'write_csv', 'format_table', 'main']
+__all__ = ['COMPOSITIONS', 'EXTERNAL', 'VARIANTS', 'RATIOS', 'COLUMNS', 'default_specs', 'peft_available', 'split_spec',
+           'median_seconds', 'fastest_seconds', 'build_benchmark_model', 'benchmark_method', 'stored_adapter_kb',
+           'add_ratios', 'run_benchmark', 'interleaved_times', 'ratio_stats', 'interleaved_ratios', 'with_spread',
+           'write_csv', 'format_table', 'main']
 
 # %% ../nbs/15_bench.ipynb #118cdcbe
-COMPOSITIONS = ("moppa+ssf", "lora+coeff", "fact+coeff")
+COMPOSITIONS = ("moppa+ssf", "lora+coeff", "fact+coeff", "moppa+rlrr+ssf", "dora+coeff")
+EXTERNAL = {"hf_peft_lora": "HF peft LoRA, r=8 and alpha=8 on the whole fused qkv (a row only when `peft` is installed)"}
 VARIANTS = {"eager": "every block's attention on timm's eager path (softmax maps materialised), as Coeff-Tuning runs it"}
 
 
 def default_specs() -> list[str]:
     "Every registered method, the standard compositions whose parts are registered, and `linear@eager`."
     available = set(list_methods())
-    return list_methods() + [c for c in COMPOSITIONS if set(c.split("+")) <= available] + ["linear@eager"]
+    external = ["hf_peft_lora"] if peft_available() else []
+    return list_methods() + [c for c in COMPOSITIONS if set(c.split("+")) <= available] + ["linear@eager"] + external
+
+
+def peft_available() -> bool:
+    "Whether the optional HF `peft` package can be imported (never required)."
+    return importlib.util.find_spec("peft") is not None
 
 
 def split_spec(spec: str) -> tuple[str, str]:
     "'lora+coeff' -> ('lora+coeff', ''); 'linear@eager' -> ('linear', 'eager'): a method spec and a backbone variant, both checked."
     methods, _, variant = spec.partition("@")
-    for name in methods.split("+"): get_method(name)              # unknown names fail before any timing
+    if methods in EXTERNAL:
+        if not peft_available(): raise ValueError(f"Benchmark spec {spec!r} needs the optional package `peft`, which is not installed.")
+    else:
+        for name in methods.split("+"): get_method(name)          # unknown names fail before any timing
     if variant and variant not in VARIANTS:
         raise ValueError(f"Unknown benchmark variant {variant!r} in {spec!r}; known: {sorted(VARIANTS)}")
     return methods, variant
@@ -54,6 +67,19 @@ def median_seconds(fn, warmup: int, repeats: int, device: torch.device) -> float
         if device.type == "cuda": torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def fastest_seconds(fn, calls: int, device: torch.device) -> tuple[float, float]:
+    "Fastest process CPU time and fastest wall time over `calls` calls of `fn()`, synchronising CUDA."
+    cpu, wall = [], []
+    for _ in range(calls):
+        if device.type == "cuda": torch.cuda.synchronize(device)
+        cpu_start, wall_start = time.process_time(), time.perf_counter()
+        fn()
+        if device.type == "cuda": torch.cuda.synchronize(device)
+        cpu.append(time.process_time() - cpu_start); wall.append(time.perf_counter() - wall_start)
+    return min(cpu), min(wall)
+
 
 # %% ../nbs/15_bench.ipynb #cddd9033
 def _autocast(device: torch.device):
@@ -76,7 +102,11 @@ def build_benchmark_model(spec: str, model_name: str = "vit_base_patch16_224", m
     model = timm.create_model(model_name, pretrained=False, num_classes=100, **(model_kwargs or {}))
     if variant == "eager":
         for block in model.blocks: block.attn.fused_attn = False
-    apply_peft(model, methods)
+    if methods == "hf_peft_lora":                                # optional comparison row, never required
+        import peft
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]))
+    else:
+        apply_peft(model, methods)
     model.to(device)
     images = torch.randn(batch_size, 3, *model.patch_embed.img_size, device=device)
     labels = torch.randint(0, 100, (batch_size,), device=device)
@@ -112,13 +142,37 @@ def benchmark_method(spec: str,                                   # method spec 
     peak = _peak_memory_mb(device)
     infer_s = median_seconds(_inference(model, images), warmup, repeats, device)
     merged_s = None
-    if all(get_method(name).mergeable for name in methods.split("+")):
+    if methods not in EXTERNAL and all(get_method(name).mergeable for name in methods.split("+")):
         merged = merge_peft(copy.deepcopy(model))
         merged_s = median_seconds(_inference(merged, images), warmup, repeats, device)
     return {"method": spec, "device": str(device), "model": model_name, "batch_size": batch_size,
             "train_ms_per_image": 1e3 * train_s / batch_size, "infer_ms_per_image": 1e3 * infer_s / batch_size,
             "merged_infer_ms_per_image": None if merged_s is None else 1e3 * merged_s / batch_size,
-            "peak_memory_mb": peak, "trainable_params": count_trainable(model, exclude_head=True)}
+            "peak_memory_mb": peak, **_sizes(model, methods)}
+
+
+def _sizes(model: nn.Module, methods: str) -> dict:
+    if methods in EXTERNAL:
+        return {"trainable_params": sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".head." not in f".{n}.")}
+    return {"trainable_params": count_trainable(model, exclude_head=True), **stored_adapter_kb(model)}
+
+
+def stored_adapter_kb(model: nn.Module) -> dict:
+    "KB of the trainable tensors outside the head as stored: fake-quantised weights at their bits (plus a float32 mean and std per quantised tensor), the rest float32; and all in float32."
+    from moppa_nb.more_baselines import QuantisedLinear, QuantisedQV
+    stored = full = 0
+    for module_name, module in model.named_modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if not parameter.requires_grad or is_head_parameter(model, f"{module_name}.{name}".lstrip(".")): continue
+            full += 32 * parameter.numel()
+            bits = getattr(module, "bits", 32)
+            if bits < 32 and isinstance(module, QuantisedLinear) and name == "weight":
+                stored += bits * parameter.numel() + 2 * 32
+            elif bits < 32 and isinstance(module, QuantisedQV) and name in ("a", "b"):   # Q and V quantised on their own
+                stored += bits * parameter.numel() + parameter.shape[0] * 2 * 32
+            else:
+                stored += 32 * parameter.numel()
+    return {"stored_kb": stored / 8 / 1024, "float32_kb": full / 8 / 1024}
 
 # %% ../nbs/15_bench.ipynb #2c2cfc28
 def add_ratios(rows: list[dict]) -> list[dict]:
@@ -149,11 +203,35 @@ def run_benchmark(specs: list[str] | None = None, isolate: bool = True, **kwargs
     return add_ratios(rows)
 
 # %% ../nbs/15_bench.ipynb #a1979ade
+def interleaved_times(runs: dict,                  # name -> {"step": fn, "infer": fn}
+                      rounds: int, warmup: int, calls: int, device: torch.device) -> dict:
+    "name -> kind -> one (process CPU s, wall s) per round, each the fastest of `calls` calls; models taken round-robin."
+    times = {name: {kind: [] for kind in fns} for name, fns in runs.items()}
+    for round_ in range(warmup + rounds):
+        for name, fns in runs.items():
+            for kind, fn in fns.items():
+                seconds = fastest_seconds(fn, calls, device)
+                if round_ >= warmup: times[name][kind].append(seconds)
+    return times
+
+
+def ratio_stats(times: dict, name: str, kind: str, base: str, clock: int = 0) -> tuple[float, float, float] | None:
+    "(median, min, max) over rounds of the per-round ratio `name / base`; clock 0: process CPU time, 1: wall time."
+    if base not in times: return None
+    ratios = [a[clock] / b[clock] for a, b in zip(times[name][kind], times[base][kind])]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+RATIOS = {"step_vs_frozen": ("step", "linear"), "step_vs_lora": ("step", "lora"), "infer_vs_plain": ("infer", "linear")}
+
+
 def interleaved_ratios(specs: list[str],                  # must include `linear` (and `lora` for step_vs_lora)
                        rounds: int = 8, warmup: int = 1, model_name: str = "vit_base_patch16_224",
                        model_kwargs: dict | None = None, batch_size: int = 4, device: str = "cpu",
-                       num_threads: int | None = None) -> list[dict]:
-    "Step and inference times measured round-robin in one process; ratios are medians of per-round ratios."
+                       num_threads: int | None = None,
+                       calls: int = 1,                     # calls per model per round; the fastest counts
+                       ) -> list[dict]:
+    "Step and inference times measured round-robin in one process; ratios are medians of per-round ratios, with their min and max."
     if num_threads: torch.set_num_threads(num_threads)
     if "linear" not in specs: raise ValueError("interleaved_ratios needs 'linear' (the plain ViT) among the specs.")
     device = torch.device(device)
@@ -161,24 +239,33 @@ def interleaved_ratios(specs: list[str],                  # must include `linear
     for spec in specs:
         model, images, train_step = build_benchmark_model(spec, model_name, model_kwargs, batch_size, device)
         runs[spec] = {"step": train_step, "infer": _inference(model, images)}
-    times = {spec: {"step": [], "infer": []} for spec in specs}
-    for round_ in range(warmup + rounds):
-        for spec in specs:
-            for kind, fn in runs[spec].items():
-                seconds = median_seconds(fn, 0, 1, device)
-                if round_ >= warmup: times[spec][kind].append(seconds)
+    times = interleaved_times(runs, rounds, warmup, calls, device)
+    clock = 1 if device.type == "cuda" else 0      # CPU: process CPU time (other processes' load drops out); CUDA: wall
+    rows = []
+    for spec in specs:
+        row = {"method": spec, "rounds": rounds, "calls": calls, "batch_size": batch_size, "device": str(device),
+               "clock": "wall" if clock else "process"}
+        for kind, column in (("step", "train_ms_per_image"), ("infer", "infer_ms_per_image")):
+            row[column] = 1e3 * statistics.median(t[clock] for t in times[spec][kind]) / batch_size
+            row[f"{column}_wall"] = 1e3 * statistics.median(t[1] for t in times[spec][kind]) / batch_size
+        for key, (kind, base) in RATIOS.items():
+            stats, wall = ratio_stats(times, spec, kind, base, clock), ratio_stats(times, spec, kind, base, 1)
+            row[key], row[f"{key}_min"], row[f"{key}_max"] = stats or (None, None, None)
+            row[f"{key}_wall"] = wall[0] if wall else None
+        rows.append(row)
+    return rows
 
-    def ratio(spec, kind, base):
-        return statistics.median(a / b for a, b in zip(times[spec][kind], times[base][kind])) if base in times else None
-    return [{"method": spec, "rounds": rounds, "batch_size": batch_size, "device": str(device),
-             "train_ms_per_image": 1e3 * statistics.median(times[spec]["step"]) / batch_size,
-             "infer_ms_per_image": 1e3 * statistics.median(times[spec]["infer"]) / batch_size,
-             "step_vs_frozen": ratio(spec, "step", "linear"), "step_vs_lora": ratio(spec, "step", "lora"),
-             "infer_vs_plain": ratio(spec, "infer", "linear")} for spec in specs]
+
+def with_spread(rows: list[dict]) -> list[dict]:
+    "Rows whose ratios read 'median [min, max]', for printing."
+    def show(r, key):
+        return None if r.get(key) is None else f"{r[key]:.3f} [{r[key + '_min']:.3f}, {r[key + '_max']:.3f}]"
+    return [{**r, **{key: show(r, key) for key in RATIOS}} for r in rows]
 
 # %% ../nbs/15_bench.ipynb #93003d23
 COLUMNS = ("method", "trainable_params", "train_ms_per_image", "step_vs_frozen", "step_vs_lora", "infer_ms_per_image",
-           "infer_vs_plain", "merged_infer_ms_per_image", "merged_vs_plain", "peak_memory_mb", "batch_size", "device", "model")
+           "infer_vs_plain", "merged_infer_ms_per_image", "merged_vs_plain", "peak_memory_mb", "batch_size", "device", "model",
+           "stored_kb", "float32_kb")
 
 
 def write_csv(rows: list[dict], path: str | Path, columns: tuple[str, ...] = COLUMNS) -> Path:
@@ -216,6 +303,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output", default=None, help="CSV path")
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="instead: time the methods round-robin in one process for ROUNDS rounds and print the ratios")
+    parser.add_argument("--calls", type=int, default=1, help="with --interleave: calls per model per round, the fastest counts")
     parser.add_argument("--from-params", default=None, help="read methods, batch_size, warmup, repeats, interleave from this params.yaml")
     parser.add_argument("--params-section", default="bench", help="the section of --from-params to read (default: bench)")
     args = parser.parse_args(argv)
@@ -228,15 +316,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.interleave:
         rows = interleaved_ratios(args.methods or ["linear", "lora", "moppa", "coeff"], args.interleave, model_name=args.model,
                                   model_kwargs={"img_size": args.img_size}, batch_size=batch, device=args.device,
-                                  num_threads=args.threads)
+                                  num_threads=args.threads, calls=args.calls)
         columns = ("method", "train_ms_per_image", "step_vs_frozen", "step_vs_lora", "infer_ms_per_image", "infer_vs_plain")
-        table = format_table(rows, columns)
+        table = format_table(with_spread(rows), columns)
         print(table)
         if args.output:
             caption = (f"Interleaved cost ratios: {args.model} at {args.img_size} px, random weights, {args.device}, batch {batch}; "
-                       f"every model in one process, timed round-robin for {args.interleave} rounds after a warm-up round; "
-                       "ratios are medians of the per-round ratios (step over `linear` and over `lora`, inference over the plain ViT).")
-            csv_path = write_csv(rows, args.output, columns)
+                       f"every model in one process, timed round-robin for {args.interleave} rounds after a warm-up round, "
+                       f"the fastest of {args.calls} call(s) per round, {rows[0]['clock']} time; "
+                       "ratios are medians of the per-round ratios [min, max over rounds] (step over `linear` and over `lora`, "
+                       "inference over the plain ViT).")
+            csv_path = write_csv(rows, args.output, tuple(rows[0]))
             csv_path.with_suffix(".md").write_text(f"# Interleaved ratios\n\n**{caption}**\n\n{table}\n")
         return rows
     rows = run_benchmark(args.methods, isolate=not args.device.startswith("cuda"), model_name=args.model,

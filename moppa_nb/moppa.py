@@ -9,6 +9,7 @@ import typing
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .dct import spectral_filter
@@ -106,12 +107,32 @@ class MoPPAOperator(nn.Module):
         if x.shape[1] != p + h * w:
             raise PeftError(f"MoPPA expects {p} prefix + {h}x{w} patch tokens = {p + h * w}, got {x.shape[1]} tokens; "
                             "the token count must match the model's grid.")
-        prefix, patches = x[:, :p], x[:, p:]
+        prefix, patches = x.split([p, h * w], dim=1)          # one op: its backward is one cat, not two zero-padded slices
         weights = self.router(patches)
         self.last_route_weights = weights
-        filtered = spectral_filter(patches, self.mixed_response(weights).to(x.dtype), (h, w))
-        out = patches + filtered if self.options.residual else filtered
-        return torch.cat([prefix, out], dim=1)
+        filtered = spectral_filter(patches, self.response_for(weights, x), (h, w))
+        if self.options.residual:                             # x + [0; filter(patches)]: the prefix passes through the add
+            return x + F.pad(filtered, (0, 0, p, 0))
+        return torch.cat([prefix, filtered], dim=1)
+
+    def _cache_state(self) -> list[torch.Tensor]:
+        "The tensors the static mixed response is made of (times, speeds, router, shared maps)."
+        return [*self.times.values(), *self.speeds.values(), *self.router.parameters(), *self.shared.maps.values()]
+
+    def response_for(self, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        "The mixed response in `x`'s dtype; with a static router and no gradient recorded, reused while the parameters are unchanged."
+        if torch.is_grad_enabled() or not isinstance(self.router, StaticRouter):
+            return self.mixed_response(weights).to(x.dtype)
+        state = self._cache_state()
+        key = (x.dtype, x.device, tuple((id(t), t._version) for t in state))
+        cache = self.__dict__.get("_response_cache")
+        # `_version` misses `.data` edits (they bump no counter), so the values are compared too: a few thousand numbers
+        if cache is not None and cache[0] == key and all(torch.equal(a, b) for a, b in zip(cache[1], state)):
+            return cache[2]
+        with torch.inference_mode(False), torch.no_grad():   # a normal tensor, usable outside inference mode
+            response = self.mixed_response(self.router()).to(x.dtype)
+            self.__dict__["_response_cache"] = (key, [t.detach().clone() for t in state], response)
+        return response
 
     def filter_norm_input(self, module: nn.Module, args: tuple) -> tuple:
         "Forward pre-hook for the block's `norm1` (or `norm2`): that branch sees `norm(MoPPA(x))`, the residual stream `x`."

@@ -16,7 +16,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .registry import PeftError, PeftMethod, ViTLayout, register_method
-from .weight_space import LoRAQV, QVLowRank, WeightSpaceMethod, install_qv
+from .weight_space import LoRAQV, QVLowRank, WeightSpaceMethod, add_product, install_qv
 
 # %% auto #0
 __all__ = ['RLRR_TARGETS', 'SPT_EXCLUDED', 'refuse_hooked_layer', 'RLRROptions', 'ResidualRescaling', 'RLRR', 'DoRAOptions',
@@ -63,6 +63,9 @@ class ResidualRescaling(nn.Module):
         x, r = args[0], self.rows
         weight = layer.weight[r].to(x.dtype)
         delta = F.linear(x * self.scale_in.to(x.dtype), weight) * self.scale_out.to(x.dtype) + self.shift.to(x.dtype)
+        if not torch.is_grad_enabled():                                       # inference: add into the rows, no copy
+            output[..., r] += delta
+            return output
         return torch.cat([output[..., :r.start], output[..., r] + delta, output[..., r.stop:]], dim=-1)
 
     def fold_into(self, layer: nn.Linear) -> None:
@@ -125,15 +128,15 @@ class DoRAQV(LoRAQV):
 
     def add_to_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         "Forward hook on `qkv`: Q and V rows become `y + (g - 1) W x + g s B A x`."
+        # y + (g - 1)(y - bias) + g u = g (y + u) + (1 - g) bias: one addmm for y + u, one addcmul; K rows have g = 1, bias term 0
         x = args[0]
-        q, k, v = output.chunk(3, dim=-1)
-        bias = module.bias.to(x.dtype).chunk(3) if module.bias is not None else (0, 0, 0)
-        frozen = torch.stack([q - bias[0], v - bias[2]])                          # W x of the Q and V rows
-        a, b = (f.to(x.dtype) for f in self.factors())
-        update = torch.einsum("s...r,sor->s...o", torch.einsum("...c,src->s...r", x, a), b) * self.scaling
-        gain = self.adapted_weights(module.weight)[1].to(x.dtype).view(2, *[1] * (x.dim() - 1), -1)
-        delta = (gain - 1) * frozen + gain * update
-        return torch.cat([q + delta[0], k, v + delta[1]], dim=-1)
+        gain = self.adapted_weights(module.weight)[1].to(x.dtype)
+        gain = torch.cat([gain[0], gain.new_ones(gain.shape[1]), gain[1]])         # (3n,), 1 on the K rows
+        offset = (1 - gain) * module.bias.to(x.dtype) if module.bias is not None else gain.new_zeros(())
+        shifted = add_product(output, *self.qkv_update(x))
+        if not torch.is_grad_enabled() and shifted is output:
+            return output.mul_(gain).add_(offset)
+        return torch.addcmul(offset, gain, shifted)
 
     def fold_into(self, attn: nn.Module) -> None:
         "Write `m * (W + s B A) / ||W + s B A||` into the Q and V rows of `attn.qkv.weight`."

@@ -18,9 +18,9 @@ from .registry import PeftError, PeftMethod, ViTLayout, register_method
 
 # %% auto #0
 __all__ = ['perturb_for_testing', 'remove_method_modules', 'WeightSpaceMethod', 'BackboneSubset', 'LinearProbe', 'FullFineTuning',
-           'BitFit', 'QVLowRank', 'install_qv', 'LoRAOptions', 'LoRAQV', 'LoRA', 'NOLAOptions', 'RandomBases', 'NOLAQV',
-           'NOLA', 'SSFOptions', 'ScaleShift', 'ssf_targets', 'SSF', 'FacTOptions', 'fact_slices', 'FacTFactors',
-           'FacTBlock', 'FacT']
+           'BitFit', 'QVLowRank', 'add_product', 'install_qv', 'LoRAOptions', 'LoRAQV', 'LoRA', 'NOLAOptions',
+           'RandomBases', 'NOLAQV', 'NOLA', 'SSFOptions', 'ScaleShift', 'ssf_targets', 'SSF', 'FacTOptions',
+           'fact_slices', 'FacTFactors', 'FacTBlock', 'FacT']
 
 # %% ../nbs/07_weight_space.ipynb #1b95f310
 def perturb_for_testing(model: nn.Module,     # a model adapted by `apply_peft`
@@ -96,13 +96,17 @@ class QVLowRank(nn.Module):
         "`A` as (2, r, C_in) and `B` as (2, C_out, r): index 0 for Q, 1 for V."
         raise NotImplementedError
 
-    def add_to_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        "Forward hook on `qkv`: add the deltas to the q and v thirds of its output."
-        x = args[0]
+    def qkv_update(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "`h = scaling * x A^T` (tokens, 2r) and `up` (3 C_out, 2r): `B_q` and `B_v` with a zero K block, so `h up^T` is the qkv delta."
         a, b = (f.to(x.dtype) for f in self.factors())
-        delta = torch.einsum("s...r,sor->s...o", torch.einsum("...c,src->s...r", x, a), b) * self.scaling
-        q, k, v = output.chunk(3, dim=-1)
-        return torch.cat([q + delta[0], k, v + delta[1]], dim=-1)
+        r, n = a.shape[1], b.shape[1]
+        h = (x.reshape(-1, x.shape[-1]) @ a.reshape(2 * r, -1).T) * self.scaling
+        up = torch.cat([F.pad(b[0], (0, r)), b.new_zeros(n, 2 * r), F.pad(b[1], (r, 0))])
+        return h, up
+
+    def add_to_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        "Forward hook on `qkv`: add the deltas to the q and v thirds of its output (one matmul, no split)."
+        return add_product(output, *self.qkv_update(args[0]))
 
     def fold_into(self, attn: nn.Module) -> None:
         "Add `scaling * B A` to the q and v rows of `attn.qkv.weight`."
@@ -111,6 +115,15 @@ class QVLowRank(nn.Module):
         n = attn.qkv.out_features // 3
         attn.qkv.weight[:n] += delta[0].to(attn.qkv.weight.dtype)
         attn.qkv.weight[2 * n:] += delta[1].to(attn.qkv.weight.dtype)
+
+
+def add_product(output: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    "`output + h @ up.T` over the last axis of `output`; in place (no copy) when autograd records nothing."
+    flat = output.reshape(-1, output.shape[-1])
+    if not torch.is_grad_enabled() and output.is_contiguous():
+        flat.addmm_(h, up.T)
+        return output
+    return torch.addmm(flat, h, up.T).reshape(output.shape)
 
 
 def _qkv_of(block: nn.Module, index: int) -> nn.Linear:
