@@ -227,7 +227,7 @@ def prepare_data(profile: dict, output_dir: str | Path) -> dict:
         raise ValueError(f"data.kind must be 'mini_vtab' or 'vtab', got {data['kind']!r}")
     elif not Path(data["root"]).is_dir():
         raise DataMissing(f"no VTAB-1K data at {data['root']}: put the 19 tasks there in the NOAH layout "
-                          "(README, 'Reproduction: the paper profile'), or point profiles.<name>.data.root at them")
+                          "(data/README.md), or point profiles.<name>.data.root at them")
     index = {}
     for task, group in profile["tasks"].items():
         name, folder, num_classes = _task_folder(data["root"], task)

@@ -208,6 +208,7 @@ def plot_per_task(long: pd.DataFrame, protocol: str, methods: list[str] | None =
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * data.task.nunique() * max(1, len(order)) / 4), 4))
     sns.barplot(data=data, x="task", y="accuracy", hue="method", hue_order=order, errorbar="sd", capsize=0.1, err_kws={"linewidth": 0.8}, ax=ax)
     ax.set_ylabel("test accuracy (%)"); ax.set_title(f"Per-task accuracy, protocol: {PROTOCOLS[protocol]}", fontsize=9)
+    ax.set_ylim(max(0, data.accuracy.min() - 5), min(100, data.accuracy.max() + 3))       # the differences, not the bars, matter
     ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left"); ax.tick_params(axis="x", rotation=30)
     return fig
 
@@ -308,7 +309,8 @@ def linear_vs_probe(long: pd.DataFrame, paths: list[Path], protocol: str = "val"
             if (run.get("head_init") or {}).get("test_acc") is not None: probes[run["task"]] = 100 * run["head_init"]["test_acc"]
     linear = long[(long.method == "linear") & (long.protocol == protocol)].groupby("task", sort=False)["test_acc"].mean() * 100
     table = pd.DataFrame({"linear": linear, "probe": pd.Series(probes)}).dropna()
-    return table.assign(difference=table.linear - table.probe, within_2_points=(table.linear - table.probe).abs() <= 2)
+    return table.assign(difference=table.linear - table.probe,
+                        within_2_points=np.where((table.linear - table.probe).abs() <= 2, "yes", "no"))
 
 
 def _markdown_comparisons(comparisons: pd.DataFrame, protocol: str) -> list[str]:
