@@ -12,6 +12,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -22,8 +23,8 @@ from .registry import (PeftError, PeftMethod, build_options, check_options_fit, 
 # %% auto #0
 __all__ = ['MethodSpec', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'ADAPTER_FORMAT', 'parse_methods', 'ModelSnapshot', 'head_prefixes',
            'is_head_parameter', 'adapted_methods', 'apply_peft', 'count_trainable', 'adapter_config',
-           'adapter_state_dict', 'tensor_sha256', 'backbone_identity', 'save_adapter', 'read_adapter_files',
-           'load_adapter', 'merge_peft']
+           'adapter_state_dict', 'tensor_sha256', 'backbone_identity', 'atomic_write', 'save_adapter',
+           'read_adapter_files', 'load_adapter', 'merge_peft']
 
 # %% ../nbs/05_adapt.ipynb #037a0a97
 MethodSpec = str | list | tuple | dict
@@ -166,18 +167,21 @@ def backbone_identity(model: nn.Module) -> dict:
             "frozen_tensors": count, "frozen_sha256": digest.hexdigest()}
 
 # %% ../nbs/05_adapt.ipynb #b2c0f006
-def _atomic_write(path: Path, write) -> None:
-    "Call `write(tmp)` on a temporary file beside `path`, flush it to disk, then rename it over `path`."
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    "Call `write(tmp)` on a temporary file beside `path`, flush it to disk, then rename it over `path` (also used for checkpoints)."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        write(tmp)
+        write(Path(tmp))
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
@@ -190,8 +194,8 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     config = {"format": ADAPTER_FORMAT, **adapter_config(model), "train_head": bool(getattr(model, "peft_train_head", True)),
               "backbone": backbone_identity(model), "tensors": {k: tensor_sha256(v) for k, v in tensors.items()}}
-    _atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp))
-    _atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write(directory / ADAPTER_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     return directory
 
 # %% ../nbs/05_adapt.ipynb #b2c0f007

@@ -7,21 +7,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .adapt import adapted_methods, adapter_config, adapter_state_dict
+from .adapt import adapted_methods, adapter_config, adapter_state_dict, atomic_write
 
 # %% auto #0
-__all__ = ['CHECKPOINT_NAME', 'CHECKPOINT_FORMAT', 'CheckpointError', 'atomic_write', 'write_json', 'model_fingerprint',
-           'TrainingState', 'rng_states', 'restore_rng_states', 'save_checkpoint', 'read_checkpoint',
-           'check_checkpoint', 'resume_checkpoint']
+__all__ = ['CHECKPOINT_NAME', 'CHECKPOINT_FORMAT', 'CheckpointError', 'write_json', 'model_fingerprint', 'TrainingState',
+           'rng_states', 'restore_rng_states', 'save_checkpoint', 'read_checkpoint', 'check_checkpoint',
+           'resume_checkpoint']
 
 # %% ../nbs/14_checkpoint.ipynb #60d11e1d
 CHECKPOINT_NAME = "checkpoint.pt"   # file name of a run's (single, latest) checkpoint
@@ -32,21 +30,7 @@ class CheckpointError(ValueError):
     "A checkpoint that cannot be resumed: unreadable, or written for another model or config."
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    "Call `write(tmp)` on a temporary file beside `path`, flush it to disk, then rename it over `path`."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
 
 
 def write_json(path: str | Path, value: Any) -> Path:
