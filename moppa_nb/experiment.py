@@ -300,7 +300,7 @@ def code_fingerprint() -> str:
 
 def _start_fresh_unless(run_dir: Path, identity: dict) -> None:
     "Remove `run_dir` unless its `identity.json` is `identity` (a run of other settings, data or backbone is never resumed)."
-    path = run_dir / RUN_IDENTITY
+    path, identity = run_dir / RUN_IDENTITY, json.loads(json.dumps(identity))     # as JSON reads it back
     if run_dir.is_dir() and (not path.is_file() or json.loads(path.read_text()) != identity):
         print(f"{run_dir}: written for other settings, data or backbone; starting that run over", file=sys.stderr)
         shutil.rmtree(run_dir)

@@ -221,3 +221,31 @@ def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tm
     assert [r["history"] for r in results["runs"]] == [r["history"] for r in uninterrupted["runs"]]
     assert ([{k: v for k, v in r["summary"].items() if k in ("val", "final", "best_test")} for r in results["runs"]]
             == [{k: v for k, v in r["summary"].items() if k in ("val", "final", "best_test")} for r in uninterrupted["runs"]])
+
+
+def test_training_notebook_checks_the_settings_before_training(tmp_path):
+    params = paper_params(tmp_path)
+    params["profiles"]["paper"]["seeds"] = []
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    command = [sys.executable, "-m", "papermill", "--no-progress-bar", str(ROOT / "pipeline" / "train.ipynb"), str(tmp_path / "out.ipynb"),
+               "-p", "group", "ours", "-p", "output_dir", "runs/ours", "-p", "metrics_file", "metrics/ours.json"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "profiles.paper.seeds: expected a non-empty list" in done.stderr + done.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_persisted_runs_are_reused_only_for_the_same_settings(tmp_path):
+    """With `persist: true` a re-run finds the previous runs: a finished one is read back, one of other settings starts over."""
+    params = paper_params(tmp_path)
+    params["profiles"]["paper"]["tasks"] = {"dtd": "Natural"}
+    profile = profile_settings(params)
+    prepare_data(profile, tmp_path / "prepared"); prepare_backbone(profile, tmp_path / "backbone")
+    first = run_method("lora", params, tmp_path / "runs")["runs"][0]
+    assert first["summary"]["resumed_from_epoch"] == 0
+    (tmp_path / "runs" / "dtd" / "seed7").mkdir()                     # a seed no longer configured
+    again = run_method("lora", params, tmp_path / "runs")["runs"][0]
+    assert again["summary"]["resumed_from_epoch"] == 3 and again["history"] == first["history"]
+    assert not (tmp_path / "runs" / "dtd" / "seed7").exists()
+    params["profiles"]["paper"]["method_train"]["lora"]["lr"] = 0.01
+    changed = run_method("lora", params, tmp_path / "runs")["runs"][0]
+    assert changed["summary"]["resumed_from_epoch"] == 0 and changed["settings"]["lr"] == 0.01
