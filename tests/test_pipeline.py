@@ -192,8 +192,7 @@ def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tm
     params["profile"] = "smoke"
     smoke = params["profiles"]["smoke"]
     smoke["methods"]["ours"] = ["lora"]
-    smoke["seeds"] = [0, 1]
-    smoke["train"].update(epochs=3, checkpoint_every=1, num_threads=1)
+    smoke["train"].update(epochs=4, checkpoint_every=1, num_threads=1)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**SYSTEM_ENV, "OMP_NUM_THREADS": "1"}
     repro = lambda: subprocess.Popen([".venv/bin/dvc", "repro", "train@ours"], cwd=clone, env=env,
@@ -205,6 +204,7 @@ def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tm
     training = _descendants(first.pid)
     assert any("ipykernel" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") for pid in training if _alive(pid))
     first.send_signal(signal.SIGTERM); first.communicate(timeout=30)
+    assert first.returncode != 0                                   # stopped mid-stage
     deadline = time.time() + 20
     while any(_alive(pid) for pid in training) and time.time() < deadline: time.sleep(0.2)
     assert not [pid for pid in training if _alive(pid)], "training processes outlived dvc repro"
