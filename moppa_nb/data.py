@@ -5,11 +5,13 @@
 # %% ../nbs/10_data.ipynb #64f991f8
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import hashlib
 import json
 import os
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +26,8 @@ from PIL import Image
 __all__ = ['VTAB_TASKS', 'VTAB_CLASSES', 'VTAB_GROUPS', 'VTAB_SPLITS', 'TASK_ALIASES', 'NORMALIZATIONS', 'INTERPOLATIONS',
            'TASK_INFO', 'FGVC_TASKS', 'FGVC_ALIASES', 'FGVC_SPLITS', 'canonical_task', 'task_group', 'Preprocessing',
            'write_vtab_task', 'TaskData', 'default_cache_dir', 'check_relative_path', 'read_list_file', 'decode_image',
-           'decode_images', 'load_vtab_task', 'FgvcSpec', 'canonical_fgvc_task', 'read_json_split', 'load_fgvc_task']
+           'decode_images', 'load_vtab_task', 'prune_cache', 'main', 'FgvcSpec', 'canonical_fgvc_task',
+           'read_json_split', 'load_fgvc_task']
 
 # %% ../nbs/10_data.ipynb #c318df76
 VTAB_TASKS = ("caltech101", "cifar", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397",
@@ -297,6 +300,7 @@ def _read_cache(cached: Path, entries: list[tuple[str, int]], size: int) -> tupl
                       "decoding the images again.", stacklevel=3)
         cached.unlink(missing_ok=True)
         return None
+    os.utime(cached)                       # its age is the time since it was last used (`prune_cache`)
     return images, labels
 
 
@@ -350,6 +354,35 @@ def load_vtab_task(root: str | Path,                          # folder of tasks 
         lists[split] = (list_file, read_list_file(list_file, name, num_classes))
     cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
     return TaskData(name, num_classes, _load_splits(name, folder, lists, preprocessing, cache), preprocessing)
+
+# %% ../nbs/10_data.ipynb #e81d4f06
+def prune_cache(cache_dir: str | Path | None = None,       # default: `default_cache_dir()`
+                older_than_days: float | None = None,      # None: every cached split; else those unused for this long
+                ) -> list[Path]:
+    "Delete the decoded splits (and leftover partial writes) of the cache; return the deleted files."
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    if older_than_days is not None and older_than_days < 0: raise ValueError(f"older_than_days must be >= 0, got {older_than_days}")
+    cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
+    deleted = []
+    for path in sorted([*folder.glob("*.pt"), *folder.glob("*.tmp")]) if folder.is_dir() else []:
+        if cutoff is None or path.stat().st_mtime < cutoff:
+            path.unlink(missing_ok=True); deleted.append(path)
+    return deleted
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m moppa_nb.data", description="Manage the cache of decoded images.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prune = commands.add_parser("prune", help="delete cached decoded splits")
+    prune.add_argument("--older-than", type=float, default=None, metavar="DAYS", help="only those not used for DAYS days")
+    prune.add_argument("--cache-dir", default=None, help=f"cache folder (default: {default_cache_dir()})")
+    args = parser.parse_args(argv)
+    deleted = prune_cache(args.cache_dir, args.older_than)
+    print(f"deleted {len(deleted)} cached file(s) from {Path(args.cache_dir) if args.cache_dir else default_cache_dir()}")
+
+
+if __name__ == "__main__" and "__file__" in globals():   # `python -m moppa_nb.data`, not when the notebook runs
+    main()
 
 # %% ../nbs/10_data.ipynb #2a9e8d31
 @dataclass(frozen=True)

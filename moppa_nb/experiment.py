@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import os
+import re
+import shutil
+import sys
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -16,12 +22,14 @@ import yaml
 from torch import nn
 
 from .adapt import apply_peft, count_trainable, save_adapter
-from .registry import PeftError, get_method
+from .registry import PeftError, build_options, get_method
 
 # %% auto #0
-__all__ = ['MODEL_KEYS', 'DATA_KEYS', 'load_params', 'profile_settings', 'method_parts', 'run_settings', 'train_config',
-           'peft_spec', 'load_task', 'build_model', 'backbone_identity', 'probe_head', 'initialise_head', 'run_method',
-           'DataMissing', 'prepare_data', 'backbone_probes', 'prepare_backbone', 'main']
+__all__ = ['MODEL_KEYS', 'DATA_KEYS', 'PROFILE_KEYS', 'GROUP_NAME', 'RUN_IDENTITY', 'WRITER_LOCK', 'load_params',
+           'profile_settings', 'method_parts', 'run_settings', 'train_config', 'peft_spec', 'SettingsError',
+           'check_profile', 'load_task', 'build_model', 'backbone_identity', 'probe_head', 'initialise_head',
+           'RunLocked', 'writer_lock', 'data_fingerprint', 'code_fingerprint', 'run_method', 'DataMissing',
+           'prepare_data', 'backbone_probes', 'prepare_backbone', 'main']
 
 # %% ../nbs/16_experiment.ipynb #1a0794ca
 MODEL_KEYS, DATA_KEYS = ("drop_path", "head_init"), ("flip",)   # settings for the model and the data, not TrainConfig
@@ -71,6 +79,73 @@ def train_config(settings: dict, seed: int):
 def peft_spec(profile: dict, method: str) -> dict:
     "`apply_peft` spec of `method` with the profile's options for each part."
     return {part: dict(profile.get("method_options", {}).get(part, {})) for part in method_parts(method)}
+
+# %% ../nbs/16_experiment.ipynb #9b3f6e10
+PROFILE_KEYS = ("methods", "data", "tasks", "backbone", "preprocessing", "seeds", "train", "method_train", "method_options",
+                "task_train")                            # what a profile may set
+GROUP_NAME = re.compile(r"[A-Za-z0-9_]+")                # group names go into dvc.yaml's shell commands
+
+
+class SettingsError(ValueError):
+    "A setting of params.yaml that the pipeline cannot use: the message names its key and what was expected."
+
+
+def _check_method(where: str, spec) -> None:
+    if not isinstance(spec, str) or not spec:
+        raise SettingsError(f"{where}: expected a method spec such as 'lora' or 'moppa+ssf', got {spec!r}")
+    try: method_parts(spec)
+    except PeftError as error: raise SettingsError(f"{where}: {error}") from None
+
+
+def _check_training_keys(where: str, settings) -> None:
+    from moppa_nb.train import TrainConfig
+    known = sorted({f.name for f in dataclasses.fields(TrainConfig)} - {"seed"} | set(MODEL_KEYS) | set(DATA_KEYS))
+    if not isinstance(settings, dict): raise SettingsError(f"{where}: expected a mapping of training settings, got {settings!r}")
+    for key in settings:
+        if key not in known: raise SettingsError(f"{where}.{key}: unknown training setting; expected one of {known}")
+
+
+def check_profile(params: dict, profile: str | None = None) -> dict:
+    "The settings of `profile` (as `profile_settings`) once every key is checked; a `SettingsError` names the first bad one."
+    settings = profile_settings(params, profile)
+    at = f"profiles.{settings['name']}"
+    for key in settings:
+        if key != "name" and key not in PROFILE_KEYS: raise SettingsError(f"{at}.{key}: unknown key; expected one of {list(PROFILE_KEYS)}")
+    for where, groups in (("methods", params.get("methods")), (f"{at}.methods", settings.get("methods"))):
+        if groups is None and where != "methods": continue
+        if not isinstance(groups, dict) or not groups: raise SettingsError(f"{where}: expected a non-empty mapping group -> method specs")
+        for group, specs in groups.items():
+            if not isinstance(group, str) or not GROUP_NAME.fullmatch(group):
+                raise SettingsError(f"{where}: group name {group!r} must be letters, digits and underscores")
+            if not isinstance(specs, list) or not specs: raise SettingsError(f"{where}.{group}: expected a non-empty list of method specs, got {specs!r}")
+            for spec in specs: _check_method(f"{where}.{group}", spec)
+    seeds, tasks = settings.get("seeds", [0]), settings.get("tasks")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise SettingsError(f"{at}.seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
+    if not isinstance(tasks, dict) or not tasks: raise SettingsError(f"{at}.tasks: expected a non-empty mapping task -> group, got {tasks!r}")
+    _check_training_keys(f"{at}.train", settings.get("train", {}))
+    for method, overrides in settings.get("method_train", {}).items():
+        _check_method(f"{at}.method_train.{method}", method)
+        _check_training_keys(f"{at}.method_train.{method}", overrides)
+    for method, options in settings.get("method_options", {}).items():
+        _check_method(f"{at}.method_options.{method}", method)
+        if "+" in method: raise SettingsError(f"{at}.method_options.{method}: options are set per method, not per composition")
+        try: build_options(get_method(method).Options, method, options)
+        except PeftError as error: raise SettingsError(f"{at}.method_options.{method}: {error}") from None
+    for method, per_task in settings.get("task_train", {}).items():
+        _check_method(f"{at}.task_train.{method}", method)
+        if not isinstance(per_task, dict): raise SettingsError(f"{at}.task_train.{method}: expected a mapping task -> settings")
+        for task, overrides in per_task.items():
+            if task not in tasks: raise SettingsError(f"{at}.task_train.{method}.{task}: unknown task; the profile's tasks are {list(tasks)}")
+            _check_training_keys(f"{at}.task_train.{method}.{task}", overrides)
+    for spec in dict.fromkeys(s for specs in settings.get("methods", params["methods"]).values() for s in specs):
+        for task in tasks:                               # every run's resolved settings make a valid TrainConfig
+            resolved = run_settings(settings, spec, task)
+            try: train_config(resolved, seeds[0])
+            except (TypeError, ValueError) as error: raise SettingsError(f"{at}: settings of ({spec}, {task}): {error}") from None
+            if resolved.get("head_init", "random") not in ("random", "probe"):
+                raise SettingsError(f"{at}: head_init of ({spec}, {task}) must be 'random' or 'probe', got {resolved['head_init']!r}")
+    return settings
 
 # %% ../nbs/16_experiment.ipynb #b5605899
 def load_task(profile: dict, task: str, flip: bool = False, splits: tuple[str, ...] | None = None):
@@ -166,6 +241,73 @@ def _head_init(settings: dict) -> str:
     return kind
 
 
+RUN_IDENTITY, WRITER_LOCK = "identity.json", "writer.lock"   # in a run's folder; in a method's folder while it trains
+
+
+class RunLocked(RuntimeError):
+    "Another live process is writing the same results folder."
+
+
+@contextmanager
+def writer_lock(folder: str | Path):
+    "Hold `folder/writer.lock` (the writer's pid) while writing `folder`: a live writer's lock raises `RunLocked`, a stale one is taken over."
+    path = Path(folder) / WRITER_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY); break
+        except FileExistsError:
+            try: pid = int(path.read_text().split()[0])
+            except (OSError, ValueError, IndexError): pid = None
+            if pid is not None and pid != os.getpid():
+                try: os.kill(pid, 0); alive = True
+                except ProcessLookupError: alive = False
+                except PermissionError: alive = True
+                if alive:
+                    raise RunLocked(f"{path.parent} is being written by process {pid} (its lock {path}); a training left running "
+                                    f"by a stopped `dvc repro`? Stop it (kill {pid}) or let it finish, then run again.") from None
+            path.unlink(missing_ok=True)       # stale: its writer is gone
+    os.write(handle, f"{os.getpid()}\n".encode()); os.close(handle)
+    try: yield path
+    finally:
+        try:
+            if path.read_text().split()[0] == str(os.getpid()): path.unlink()
+        except (OSError, IndexError): pass
+
+
+def _prune(folder: Path, keep: set[str]) -> None:
+    "Remove `folder`'s sub-folders not named in `keep` (runs of tasks, seeds or methods no longer configured)."
+    for child in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if child.is_dir() and child.name not in keep:
+            print(f"removing {child}: not in the profile's settings any more", file=sys.stderr); shutil.rmtree(child)
+
+
+def data_fingerprint(data) -> str:
+    "SHA-256 (first 16 hex digits) of a task's split tensors: a run resumes only on the very same data."
+    digest = hashlib.sha256()
+    for split in sorted(data.splits):
+        for tensor in data.splits[split]: digest.update(split.encode()); digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def code_fingerprint() -> str:
+    "SHA-256 (first 16 hex digits) of moppa_nb's modules: a run resumes only under the code that started it."
+    import moppa_nb
+    digest = hashlib.sha256()
+    for path in sorted(Path(moppa_nb.__file__).parent.glob("*.py")): digest.update(path.name.encode()); digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _start_fresh_unless(run_dir: Path, identity: dict) -> None:
+    "Remove `run_dir` unless its `identity.json` is `identity` (a run of other settings, data or backbone is never resumed)."
+    path, identity = run_dir / RUN_IDENTITY, json.loads(json.dumps(identity))     # as JSON reads it back
+    if run_dir.is_dir() and (not path.is_file() or json.loads(path.read_text()) != identity):
+        print(f"{run_dir}: written for other settings, data or backbone; starting that run over", file=sys.stderr)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not path.is_file(): path.write_text(json.dumps(identity, indent=1))
+
+
 def run_method(method: str,                          # method spec, e.g. 'lora' or 'moppa+ssf'
                params: dict,                         # the pipeline's parameters (load_params)
                output_dir: str | Path,               # where runs and results.json go
@@ -174,17 +316,25 @@ def run_method(method: str,                          # method spec, e.g. 'lora' 
                progress: bool = False,               # tqdm bars of `fit` (per epoch and step)
                on_run_end: Callable[[dict], None] | None = None,  # called with each finished run's record (e.g. a progress bar)
                ) -> dict:
-    "Train `method` on every task and seed of the profile; write and return the results."
+    "Train `method` on every task and seed of the profile; write and return the results. Finished runs are read back, interrupted ones resumed."
+    output_dir = Path(output_dir)
+    with writer_lock(output_dir):
+        return _run_method(method, params, output_dir, profile, metrics_path, progress, on_run_end)
+
+
+def _run_method(method, params, output_dir, profile, metrics_path, progress, on_run_end) -> dict:
     from moppa_nb.train import fit, timeless
     settings_of = profile_settings(params, profile)
-    output_dir = Path(output_dir); output_dir.mkdir(parents=True, exist_ok=True)
     spec, runs, trainable = peft_spec(settings_of, method), [], None
+    backbone, seeds, code = backbone_identity(settings_of), settings_of.get("seeds", [0]), code_fingerprint()
+    _prune(output_dir, set(settings_of["tasks"]) | {"adapter"})
     for task, group in settings_of["tasks"].items():
         settings = run_settings(settings_of, method, task)
         needed = train_config(settings, 0)
         data = load_task(settings_of, task, flip=settings.get("flip", False),
                          splits=tuple(dict.fromkeys(s for s in (needed.train_split, needed.val_split, needed.test_split) if s)))
-        for seed in settings_of.get("seeds", [0]):
+        _prune(output_dir / task, {f"seed{seed}" for seed in seeds})
+        for seed in seeds:
             config = train_config(settings, seed)
             torch.manual_seed(seed)
             model = apply_peft(build_model(settings_of, data.num_classes, settings.get("drop_path", 0.0)), spec)
@@ -193,6 +343,9 @@ def run_method(method: str,                          # method spec, e.g. 'lora' 
                 probe = probe_head(settings_of, task, data, config.train_split, config.val_split, config.test_split)
                 initialise_head(model, probe)
             run_dir = output_dir / task / f"seed{seed}"
+            _start_fresh_unless(run_dir, {"method": method, "peft_spec": spec, "task": task, "seed": seed, "settings": settings,
+                                          "data": {**settings_of["data"], "preprocessing": settings_of["preprocessing"],
+                                                   "sha256": data_fingerprint(data)}, "backbone": backbone, "code": code})
             result = fit(model, data, config, run_dir, resume=True, progress=progress)
             save_adapter(model, run_dir / "adapter")
             trainable = count_trainable(model)
@@ -202,9 +355,9 @@ def run_method(method: str,                          # method spec, e.g. 'lora' 
                          "head_init": {"kind": _head_init(settings), **{k: v for k, v in (probe or {}).items() if k not in ("weight", "bias")}}})
             if on_run_end is not None: on_run_end(runs[-1])
     results = {"method": method, "profile": settings_of["name"], "peft_spec": spec, "trainable_params": trainable,
-               "backbone": backbone_identity(settings_of), "runs": runs}
+               "backbone": backbone, "runs": runs}
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
-    metrics = {run["task"] + (f"/seed{run['seed']}" if len(settings_of.get("seeds", [0])) > 1 else ""):
+    metrics = {run["task"] + (f"/seed{run['seed']}" if len(seeds) > 1 else ""):
                {p: run["summary"][p]["test_acc"] for p in ("val", "final", "best_test") if p in run["summary"]} for run in runs}
     metrics_path = Path(metrics_path or output_dir / "metrics.json"); metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps({"trainable_params": trainable, "test_acc": metrics}, indent=1))
@@ -282,7 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="output folder of the stage")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    profile = profile_settings(params, args.profile)
+    try: profile = check_profile(params, args.profile)       # every setting checked before any stage's work
+    except SettingsError as error: raise SystemExit(f"{args.stage}: params.yaml: {error}") from None
     if args.stage == "prepare":
         try: prepare_data(profile, args.output)
         except DataMissing as error: raise SystemExit(f"prepare: {error}") from None    # one line, no traceback

@@ -210,3 +210,19 @@ def test_fgvc_json_splits(tmp_path):
         load_fgvc_task(tmp_path / "fgvc", "cub", cache_dir=False)
     with pytest.raises(ValueError, match="Did you mean 'nabirds'"):
         load_fgvc_task(tmp_path / "fgvc", "nabird", cache_dir=False)
+
+
+def test_prune_command_deletes_cached_splits_older_than_days(tmp_path):
+    """`python -m moppa_nb.data prune --older-than DAYS` removes only the splits unused for that long ($MOPPA_NB_CACHE)."""
+    import os, subprocess, sys, time
+    from pathlib import Path
+    cache = tmp_path / "moppa_nb" / "decoded"; cache.mkdir(parents=True)
+    old, recent = cache / "a_test_16_bilinear_0.pt", cache / "b_test_16_bilinear_0.pt"
+    for path in (old, recent): path.write_bytes(b"x")
+    os.utime(old, (time.time() - 10 * 86400,) * 2)
+    run = lambda *args: subprocess.run([sys.executable, "-m", "moppa_nb.data", "prune", *args], capture_output=True, text=True,
+                                       env={**os.environ, "MOPPA_NB_CACHE": str(tmp_path / "moppa_nb")}, cwd=Path(__file__).parent.parent)
+    done = run("--older-than", "7")
+    assert done.returncode == 0 and "deleted 1 cached file(s)" in done.stdout, done.stderr
+    assert not old.exists() and recent.exists()
+    assert run().returncode == 0 and not recent.exists()

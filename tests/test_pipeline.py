@@ -1,7 +1,10 @@
 """The pipeline end to end on tiny data: the paper profile on a fake VTAB-1K folder, and both papermill notebooks."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ import yaml
 from safetensors.torch import save_file
 
 from moppa_nb.data import VTAB_CLASSES, write_vtab_task
-from moppa_nb.experiment import prepare_backbone, prepare_data, profile_settings, run_method
+from moppa_nb.experiment import RunLocked, main, prepare_backbone, prepare_data, profile_settings, run_method, writer_lock
 from moppa_nb.report import write_report
 
 ROOT = Path(__file__).parent.parent
@@ -79,7 +82,7 @@ def test_papermill_stages_create_their_output_folder():
     """papermill refuses to write into a missing folder, and dvc deletes a stage's outputs before running it."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        command = (stage.get("do") or stage)["cmd"].split()
+        command = (stage.get("do") or stage)["cmd"].replace("'", "").split()
         if "papermill" not in command: continue
         output_folder = str(Path(command[command.index("papermill") + 3]).parent)
         made = command[command.index("mkdir") + 2:command.index("&&")]
@@ -160,3 +163,105 @@ def test_head_init_probe_starts_every_run_from_the_same_closed_form_probe(tmp_pa
     paper["train"]["head_init"] = "zeros"
     with pytest.raises(ValueError, match="head_init must be 'random' or 'probe'"):
         run_method("linear", params, tmp_path / "runs" / "bad")
+
+
+def test_prepare_refuses_a_typo_in_the_settings_naming_the_key(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["profiles"]["default"]["method_train"]["mopa"] = params["profiles"]["default"]["method_train"].pop("moppa")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit, match="prepare: params.yaml: profiles.default.method_train.mopa: Unknown PEFT method 'mopa'"):
+        main(["prepare", "--params", str(tmp_path / "params.yaml"), "--output", str(tmp_path / "prepared")])
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_writer_lock_refuses_a_live_writer_and_takes_over_a_stale_lock(tmp_path):
+    live = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / "writer.lock").write_text(f"{live.pid}\n")
+        with pytest.raises(RunLocked, match=f"process {live.pid}"):
+            with writer_lock(tmp_path): pass
+    finally:
+        live.kill(); live.wait()
+    with writer_lock(tmp_path) as lock:                    # its writer is gone: taken over
+        assert lock.read_text().strip() == str(os.getpid())
+    assert not (tmp_path / "writer.lock").exists()
+
+
+def _descendants(pid: int) -> list[int]:
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(c) for c in children] + [d for c in children for d in _descendants(int(c))]
+
+
+def _alive(pid: int) -> bool:
+    try: state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError: return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "dvc").is_file(), reason="needs the project's .venv (scripts/setup.sh)")
+def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tmp_path):
+    """SIGTERM to `dvc repro` mid-stage stops papermill and its kernel; the rerun resumes the runs (persistent outputs)."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    (clone / ".venv").symlink_to(ROOT / ".venv")
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["profile"] = "smoke"
+    smoke = params["profiles"]["smoke"]
+    smoke["methods"]["ours"] = ["lora"]
+    smoke["train"].update(epochs=4, checkpoint_every=1, num_threads=1)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**SYSTEM_ENV, "OMP_NUM_THREADS": "1"}
+    repro = lambda: subprocess.Popen([".venv/bin/dvc", "repro", "train@ours"], cwd=clone, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first, checkpoint = repro(), clone / "runs/smoke/ours/lora/digits/seed0/checkpoint.pt"
+    deadline = time.time() + 240
+    while not checkpoint.exists() and first.poll() is None and time.time() < deadline: time.sleep(0.05)
+    assert checkpoint.exists(), first.communicate()[0][-3000:]
+    training = _descendants(first.pid)
+    assert any("ipykernel" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") for pid in training if _alive(pid))
+    first.send_signal(signal.SIGTERM); first.communicate(timeout=30)
+    assert first.returncode != 0                                   # stopped mid-stage
+    deadline = time.time() + 20
+    while any(_alive(pid) for pid in training) and time.time() < deadline: time.sleep(0.2)
+    assert not [pid for pid in training if _alive(pid)], "training processes outlived dvc repro"
+    second = repro(); output = second.communicate(timeout=300)[0]
+    assert second.returncode == 0, output[-3000:]
+    results = json.loads((clone / "runs/smoke/ours/lora/results.json").read_text())
+    assert results["runs"][0]["summary"]["resumed_from_epoch"] > 0
+    status = subprocess.run([".venv/bin/dvc", "status", "train@ours"], cwd=clone, env=env, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status.stdout
+    reference = subprocess.run(["pipeline/env", "python", "-m", "moppa_nb.experiment", "train", "lora", "--output", "reference"],
+                               cwd=clone, env=env, capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    uninterrupted = json.loads((clone / "reference/results.json").read_text())
+    assert [r["history"] for r in results["runs"]] == [r["history"] for r in uninterrupted["runs"]]
+    assert ([{k: v for k, v in r["summary"].items() if k in ("val", "final", "best_test")} for r in results["runs"]]
+            == [{k: v for k, v in r["summary"].items() if k in ("val", "final", "best_test")} for r in uninterrupted["runs"]])
+
+
+def test_training_notebook_checks_the_settings_before_training(tmp_path):
+    params = paper_params(tmp_path)
+    params["profiles"]["paper"]["seeds"] = []
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    command = [sys.executable, "-m", "papermill", "--no-progress-bar", str(ROOT / "pipeline" / "train.ipynb"), str(tmp_path / "out.ipynb"),
+               "-p", "group", "ours", "-p", "output_dir", "runs/ours", "-p", "metrics_file", "metrics/ours.json"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "profiles.paper.seeds: expected a non-empty list" in done.stderr + done.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_persisted_runs_are_reused_only_for_the_same_settings(tmp_path):
+    """With `persist: true` a re-run finds the previous runs: a finished one is read back, one of other settings starts over."""
+    params = paper_params(tmp_path)
+    params["profiles"]["paper"]["tasks"] = {"dtd": "Natural"}
+    profile = profile_settings(params)
+    prepare_data(profile, tmp_path / "prepared"); prepare_backbone(profile, tmp_path / "backbone")
+    first = run_method("lora", params, tmp_path / "runs")["runs"][0]
+    assert first["summary"]["resumed_from_epoch"] == 0
+    (tmp_path / "runs" / "dtd" / "seed7").mkdir()                     # a seed no longer configured
+    again = run_method("lora", params, tmp_path / "runs")["runs"][0]
+    assert again["summary"]["resumed_from_epoch"] == 3 and again["history"] == first["history"]
+    assert not (tmp_path / "runs" / "dtd" / "seed7").exists()
+    params["profiles"]["paper"]["method_train"]["lora"]["lr"] = 0.01
+    changed = run_method("lora", params, tmp_path / "runs")["runs"][0]
+    assert changed["summary"]["resumed_from_epoch"] == 0 and changed["settings"]["lr"] == 0.01
