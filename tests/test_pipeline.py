@@ -211,15 +211,18 @@ def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tm
     smoke["train"].update(epochs=4, checkpoint_every=1, num_threads=1)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**SYSTEM_ENV, "OMP_NUM_THREADS": "1"}
-    repro = lambda: subprocess.Popen([".venv/bin/dvc", "repro", "train@ours"], cwd=clone, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    first, checkpoint = repro(), clone / "runs/smoke/ours/lora/digits/seed0/checkpoint.pt"
+    repro = lambda out=subprocess.PIPE: subprocess.Popen([".venv/bin/dvc", "repro", "train@ours"], cwd=clone, env=env,
+                                                         stdout=out, stderr=subprocess.STDOUT, text=True)
+    # the first run writes to a file, not a pipe: a pipe closing with dvc would kill papermill by itself (SIGPIPE),
+    # and the test would pass without pipeline/env stopping anything
+    log = open(tmp_path / "first.log", "w")
+    first, checkpoint = repro(log), clone / "runs/smoke/ours/lora/digits/seed0/checkpoint.pt"
     deadline = time.time() + 240
     while not checkpoint.exists() and first.poll() is None and time.time() < deadline: time.sleep(0.05)
-    assert checkpoint.exists(), first.communicate()[0][-3000:]
+    assert checkpoint.exists(), (tmp_path / "first.log").read_text()[-3000:]
     training = _descendants(first.pid)
     assert any("ipykernel" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") for pid in training if _alive(pid))
-    first.send_signal(signal.SIGTERM); first.communicate(timeout=30)
+    first.send_signal(signal.SIGTERM); first.wait(timeout=30); log.close()
     assert first.returncode != 0                                   # stopped mid-stage
     deadline = time.time() + 20
     while any(_alive(pid) for pid in training) and time.time() < deadline: time.sleep(0.2)
