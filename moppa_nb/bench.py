@@ -22,10 +22,11 @@ from .adapt import apply_peft, count_trainable, is_head_parameter, merge_peft
 from .registry import get_method, list_methods
 
 # %% auto #0
-__all__ = ['COMPOSITIONS', 'EXTERNAL', 'VARIANTS', 'RATIOS', 'COLUMNS', 'default_specs', 'peft_available', 'split_spec',
-           'median_seconds', 'fastest_seconds', 'build_benchmark_model', 'benchmark_method', 'stored_adapter_kb',
-           'add_ratios', 'run_benchmark', 'interleaved_times', 'ratio_stats', 'interleaved_ratios', 'with_spread',
-           'write_csv', 'format_table', 'main']
+__all__ = ['COMPOSITIONS', 'EXTERNAL', 'VARIANTS', 'SPT_BENCH_BUDGET', 'RATIOS', 'COLUMNS', 'TABLE_COLUMNS', 'default_specs',
+           'peft_available', 'split_spec', 'median_seconds', 'fastest_seconds', 'method_options',
+           'build_benchmark_model', 'benchmark_method', 'stored_adapter_kb', 'add_ratios', 'run_benchmark',
+           'interleaved_times', 'ratio_stats', 'interleaved_ratios', 'with_spread', 'write_csv', 'format_table',
+           'write_report', 'main']
 
 # %% ../nbs/15_bench.ipynb #118cdcbe
 COMPOSITIONS = ("moppa+ssf", "lora+coeff", "fact+coeff", "moppa+rlrr+ssf", "dora+coeff")
@@ -92,6 +93,19 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10     # kB on Linux
 
 
+# SPT's budget in the benchmark, in tuned entries: the middle of the paper's 0.2M-1M
+SPT_BENCH_BUDGET = 400_000
+
+
+def method_options(methods: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    "`methods` ('lora+coeff') as apply_peft's dict; `spt` gets its allocation from one sensitivity pass on this batch."
+    options = {name: {} for name in methods.split("+")}
+    if "spt" in options:
+        from moppa_nb.more_baselines import spt_allocation, spt_sensitivity
+        options["spt"] = {"allocation": spt_allocation(spt_sensitivity(model, [(images, labels)]), SPT_BENCH_BUDGET)}
+    return options
+
+
 def build_benchmark_model(spec: str, model_name: str = "vit_base_patch16_224", model_kwargs: dict | None = None,
                           batch_size: int = 8, device: str | torch.device = "cpu"):
     "A randomly initialised timm ViT adapted with `spec` on `device`, a batch of images and labels, and its `train_step`."
@@ -99,17 +113,17 @@ def build_benchmark_model(spec: str, model_name: str = "vit_base_patch16_224", m
     methods, variant = split_spec(spec)
     device = torch.device(device)
     torch.manual_seed(0)
-    model = timm.create_model(model_name, pretrained=False, num_classes=100, **(model_kwargs or {}))
+    model = timm.create_model(model_name, pretrained=False, num_classes=100, **(model_kwargs or {})).to(device)
     if variant == "eager":
         for block in model.blocks: block.attn.fused_attn = False
+    images = torch.randn(batch_size, 3, *model.patch_embed.img_size, device=device)
+    labels = torch.randint(0, 100, (batch_size,), device=device)
     if methods == "hf_peft_lora":                                # optional comparison row, never required
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]))
     else:
-        apply_peft(model, methods)
+        apply_peft(model, method_options(methods, model, images, labels))
     model.to(device)
-    images = torch.randn(batch_size, 3, *model.patch_embed.img_size, device=device)
-    labels = torch.randint(0, 100, (batch_size,), device=device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -276,7 +290,10 @@ def write_csv(rows: list[dict], path: str | Path, columns: tuple[str, ...] = COL
     return path
 
 
-def format_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS[:10]) -> str:
+TABLE_COLUMNS = COLUMNS[:10] + ("stored_kb",)    # the Markdown table: the main columns and the stored adapter size
+
+
+def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> str:
     "A Markdown table of `columns` (default: the main ones)."
     def fmt(v):
         if v is None: return "-"
@@ -287,6 +304,13 @@ def format_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS[:10]) -> s
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in shown) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def write_report(rows: list[dict], path: str | Path, caption: str) -> Path:
+    "Write every column of `rows` to the CSV `path` and the Markdown table (`TABLE_COLUMNS`) under `caption` beside it (`.md`)."
+    markdown = write_csv(rows, path).with_suffix(".md")
+    markdown.write_text(f"# Benchmark\n\n**{caption}**\n\n{format_table(rows)}\n")
+    return markdown
 
 # %% ../nbs/15_bench.ipynb #f4870a86
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -335,14 +359,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     table = format_table(rows)
     print(table)
     if args.output:
-        csv_path = write_csv(rows, args.output)
         caption = (f"Cost per method: {args.model} at {args.img_size} px, random weights, {args.device}, batch {batch}, "
                    f"median of {args.repeats} runs after {args.warmup} warm-up; times in ms per image; ratios from the same run "
                    "(step_vs_frozen: over `linear`, the frozen backbone with a trained head; infer_vs_plain: over the unmodified ViT; "
                    "`linear@eager`: that ViT on timm's eager attention path; peak memory: the CUDA allocator's peak, or on CPU the "
-                   "worker process's peak resident set, about 0.5 GB of imported libraries included).")
-        csv_path.with_suffix(".md").write_text(f"# Benchmark\n\n**{caption}**\n\n{table}\n")
-        print(f"wrote {csv_path} and {csv_path.with_suffix('.md')}")
+                   "worker process's peak resident set, about 0.5 GB of imported libraries included; stored_kb: the trained tensors "
+                   "outside the head as stored, float32 except the 1-bit weights of bi_adapter and bi_lora; "
+                   f"spt: {SPT_BENCH_BUDGET:,} entries allocated from one untimed sensitivity pass, in its CPU peak memory).")
+        markdown = write_report(rows, args.output, caption)
+        print(f"wrote {args.output} and {markdown}")
     return rows
 
 

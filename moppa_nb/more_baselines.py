@@ -16,7 +16,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from .registry import PeftError, PeftMethod, ViTLayout, register_method
-from .weight_space import LoRAQV, QVLowRank, WeightSpaceMethod, add_product, install_qv
+from .weight_space import LoRAOptions, LoRAQV, QVLowRank, WeightSpaceMethod, add_product, install_qv
 
 # %% auto #0
 __all__ = ['RLRR_TARGETS', 'SPT_EXCLUDED', 'refuse_hooked_layer', 'RLRROptions', 'ResidualRescaling', 'RLRR', 'DoRAOptions',
@@ -100,14 +100,9 @@ class RLRR(WeightSpaceMethod):
 
 # %% ../nbs/09b_more_baselines.ipynb #faee4032
 @dataclass(frozen=True)
-class DoRAOptions:
-    "Options of the `dora` method."
-    rank: int = 8            # rank r of the Q and V direction updates
-    alpha: float = 8.0       # the updates are scaled by alpha / r
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise PeftError(f"Option 'rank' of method 'dora' must be at least 1, got {self.rank}.")
+class DoRAOptions(LoRAOptions):
+    "Options of the `dora` method: LoRA's `rank` and `alpha`, for the low-rank update of the direction."
+    method: typing.ClassVar[str] = "dora"
 
 
 class DoRAQV(LoRAQV):

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapt import is_head_parameter
-from .registry import PeftError, PeftMethod, ViTLayout, register_method
+from .registry import PeftError, PeftMethod, ViTLayout, _suggest, register_method
 
 # %% auto #0
-__all__ = ['perturb_for_testing', 'remove_method_modules', 'WeightSpaceMethod', 'BackboneSubset', 'LinearProbe', 'FullFineTuning',
-           'BitFit', 'QVLowRank', 'add_product', 'install_qv', 'LoRAOptions', 'LoRAQV', 'LoRA', 'NOLAOptions',
-           'RandomBases', 'NOLAQV', 'NOLA', 'SSFOptions', 'ScaleShift', 'ssf_targets', 'SSF', 'FacTOptions',
-           'fact_slices', 'FacTFactors', 'FacTBlock', 'FacT']
+__all__ = ['SSF_SITES', 'SSF_MOPPA_SITES', 'BLOCK_SITES', 'perturb_for_testing', 'remove_method_modules', 'WeightSpaceMethod',
+           'BackboneSubset', 'LinearProbe', 'FullFineTuning', 'BitFit', 'QVLowRank', 'add_product', 'install_qv',
+           'LoRAOptions', 'LoRAQV', 'LoRA', 'NOLAOptions', 'RandomBases', 'NOLAQV', 'NOLA', 'SSFOptions', 'ScaleShift',
+           'ssf_targets', 'SSF', 'FacTOptions', 'fact_slices', 'FacTFactors', 'FacTBlock', 'FacT']
 
 # %% ../nbs/07_weight_space.ipynb #1b95f310
 def perturb_for_testing(model: nn.Module,     # a model adapted by `apply_peft`
@@ -148,13 +148,14 @@ def _kaiming_bound(fan_in: int) -> float:
 
 @dataclass(frozen=True)
 class LoRAOptions:
-    "Options of the `lora` method."
+    "Options of the `lora` method (and, by subclassing, of the methods built on LoRA's factors)."
+    method: typing.ClassVar[str] = "lora"
     rank: int = 8            # rank r of the Q and V deltas
     alpha: float = 8.0       # the deltas are scaled by alpha / r
 
     def __post_init__(self):
         if self.rank < 1:
-            raise PeftError(f"Option 'rank' of method 'lora' must be at least 1, got {self.rank}.")
+            raise PeftError(f"Option 'rank' of method {self.method!r} must be at least 1, got {self.rank}.")
 
 
 class LoRAQV(QVLowRank):
@@ -233,14 +234,25 @@ class NOLA(WeightSpaceMethod):
         install_qv(model, self.prefix, lambda qkv: NOLAQV(model.peft_nola, o.rank, o.scale))
 
 # %% ../nbs/07_weight_space.ipynb #a29ab671
+SSF_SITES = ("patch_embed", "norm_pre", "norm1", "qkv", "proj", "norm2", "fc1", "fc2", "final_norm")
+SSF_MOPPA_SITES = ("patch_embed", "norm2", "final_norm")
+
+
 @dataclass(frozen=True)
 class SSFOptions:
     "Options of the `ssf` method."
     init_std: float = 0.0      # scale ~ N(1, std) and shift ~ N(0, std); 0 starts at the identity, the public code uses 0.02
+    targets: tuple[str, ...] = SSF_SITES   # sites scaled and shifted (table above); SSF_MOPPA_SITES: the public MoPPA code's three
 
     def __post_init__(self):
         if self.init_std < 0:
             raise PeftError(f"Option 'init_std' of method 'ssf' must be non-negative, got {self.init_std}.")
+        if isinstance(self.targets, str) or not self.targets:
+            raise PeftError(f"Option 'targets' of method 'ssf' must be a non-empty sequence of sites from {SSF_SITES}, got {self.targets!r}.")
+        for site in self.targets:
+            if site not in SSF_SITES:
+                raise PeftError(f"Option 'targets' of method 'ssf': unknown site {site!r}; sites are {SSF_SITES}.{_suggest(site, SSF_SITES)}")
+        object.__setattr__(self, "targets", tuple(s for s in SSF_SITES if s in self.targets))   # canonical order, no repeats
 
 
 class ScaleShift(nn.Module):
@@ -270,15 +282,22 @@ class ScaleShift(nn.Module):
         target.bias.mul_(self.scale.to(target.bias.dtype)).add_(self.shift.to(target.bias.dtype))
 
 
-def ssf_targets(model: nn.Module) -> list[tuple[nn.Module, int]]:
-    "(layer, channel dim) pairs SSF follows: patch projection, each block's norms and linear layers, the final norms."
-    targets = [(model.patch_embed.proj, 1)]
+def _layer_norms(model: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
+    "The model's top-level LayerNorms among `names` (timm leaves the unused ones as `nn.Identity`)."
+    return [getattr(model, name) for name in names if isinstance(getattr(model, name, None), nn.LayerNorm)]
+
+
+BLOCK_SITES = {"norm1": "norm1", "qkv": "attn.qkv", "proj": "attn.proj", "norm2": "norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+def ssf_targets(model: nn.Module, sites: tuple[str, ...] = SSF_SITES) -> list[tuple[nn.Module, int]]:
+    "(layer, channel dim) pairs SSF follows at `sites`, in model order; channel dim 1 for the patch convolution, -1 for tokens."
+    found = [("patch_embed", model.patch_embed.proj, 1)]
     for block in model.blocks:
-        targets += [(layer, -1) for layer in (block.norm1, block.attn.qkv, block.attn.proj,
-                                              block.norm2, block.mlp.fc1, block.mlp.fc2)]
-    targets += [(getattr(model, name), -1) for name in ("norm_pre", "norm", "fc_norm")
-                if isinstance(getattr(model, name, None), nn.LayerNorm)]
-    return targets
+        found += [(site, block.get_submodule(path), -1) for site, path in BLOCK_SITES.items()]
+    found += [("norm_pre", layer, -1) for layer in _layer_norms(model, ("norm_pre",))]
+    found += [("final_norm", layer, -1) for layer in _layer_norms(model, ("norm", "fc_norm"))]
+    return [(layer, channel_dim) for site, layer, channel_dim in found if site in sites]
 
 
 @register_method("ssf")
@@ -287,7 +306,10 @@ class SSF(WeightSpaceMethod):
     Options = SSFOptions
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
-        for target, channel_dim in ssf_targets(model):
+        targets = ssf_targets(model, self.options.targets)
+        if not targets:
+            raise PeftError(f"SSF found no layer at sites {self.options.targets} of this model (sites: {SSF_SITES}).")
+        for target, channel_dim in targets:
             if not isinstance(target, (nn.Linear, nn.LayerNorm, nn.Conv2d)):
                 raise PeftError(f"SSF folds into linear, LayerNorm and convolution layers; got {type(target).__name__}.")
             target.peft_ssf = ScaleShift(target.weight.shape[0], channel_dim, self.options.init_std).to(target.weight.device)

@@ -26,6 +26,7 @@ CASES = {
     "adaptformer": ("adaptformer", True, False),
     "lora": ("lora", True, True),
     "ssf": ("ssf", True, True),
+    "ssf-moppa-sites": ({"ssf": {"targets": ["patch_embed", "norm2", "final_norm"]}}, True, True),   # the public MoPPA code's sites
     "fact-tt": ("fact", True, True),
     "fact-tk": ({"fact": {"variant": "tk", "rank": 8}}, True, True),
     "nola": ("nola", True, True),
@@ -41,6 +42,8 @@ CASES = {
     "rlrr-public-init": ({"rlrr": {"init": "public"}}, False, True),   # the public code's kaiming-uniform scales
     "rlrr+ssf": (["rlrr", "ssf"], True, True),
     "moppa+rlrr+ssf": (["moppa", "rlrr", "ssf"], False, False),       # the released MoPPA-like configuration
+    "moppa+rlrr+ssf-public": ({"moppa": {}, "rlrr": {}, "ssf": {"targets": ["patch_embed", "norm2", "final_norm"], "init_std": 0.02}},
+                              False, False),                          # ... with SSF where and as the public code puts it
     "dora": ("dora", True, True),
     "dora+ssf": (["dora", "ssf"], True, True),
     "dora+coeff": (["dora", "coeff"], True, False),

@@ -31,6 +31,9 @@ VARIANTS = {
     "moppa-both": ({"moppa": {"placement": "both"}}, 3 * 14 * 14 * 12 + 24 * (3 * 64 + 3 * 12 + 12)),   # 12,816
     "fact+coeff": (["fact", "coeff"], 61_440 + 1_728),
     "moppa+rlrr+ssf": (["moppa", "rlrr", "ssf"], 9_936 + 193_536 + 205_824),
+    "ssf-moppa-sites": ({"ssf": {"targets": ["patch_embed", "norm2", "final_norm"]}}, 2 * 768 * (1 + 12 + 1)),   # 21,504
+    "moppa+rlrr+ssf-public": ({"moppa": {}, "rlrr": {}, "ssf": {"targets": ["patch_embed", "norm2", "final_norm"]}},
+                              9_936 + 193_536 + 21_504),
     "dora+coeff": (["dora", "coeff"], 313_344 + 1_728),
     "coeff-identity": ({"coeff": {"parameterisation": "identity"}}, 1_728),
     "coeff-random": ({"coeff": {"parameterisation": "random"}}, 1_728),

@@ -1,0 +1,45 @@
+"""The benchmark's table writer and its handling of the methods params.yaml lists (no ViT-B timing here)."""
+import csv
+from pathlib import Path
+
+import timm
+import yaml
+
+from moppa_nb import apply_peft
+from moppa_nb.bench import TABLE_COLUMNS, benchmark_method, split_spec, stored_adapter_kb, write_report
+
+ROOT = Path(__file__).parent.parent
+TINY = dict(model_name="vit_tiny_patch16_224", model_kwargs={"img_size": 32, "depth": 2}, batch_size=2, warmup=0, repeats=1)
+
+
+def test_markdown_table_shows_the_stored_size(tmp_path):
+    rows = [{"method": "lora", "trainable_params": 294_912, "stored_kb": 1152.0, "float32_kb": 1152.0},
+            {"method": "bi_adapter", "trainable_params": 589_824, "stored_kb": 72.1875, "float32_kb": 2304.0}]
+    markdown = write_report(rows, tmp_path / "bench.csv", "a caption").read_text()
+    header, _, lora, bi_adapter = markdown.strip().splitlines()[-4:]
+    cells = lambda line: [c.strip() for c in line.strip("|").split("|")]
+    assert cells(header) == list(TABLE_COLUMNS) and cells(header)[-1] == "stored_kb"
+    assert cells(lora)[-1] == "1152.0" and cells(bi_adapter)[-1] == "72.2"
+    assert markdown.startswith("# Benchmark\n\n**a caption**")
+    saved = list(csv.DictReader((tmp_path / "bench.csv").open()))
+    assert saved[1]["stored_kb"] == "72.1875" and saved[1]["float32_kb"] == "2304.0"
+
+
+def test_one_bit_methods_are_stored_at_one_bit_on_vit_b():
+    def vit_b(method):
+        return apply_peft(timm.create_model("vit_base_patch16_224", pretrained=False, device="meta"), method)
+    # weights at 1 bit, plus a float32 mean and std per quantised tensor (Bi-LoRA: Q and V each)
+    assert stored_adapter_kb(vit_b("bi_adapter")) == {"stored_kb": (589_824 + 12 * 2 * 64) / 8 / 1024, "float32_kb": 2304.0}
+    assert stored_adapter_kb(vit_b("bi_lora"))["stored_kb"] == (1_179_648 + 12 * 2 * 2 * 64) / 8 / 1024
+
+
+def test_params_bench_methods_are_known_and_include_the_new_ones():
+    methods = yaml.safe_load((ROOT / "params.yaml").read_text())["bench"]["methods"]
+    assert {"spt", "bi_lora", "bi_adapter"} <= set(methods)
+    for spec in methods: split_spec(spec)
+
+
+def test_bench_runs_spt_and_bi_lora_on_a_tiny_vit():
+    spt, bi_lora = (benchmark_method(spec, **TINY) for spec in ("spt", "bi_lora"))
+    assert spt["trainable_params"] > 0 and spt["merged_infer_ms_per_image"] > 0       # allocated, mergeable
+    assert bi_lora["stored_kb"] < bi_lora["float32_kb"] / 16                          # 1-bit factors
