@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -23,8 +25,8 @@ from .registry import (PeftError, PeftMethod, build_options, check_options_fit, 
 # %% auto #0
 __all__ = ['MethodSpec', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'ADAPTER_FORMAT', 'parse_methods', 'ModelSnapshot', 'head_prefixes',
            'is_head_parameter', 'adapted_methods', 'apply_peft', 'count_trainable', 'adapter_config',
-           'adapter_state_dict', 'tensor_sha256', 'backbone_identity', 'atomic_write', 'save_adapter',
-           'read_adapter_files', 'load_adapter', 'merge_peft']
+           'adapter_state_dict', 'tensor_sha256', 'tensor_hash_problem', 'backbone_identity', 'WriteError',
+           'atomic_write', 'save_adapter', 'read_adapter_files', 'load_adapter', 'merge_peft']
 
 # %% ../nbs/05_adapt.ipynb #037a0a97
 MethodSpec = str | list | tuple | dict
@@ -155,6 +157,20 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def tensor_hash_problem(tensors: dict[str, torch.Tensor],   # tensors as read back from `weights_file`
+                        hashes,                              # {name: tensor_sha256} as recorded in `config_file`
+                        weights_file: Path, config_file: Path) -> str | None:
+    "What is wrong with `weights_file` against the hashes recorded in `config_file` (missing, unlisted or corrupted tensors), or None."
+    if not isinstance(hashes, dict) or set(hashes) != set(tensors):
+        names = set(hashes) if isinstance(hashes, dict) else set()
+        return (f"{weights_file} does not hold the tensors {config_file} lists: missing "
+                f"{sorted(names - set(tensors))[:5]}, unlisted {sorted(set(tensors) - names)[:5]}")
+    corrupted = [name for name, tensor in tensors.items() if tensor_sha256(tensor) != hashes[name]]
+    if corrupted:
+        return f"{weights_file} is corrupted: tensor(s) {corrupted[:5]} differ from the sha256 recorded in {config_file}"
+    return None
+
+
 def backbone_identity(model: nn.Module) -> dict:
     "What the adapter was trained on: model class, timm architecture, and a sha256 over the frozen (not trained) tensors."
     digest, count = hashlib.sha256(), 0
@@ -167,20 +183,49 @@ def backbone_identity(model: nn.Module) -> dict:
             "frozen_tensors": count, "frozen_sha256": digest.hexdigest()}
 
 # %% ../nbs/05_adapt.ipynb #b2c0f006
+class WriteError(OSError):
+    "A file could not be written (full disk, read-only folder): names the file; no partial file was left."
+
+
+# what torch.save's own file writer raises on a short write, e.g. a full disk: '[enforce fail at inline_container.cc:672] ...'
+_TORCH_WRITER_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed")
+
+
+def _write_failure(path: Path, error: BaseException) -> WriteError | None:
+    "The clear error for a failed write of `path`, or None when `error` is not a write failure (a bug in `write`, Ctrl-C)."
+    torch_writer = isinstance(error, RuntimeError) and any(s in str(error) for s in _TORCH_WRITER_FAILURES)
+    if not (isinstance(error, OSError) or torch_writer):
+        return None
+    try: free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free in {path.parent}"
+    except OSError: free = f"free space in {path.parent} unknown"
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = f"the disk is full ({error.strerror}; {free})"
+    elif torch_writer:
+        reason = f"the write failed (torch.save: {error}); the disk may be full ({free})"
+    else:
+        reason = f"the write failed ({error})"
+    return WriteError(f"Could not write {path}: {reason}. No partial file was left, and {path.name} is as it was before "
+                      "this write; free some space (or make the folder writable) and run again (a training run resumes).")
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    "Call `write(tmp)` on a temporary file beside `path`, flush it to disk, then rename it over `path` (also used for checkpoints)."
+    """Call `write(tmp)` on a temporary file beside `path`, flush it to disk, then rename it over `path` (also used for checkpoints).
+    A failed write removes the temporary file and raises `WriteError` naming `path` (the disk is full, or the write failed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    tmp = None
     try:
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
         write(Path(tmp))
         with open(tmp, "rb+") as written:
             os.fsync(written.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as error:
+        if tmp is not None: Path(tmp).unlink(missing_ok=True)
+        failure = _write_failure(path, error)
+        if failure is None: raise
+        raise failure from error
     return path
 
 
@@ -228,14 +273,9 @@ def read_adapter_files(directory: str | Path) -> tuple[dict, dict[str, torch.Ten
         warnings.warn(f"{config_file} records no tensor hashes (saved by an older moppa_nb): the weights and the backbone "
                       "cannot be verified; save the adapter again.")
         return config, tensors
-    if not isinstance(hashes, dict) or set(hashes) != set(tensors):
-        names = set(hashes) if isinstance(hashes, dict) else set()
-        raise PeftError(f"{weights_file} does not hold the tensors {config_file} lists: missing "
-                        f"{sorted(names - set(tensors))[:5]}, unlisted {sorted(set(tensors) - names)[:5]}.")
-    corrupted = [name for name, tensor in tensors.items() if tensor_sha256(tensor) != hashes[name]]
-    if corrupted:
-        raise PeftError(f"{weights_file} is corrupted: tensor(s) {corrupted[:5]} differ from the sha256 recorded in "
-                        f"{config_file}; save the adapter again.")
+    problem = tensor_hash_problem(tensors, hashes, weights_file, config_file)
+    if problem:
+        raise PeftError(f"{problem}; save the adapter again.")
     return config, tensors
 
 

@@ -82,7 +82,14 @@ def save_checkpoint(path: str | Path, state: TrainingState, epoch: int, history:
     checkpoint = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "config": state.config, "fingerprint": state.fingerprint,
                   "trainable": adapter_state_dict(state.model), "optimizer": state.optimizer.state_dict(),
                   "scheduler": state.scheduler.state_dict(), "rng": rng_states(state), "history": history}
-    return atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    return atomic_write(path, lambda tmp: _torch_save(checkpoint, tmp))
+
+
+def _torch_save(value, path: Path) -> None:
+    # through a Python file, so a full disk raises OSError(ENOSPC) (atomic_write: "the disk is full") rather than
+    # torch's '[enforce fail at inline_container.cc]'
+    with open(path, "wb") as handle:
+        torch.save(value, handle)
 
 
 def read_checkpoint(path: str | Path) -> dict:

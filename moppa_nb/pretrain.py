@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,13 +22,14 @@ from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .adapt import atomic_write, tensor_hash_problem, tensor_sha256
 from .data import Preprocessing, TaskData
 
 # %% auto #0
 __all__ = ['BACKBONE_WEIGHTS', 'BACKBONE_CONFIG', 'INPUT_NORMALIZATION', 'MOBILENET_FILE', 'IMAGENET_MEAN', 'IMAGENET_STD',
            'PretrainConfig', 'build_backbone', 'mobilenet_v2_imagenet', 'teacher_maps', 'distill_backbone',
-           'save_backbone', 'load_backbone', 'pretrain_backbone', 'vit_features', 'pixel_features', 'task_features',
-           'fit_linear', 'linear_probe_accuracy']
+           'BackboneCorrupted', 'save_backbone', 'load_backbone', 'pretrain_backbone', 'vit_features', 'pixel_features',
+           'task_features', 'fit_linear', 'linear_probe_accuracy']
 
 # %% ../nbs/12_pretrain.ipynb #305897fb
 BACKBONE_WEIGHTS, BACKBONE_CONFIG = "backbone.safetensors", "backbone.json"
@@ -152,29 +154,59 @@ def distill_backbone(images: torch.Tensor,          # uint8 (N, H, W) grey upstr
     return student.eval(), losses
 
 
+class BackboneCorrupted(ValueError):
+    "A saved backbone whose files are damaged: unreadable, or a tensor that differs from the sha256 recorded in backbone.json."
+
+
 def save_backbone(model: VisionTransformer, output_dir: str | Path, architecture: dict, info: dict | None = None) -> Path:
-    "Write `backbone.safetensors` (no head) and `backbone.json` (architecture and `info`) to `output_dir`."
+    "Write `backbone.safetensors` (no head), then `backbone.json` (architecture, `info`, each tensor's sha256), atomically."
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
-    save_file(state, output_dir / BACKBONE_WEIGHTS)
-    (output_dir / BACKBONE_CONFIG).write_text(json.dumps({"architecture": architecture, **(info or {})}, indent=1))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    config = {"architecture": architecture, **(info or {}), "tensors": {k: tensor_sha256(v) for k, v in state.items()}}
+    atomic_write(output_dir / BACKBONE_WEIGHTS, lambda tmp: save_file(state, tmp))
+    atomic_write(output_dir / BACKBONE_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
     return output_dir
+
+
+def _read_backbone_files(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    "backbone.json and the tensors of backbone.safetensors, checked against the recorded hashes; `BackboneCorrupted` otherwise."
+    config_file, weights_file = folder / BACKBONE_CONFIG, folder / BACKBONE_WEIGHTS
+    fix = f"rebuild it: `dvc repro backbone` in the pipeline, or delete {folder} and pre-train it again (pretrain_backbone)"
+    try:
+        config = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BackboneCorrupted(f"{config_file} is damaged ({type(error).__name__}: {error}); {fix}.") from None
+    if not isinstance(config, dict) or not isinstance(config.get("architecture"), dict):
+        raise BackboneCorrupted(f"{config_file} is damaged: it has no 'architecture' object; {fix}.")
+    try:
+        tensors = load_file(weights_file)
+    except Exception as error:
+        raise BackboneCorrupted(f"{weights_file} cannot be read as safetensors ({type(error).__name__}: {error}); "
+                                f"it is truncated or damaged; {fix}.") from None
+    if "tensors" not in config:
+        warnings.warn(f"{config_file} records no tensor hashes (written by an older moppa_nb), so {weights_file} "
+                      f"cannot be verified; {fix} to record them.")
+        return config, tensors
+    problem = tensor_hash_problem(tensors, config["tensors"], weights_file, config_file)
+    if problem:
+        raise BackboneCorrupted(f"{problem}; {fix}.")
+    return config, tensors
 
 
 def load_backbone(path: str | Path,                # folder with backbone.json + backbone.safetensors (or the json)
                   num_classes: int = 0,            # size of the fresh head (0: none)
                   drop_path_rate: float = 0.0,     # stochastic depth for fine-tuning
                   ) -> VisionTransformer:
-    "The saved backbone with a fresh `num_classes` head."
+    "The saved backbone with a fresh `num_classes` head, every tensor checked against its recorded sha256."
     path = Path(path)
     folder = path.parent if path.suffix == ".json" else path
     if not (folder / BACKBONE_CONFIG).is_file() or not (folder / BACKBONE_WEIGHTS).is_file():
         raise FileNotFoundError(f"No saved backbone in {folder}: expected {BACKBONE_CONFIG} and {BACKBONE_WEIGHTS} "
                                 "(written by pretrain_backbone).")
-    architecture = json.loads((folder / BACKBONE_CONFIG).read_text())["architecture"]
+    config, tensors = _read_backbone_files(folder)
+    architecture = config["architecture"]
     model = build_backbone(architecture, num_classes, drop_path_rate)
-    missing, unexpected = model.load_state_dict(load_file(folder / BACKBONE_WEIGHTS), strict=False)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
         raise ValueError(f"{folder / BACKBONE_WEIGHTS} does not match its architecture {architecture}: "
                          f"missing {missing}, unexpected {unexpected}")

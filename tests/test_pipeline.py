@@ -14,6 +14,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from moppa_nb.checkpoint import read_checkpoint
 from moppa_nb.data import VTAB_CLASSES, write_vtab_task
 from moppa_nb.experiment import RunLocked, main, prepare_backbone, prepare_data, profile_settings, run_method, writer_lock
 from moppa_nb.report import write_report
@@ -198,6 +199,54 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+STOPS = {"SIGTERM": signal.SIGTERM,      # `kill`: dvc dies at once, forwarding nothing to its stage
+         "SIGKILL": signal.SIGKILL,      # `kill -9`, the OOM killer: nothing can forward anything
+         "Ctrl-C": signal.SIGINT}        # to dvc's whole process group, as a terminal does; the kernel is not in it, but
+                                         # papermill is and stops it (so this case passes without pipeline/env's watch too)
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "dvc").is_file(), reason="needs the project's .venv (scripts/setup.sh)")
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_stopping_dvc_repro_stops_papermill_and_its_kernel(stop, tmp_path):
+    """A stage that would run for minutes (a papermill notebook sleeping in its kernel), stopped through dvc: pipeline/env
+    must stop papermill and the kernel, which runs in a session of its own. Nothing here ends by itself: without
+    pipeline/env's watch over dvc (`exec "$@"`), SIGTERM and SIGKILL leave papermill and the kernel running."""
+    nbformat = pytest.importorskip("nbformat")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import os, pathlib, time\npathlib.Path('kernel.pid').write_text(str(os.getpid()))\ntime.sleep(300)")])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, tmp_path / "sleep.ipynb")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleep": {
+        "cmd": f"'{ROOT / 'pipeline' / 'env'}' papermill --no-progress-bar sleep.ipynb out.ipynb", "outs": ["out.ipynb"]}}}))
+    env = {**SYSTEM_ENV, "MOPPA_NB_VENV": str(ROOT / ".venv"), "DVC_NO_ANALYTICS": "1"}
+    subprocess.run([str(ROOT / ".venv/bin/dvc"), "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True)
+    log = open(tmp_path / "repro.log", "w")          # a file, not a pipe: a closing pipe could stop papermill by itself
+    dvc = subprocess.Popen([str(ROOT / ".venv/bin/dvc"), "repro"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                           start_new_session=True)   # its own process group, as a command typed at a terminal
+    stage = []
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "kernel.pid").exists() and dvc.poll() is None and time.time() < deadline: time.sleep(0.1)
+        assert (tmp_path / "kernel.pid").exists(), (tmp_path / "repro.log").read_text()[-3000:]
+        time.sleep(0.5)
+        stage = _descendants(dvc.pid)
+        kernel = int((tmp_path / "kernel.pid").read_text())
+        assert kernel in stage and _alive(kernel)
+        if stop == "Ctrl-C": os.killpg(dvc.pid, STOPS[stop])
+        else: dvc.send_signal(STOPS[stop])
+        dvc.wait(timeout=30)
+        deadline = time.time() + 10                  # the notebook would sleep 300 s: anything still alive was not stopped
+        while any(_alive(pid) for pid in stage) and time.time() < deadline: time.sleep(0.1)
+        survivors = {pid: Path(f"/proc/{pid}/cmdline").read_text(errors="replace").replace("\0", " ")[:120]
+                     for pid in stage if _alive(pid)}
+        assert not survivors, f"still running 10 s after {stop} to dvc repro: {survivors}"
+    finally:                                         # leave nothing running, whatever failed
+        if dvc.poll() is None: dvc.kill(); dvc.wait()
+        for pid in stage:
+            if _alive(pid): os.kill(pid, signal.SIGKILL)
+        log.close()
+
+
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "dvc").is_file(), reason="needs the project's .venv (scripts/setup.sh)")
 def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tmp_path):
     """SIGTERM to `dvc repro` mid-stage stops papermill and its kernel; the rerun resumes the runs (persistent outputs)."""
@@ -213,8 +262,9 @@ def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tm
     env = {**SYSTEM_ENV, "OMP_NUM_THREADS": "1"}
     repro = lambda out=subprocess.PIPE: subprocess.Popen([".venv/bin/dvc", "repro", "train@ours"], cwd=clone, env=env,
                                                          stdout=out, stderr=subprocess.STDOUT, text=True)
-    # the first run writes to a file, not a pipe: a pipe closing with dvc would kill papermill by itself (SIGPIPE),
-    # and the test would pass without pipeline/env stopping anything
+    # the first run writes to a file, not a pipe: a pipe closing with dvc would kill papermill by itself (SIGPIPE).
+    # test_stopping_dvc_repro_stops_papermill_and_its_kernel is the proof that stopping works; here the stopped run
+    # must also not have finished (an orphaned kernel used to train to the end within the wait below, and pass)
     log = open(tmp_path / "first.log", "w")
     first, checkpoint = repro(log), clone / "runs/smoke/ours/lora/digits/seed0/checkpoint.pt"
     deadline = time.time() + 240
@@ -227,6 +277,8 @@ def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tm
     deadline = time.time() + 20
     while any(_alive(pid) for pid in training) and time.time() < deadline: time.sleep(0.2)
     assert not [pid for pid in training if _alive(pid)], "training processes outlived dvc repro"
+    assert not (clone / "runs/smoke/ours/lora/results.json").exists(), "the stopped training ran to its end"
+    assert read_checkpoint(checkpoint)["epoch"] < 4
     second = repro(); output = second.communicate(timeout=300)[0]
     assert second.returncode == 0, output[-3000:]
     results = json.loads((clone / "runs/smoke/ours/lora/results.json").read_text())
