@@ -23,8 +23,8 @@ from .registry import (PeftError, PeftMethod, build_options, check_options_fit, 
                                vit_layout)
 
 # %% auto #0
-__all__ = ['MethodSpec', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'ADAPTER_FORMAT', 'parse_methods', 'ModelSnapshot', 'head_prefixes',
-           'is_head_parameter', 'adapted_methods', 'apply_peft', 'count_trainable', 'adapter_config',
+__all__ = ['MethodSpec', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'ADAPTER_FORMAT', 'parse_methods', 'method_names', 'ModelSnapshot',
+           'head_prefixes', 'is_head_parameter', 'adapted_methods', 'apply_peft', 'count_trainable', 'adapter_config',
            'adapter_state_dict', 'tensor_sha256', 'tensor_hash_problem', 'backbone_identity', 'WriteError',
            'atomic_write', 'save_adapter', 'read_adapter_files', 'load_adapter', 'merge_peft']
 
@@ -50,6 +50,13 @@ def parse_methods(methods: MethodSpec) -> list[tuple[str, dict]]:
     if len(set(names)) != len(names) or not names:
         raise PeftError(f"Each method may appear once, and at least one is needed; got {names}.")
     return pairs
+
+
+def method_names(methods: MethodSpec) -> list[str]:
+    "The method names of a spec (`'moppa+ssf'` -> `['moppa', 'ssf']`), each checked to be registered."
+    names = [name for name, _ in parse_methods(methods)]
+    for name in names: get_method(name)                  # an unknown name fails, suggesting close ones
+    return names
 
 # %% ../nbs/05_adapt.ipynb #b2c0f002
 class ModelSnapshot:

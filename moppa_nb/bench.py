@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapt import apply_peft, count_trainable, is_head_parameter, merge_peft
+from .adapt import apply_peft, count_trainable, is_head_parameter, merge_peft, method_names, parse_methods
 from .registry import get_method, list_methods
 
 # %% auto #0
 __all__ = ['COMPOSITIONS', 'EXTERNAL', 'VARIANTS', 'SPT_BENCH_BUDGET', 'RATIOS', 'COLUMNS', 'TABLE_COLUMNS', 'default_specs',
-           'peft_available', 'split_spec', 'median_seconds', 'fastest_seconds', 'method_options',
+           'peft_available', 'split_variant', 'median_seconds', 'fastest_seconds', 'method_options',
            'build_benchmark_model', 'benchmark_method', 'stored_adapter_kb', 'add_ratios', 'run_benchmark',
            'interleaved_times', 'ratio_stats', 'interleaved_ratios', 'with_spread', 'write_csv', 'format_table',
            'write_report', 'main']
@@ -38,7 +38,7 @@ def default_specs() -> list[str]:
     "Every registered method, the standard compositions whose parts are registered, and `linear@eager`."
     available = set(list_methods())
     external = ["hf_peft_lora"] if peft_available() else []
-    return list_methods() + [c for c in COMPOSITIONS if set(c.split("+")) <= available] + ["linear@eager"] + external
+    return list_methods() + [c for c in COMPOSITIONS if {name for name, _ in parse_methods(c)} <= available] + ["linear@eager"] + external
 
 
 def peft_available() -> bool:
@@ -46,13 +46,13 @@ def peft_available() -> bool:
     return importlib.util.find_spec("peft") is not None
 
 
-def split_spec(spec: str) -> tuple[str, str]:
-    "'lora+coeff' -> ('lora+coeff', ''); 'linear@eager' -> ('linear', 'eager'): a method spec and a backbone variant, both checked."
+def split_variant(spec: str) -> tuple[str, str]:
+    "Split a benchmark spec into its method spec and backbone variant, both checked: 'lora+coeff' -> ('lora+coeff', ''); 'linear@eager' -> ('linear', 'eager')."
     methods, _, variant = spec.partition("@")
     if methods in EXTERNAL:
         if not peft_available(): raise ValueError(f"Benchmark spec {spec!r} needs the optional package `peft`, which is not installed.")
     else:
-        for name in methods.split("+"): get_method(name)          # unknown names fail before any timing
+        method_names(methods)                                     # unknown names fail before any timing
     if variant and variant not in VARIANTS:
         raise ValueError(f"Unknown benchmark variant {variant!r} in {spec!r}; known: {sorted(VARIANTS)}")
     return methods, variant
@@ -110,7 +110,7 @@ def build_benchmark_model(spec: str, model_name: str = "vit_base_patch16_224", m
                           batch_size: int = 8, device: str | torch.device = "cpu"):
     "A randomly initialised timm ViT adapted with `spec` on `device`, a batch of images and labels, and its `train_step`."
     import timm
-    methods, variant = split_spec(spec)
+    methods, variant = split_variant(spec)
     device = torch.device(device)
     torch.manual_seed(0)
     model = timm.create_model(model_name, pretrained=False, num_classes=100, **(model_kwargs or {})).to(device)
@@ -149,14 +149,14 @@ def benchmark_method(spec: str,                                   # method spec 
     "Time one method: training step, inference (and merged inference), peak memory, trainable parameters."
     if num_threads: torch.set_num_threads(num_threads)
     device = torch.device(device)
-    methods, _ = split_spec(spec)
+    methods, _ = split_variant(spec)
     model, images, train_step = build_benchmark_model(spec, model_name, model_kwargs, batch_size, device)
     if device.type == "cuda": torch.cuda.reset_peak_memory_stats(device)
     train_s = median_seconds(train_step, warmup, repeats, device)
     peak = _peak_memory_mb(device)
     infer_s = median_seconds(_inference(model, images), warmup, repeats, device)
     merged_s = None
-    if methods not in EXTERNAL and all(get_method(name).mergeable for name in methods.split("+")):
+    if methods not in EXTERNAL and all(get_method(name).mergeable for name in method_names(methods)):
         merged = merge_peft(copy.deepcopy(model))
         merged_s = median_seconds(_inference(merged, images), warmup, repeats, device)
     return {"method": spec, "device": str(device), "model": model_name, "batch_size": batch_size,
@@ -205,7 +205,7 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 def run_benchmark(specs: list[str] | None = None, isolate: bool = True, **kwargs) -> list[dict]:
     "Benchmark `specs` (default: every method and the standard compositions); `kwargs` go to `benchmark_method`."
     specs = specs or default_specs()
-    for spec in specs: split_spec(spec)
+    for spec in specs: split_variant(spec)
     if not isolate:
         return add_ratios([benchmark_method(spec, **kwargs) for spec in specs])
     context = get_context("forkserver")                           # workers fork from a server that imported torch and timm once

@@ -25,9 +25,9 @@ from PIL import Image
 # %% auto #0
 __all__ = ['VTAB_TASKS', 'VTAB_CLASSES', 'VTAB_GROUPS', 'VTAB_SPLITS', 'TASK_ALIASES', 'NORMALIZATIONS', 'INTERPOLATIONS',
            'TASK_INFO', 'FGVC_TASKS', 'FGVC_ALIASES', 'FGVC_SPLITS', 'canonical_task', 'task_group', 'Preprocessing',
-           'write_vtab_task', 'TaskData', 'default_cache_dir', 'check_relative_path', 'read_list_file', 'decode_image',
-           'decode_images', 'load_vtab_task', 'prune_cache', 'main', 'FgvcSpec', 'canonical_fgvc_task',
-           'read_json_split', 'load_fgvc_task']
+           'write_vtab_task', 'TaskData', 'cache_root', 'default_cache_dir', 'resolve_cache_dir', 'check_relative_path',
+           'read_list_file', 'decode_image', 'decode_images', 'load_vtab_task', 'prune_cache', 'main', 'FgvcSpec',
+           'canonical_fgvc_task', 'read_json_split', 'load_fgvc_task']
 
 # %% ../nbs/10_data.ipynb #c318df76
 VTAB_TASKS = ("caltech101", "cifar", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397",
@@ -188,9 +188,19 @@ class TaskData:
                 "preprocessing": dataclasses.asdict(self.preprocessing)}
 
 
+def cache_root() -> Path:
+    "The folder under which moppa-nb caches anything: `$MOPPA_NB_CACHE`, else `~/.cache/moppa_nb`."
+    return Path(os.environ.get("MOPPA_NB_CACHE", Path.home() / ".cache" / "moppa_nb"))
+
+
 def default_cache_dir() -> Path:
-    "Where decoded tasks are cached: `$MOPPA_NB_CACHE`, else `~/.cache/moppa_nb/decoded`."
-    return Path(os.environ.get("MOPPA_NB_CACHE", Path.home() / ".cache" / "moppa_nb")) / "decoded"
+    "Where decoded tasks are cached: `cache_root() / 'decoded'`."
+    return cache_root() / "decoded"
+
+
+def resolve_cache_dir(cache_dir: str | Path | None | bool) -> Path | None:
+    "A loader's `cache_dir` argument as a folder: True -> `default_cache_dir()`; False or None -> no cache; else that folder."
+    return default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
 
 
 def _task_folder(root: str | Path, task: str) -> tuple[str, Path, int]:
@@ -352,7 +362,7 @@ def load_vtab_task(root: str | Path,                          # folder of tasks 
     for split in splits:
         list_file = folder / f"{split}.txt"
         lists[split] = (list_file, read_list_file(list_file, name, num_classes))
-    cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
+    cache = resolve_cache_dir(cache_dir)
     return TaskData(name, num_classes, _load_splits(name, folder, lists, preprocessing, cache), preprocessing)
 
 # %% ../nbs/10_data.ipynb #e81d4f06
@@ -360,7 +370,7 @@ def prune_cache(cache_dir: str | Path | None = None,       # default: `default_c
                 older_than_days: float | None = None,      # None: every cached split; else those unused for this long
                 ) -> list[Path]:
     "Delete the decoded splits (and leftover partial writes) of the cache; return the deleted files."
-    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    folder = resolve_cache_dir(cache_dir or True)
     if older_than_days is not None and older_than_days < 0: raise ValueError(f"older_than_days must be >= 0, got {older_than_days}")
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
     deleted = []
@@ -378,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     prune.add_argument("--cache-dir", default=None, help=f"cache folder (default: {default_cache_dir()})")
     args = parser.parse_args(argv)
     deleted = prune_cache(args.cache_dir, args.older_than)
-    print(f"deleted {len(deleted)} cached file(s) from {Path(args.cache_dir) if args.cache_dir else default_cache_dir()}")
+    print(f"deleted {len(deleted)} cached file(s) from {resolve_cache_dir(args.cache_dir or True)}")
 
 
 if __name__ == "__main__" and "__file__" in globals():   # `python -m moppa_nb.data`, not when the notebook runs
@@ -454,6 +464,6 @@ def load_fgvc_task(root: str | Path,                          # FGVC root holdin
             raise ValueError(f"Task {name!r}: {path} has class ids absent from train.json: {unknown[:5]}.")
         lists[split] = (path, [(check_relative_path(relative, str(path), name), contiguous[class_id])
                                for relative, class_id in anno.items()])
-    cache = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
+    cache = resolve_cache_dir(cache_dir)
     image_root = folder / spec.image_dir if spec.image_dir else folder
     return TaskData(name, spec.num_classes, _load_splits(name, image_root, lists, preprocessing, cache), preprocessing)

@@ -21,15 +21,15 @@ import torch
 import yaml
 from torch import nn
 
-from .adapt import apply_peft, count_trainable, save_adapter
+from .adapt import apply_peft, count_trainable, method_names, parse_methods, save_adapter
 from .registry import PeftError, build_options, get_method
 
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'DATA_KEYS', 'PROFILE_KEYS', 'GROUP_NAME', 'RUN_IDENTITY', 'WRITER_LOCK', 'load_params',
-           'profile_settings', 'method_parts', 'run_settings', 'train_config', 'peft_spec', 'SettingsError',
-           'check_profile', 'load_task', 'build_model', 'backbone_identity', 'probe_head', 'initialise_head',
-           'RunLocked', 'writer_lock', 'data_fingerprint', 'code_fingerprint', 'run_method', 'DataMissing',
-           'prepare_data', 'backbone_probes', 'prepare_backbone', 'main']
+           'profile_settings', 'run_settings', 'train_config', 'peft_spec', 'SettingsError', 'check_profile',
+           'load_task', 'build_model', 'backbone_identity', 'probe_head', 'initialise_head', 'RunLocked', 'writer_lock',
+           'data_fingerprint', 'code_fingerprint', 'run_method', 'DataMissing', 'prepare_data', 'backbone_probes',
+           'prepare_backbone', 'main']
 
 # %% ../nbs/16_experiment.ipynb #1a0794ca
 MODEL_KEYS, DATA_KEYS = ("drop_path", "head_init"), ("flip",)   # settings for the model and the data, not TrainConfig
@@ -51,17 +51,10 @@ def profile_settings(params: dict, profile: str | None = None) -> dict:
     return {**profiles[name], "name": name}
 
 
-def method_parts(method: str) -> list[str]:
-    "The registered methods of a spec such as 'moppa+ssf', each checked."
-    parts = method.split("+")
-    for part in parts: get_method(part)
-    return parts
-
-
 def run_settings(profile: dict, method: str, task: str) -> dict:
     "Training settings of (method, task): profile `train`, then `method_train` of each part and of the whole spec, then `task_train[method][task]`."
     settings = dict(profile.get("train", {}))
-    for part in dict.fromkeys([*method.split("+"), method]):      # 'moppa+ssf' may override what 'moppa' sets
+    for part in dict.fromkeys([*(name for name, _ in parse_methods(method)), method]):      # 'moppa+ssf' may override what 'moppa' sets
         settings.update(profile.get("method_train", {}).get(part, {}))
     settings.update(profile.get("task_train", {}).get(method, {}).get(task, {}))
     return settings
@@ -78,7 +71,7 @@ def train_config(settings: dict, seed: int):
 
 def peft_spec(profile: dict, method: str) -> dict:
     "`apply_peft` spec of `method` with the profile's options for each part."
-    return {part: dict(profile.get("method_options", {}).get(part, {})) for part in method_parts(method)}
+    return {part: dict(profile.get("method_options", {}).get(part, {})) for part in method_names(method)}
 
 # %% ../nbs/16_experiment.ipynb #9b3f6e10
 PROFILE_KEYS = ("methods", "data", "tasks", "backbone", "preprocessing", "seeds", "train", "method_train", "method_options",
@@ -93,7 +86,7 @@ class SettingsError(ValueError):
 def _check_method(where: str, spec) -> None:
     if not isinstance(spec, str) or not spec:
         raise SettingsError(f"{where}: expected a method spec such as 'lora' or 'moppa+ssf', got {spec!r}")
-    try: method_parts(spec)
+    try: method_names(spec)
     except PeftError as error: raise SettingsError(f"{where}: {error}") from None
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import write_vtab_task
+from .data import cache_root, write_vtab_task
 
 # %% auto #0
 __all__ = ['IMAGE_SIZE', 'TRAIN_SIZE', 'VAL_SIZE', 'TEXTURE_SOURCES', 'BLOCK', 'BLOCK_SHARES', 'SUPERSAMPLE', 'SHAPES',
@@ -301,9 +301,8 @@ FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 
 
 def fashion_mnist_dir() -> Path:
-    "Where `fetch_fashion_mnist` keeps the IDX files: `$MOPPA_NB_CACHE/fashion-mnist` (default `~/.cache/moppa_nb`)."
-    import os
-    return Path(os.environ.get("MOPPA_NB_CACHE", Path.home() / ".cache" / "moppa_nb")) / "fashion-mnist"
+    "Where `fetch_fashion_mnist` keeps the IDX files: `cache_root() / 'fashion-mnist'` (`$MOPPA_NB_CACHE`, else `~/.cache/moppa_nb`)."
+    return cache_root() / "fashion-mnist"
 
 
 def _has_fashion_mnist(folder: Path) -> bool:

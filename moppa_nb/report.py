@@ -15,19 +15,16 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from .train import PROTOCOLS                 # one protocol table: the rule each name stands for
+
 # %% auto #0
-__all__ = ['PROTOCOLS', 'COUNT_COLUMNS', 'CONVERGENCE', 'TIMING_COLUMNS', 'load_results', 'accuracy_table', 'to_markdown',
-           'spread_table', 'paired_comparisons', 'run_convergence', 'convergence_table', 'protocol_inflation',
-           'published_vtab', 'published_table', 'save_figure', 'plot_accuracy_vs_params', 'plot_per_task',
-           'plot_router_weights', 'plot_router_weights_by_task', 'plot_spectral_responses', 'plot_training_curves',
-           'plot_cost', 'linear_vs_probe', 'write_report']
+__all__ = ['COUNT_COLUMNS', 'CONVERGENCE', 'TIMING_COLUMNS', 'load_results', 'accuracy_table', 'to_markdown', 'spread_table',
+           'paired_comparisons', 'run_convergence', 'convergence_table', 'protocol_inflation', 'published_vtab',
+           'published_table', 'save_figure', 'plot_accuracy_vs_params', 'plot_per_task', 'plot_router_weights',
+           'plot_router_weights_by_task', 'plot_spectral_responses', 'plot_training_curves', 'plot_cost',
+           'linear_vs_probe', 'write_report']
 
 # %% ../nbs/17_report.ipynb #c0b9018a
-PROTOCOLS = {"val": "val-selected (best val200 epoch, its test accuracy; official VTAB rule)",
-             "final": "final-epoch test accuracy",
-             "best_test": "best-test-epoch accuracy (max test over epochs; optimistic, for comparison only)"}
-
-
 def load_results(paths: list[str | Path]) -> pd.DataFrame:
     "Long table (method, task, group, seed, protocol, test_acc, val_acc, epoch, trainable_params) from `results.json` files."
     rows = []

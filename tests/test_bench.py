@@ -6,7 +6,7 @@ import timm
 import yaml
 
 from moppa_nb import apply_peft
-from moppa_nb.bench import TABLE_COLUMNS, benchmark_method, split_spec, stored_adapter_kb, write_report
+from moppa_nb.bench import TABLE_COLUMNS, benchmark_method, split_variant, stored_adapter_kb, write_report
 
 ROOT = Path(__file__).parent.parent
 TINY = dict(model_name="vit_tiny_patch16_224", model_kwargs={"img_size": 32, "depth": 2}, batch_size=2, warmup=0, repeats=1)
@@ -36,7 +36,7 @@ def test_one_bit_methods_are_stored_at_one_bit_on_vit_b():
 def test_params_bench_methods_are_known_and_include_the_new_ones():
     methods = yaml.safe_load((ROOT / "params.yaml").read_text())["bench"]["methods"]
     assert {"spt", "bi_lora", "bi_adapter"} <= set(methods)
-    for spec in methods: split_spec(spec)
+    for spec in methods: split_variant(spec)
 
 
 def test_bench_runs_spt_and_bi_lora_on_a_tiny_vit():
