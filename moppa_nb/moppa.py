@@ -146,6 +146,7 @@ _NORMS = {"attn": ("norm1",), "mlp": ("norm2",), "both": ("norm1", "norm2")}
 class MoPPA(PeftMethod):
     "Mixture of Physical Priors Adapter (Wang et al., 2024), before self-attention (or the MLP) in every block."
     Options = MoPPAOptions
+    identity_at_init = False      # the filter replaces the tokens, and the responses are not 1 at init
     needs_token_grid = True       # filters the patch tokens as an H x W grid: refused beside methods that add tokens (VPT)
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:

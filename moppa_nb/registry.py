@@ -159,6 +159,7 @@ class PeftMethod:
     "Base class of an adaptation method. Subclasses set `Options` and implement `install`."
     name: str = ""                      # registry key, set by `register_method`
     Options: type = NoOptions           # dataclass of the method's options
+    identity_at_init: bool = False      # with default options, the adapted model computes what the plain one does
     mergeable: bool = False             # whether `merge` folds it into the backbone weights
     changes_token_count: bool = False   # the blocks see more (or fewer) tokens than prefix + H*W patches
     needs_token_grid: bool = False      # reads the block input as exactly prefix + H*W patch tokens
