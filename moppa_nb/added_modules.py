@@ -66,6 +66,7 @@ def prompt_bound(model: nn.Module, dim: int) -> float:
 class VPT(PeftMethod):
     "Visual Prompt Tuning (Jia et al., 2022), deep or shallow."
     Options = VPTOptions
+    identity_at_init = False      # the prompts join attention from the first step
     changes_token_count = True   # the blocks see the prompts too; apply_peft refuses methods that need the plain grid
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
@@ -139,6 +140,7 @@ def install_bottlenecks(model: nn.Module, layout: ViTLayout, prefix: str, option
 class Adapter(PeftMethod):
     "Bottleneck adapter after each block's MLP (Houlsby et al., 2019; the NOAH/FacT VTAB baseline)."
     Options = AdapterOptions
+    identity_at_init = True       # the up projection starts at 0
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         install_bottlenecks(model, layout, self.prefix, self.options, nn.GELU, nn.init.xavier_uniform_, "after_mlp")
@@ -148,6 +150,7 @@ class Adapter(PeftMethod):
 class AdaptFormer(PeftMethod):
     "AdaptFormer (Chen et al., 2022): scaled parallel bottleneck beside each block's MLP."
     Options = AdaptFormerOptions
+    identity_at_init = True       # the up projection starts at 0
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         install_bottlenecks(model, layout, self.prefix, self.options, nn.ReLU, _default_linear_init, "beside_mlp")

@@ -63,6 +63,7 @@ class HeadMixer(nn.Module):
 class CoeffTuning(PeftMethod):
     "Coeff-Tuning (Miao et al., 2025): learned recombination of the attention maps of the heads in every layer."
     Options = CoeffOptions
+    identity_at_init = True       # alpha = 0: the mixed maps are the maps
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         for index, block in enumerate(model.blocks):

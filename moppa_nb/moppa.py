@@ -14,7 +14,7 @@ from torch import nn
 
 from .dct import spectral_filter
 from .priors import heat_response, poisson_response, squared_frequency, wave_response
-from .registry import PeftError, PeftMethod, ViTLayout, register_method
+from .registry import PeftError, PeftMethod, TrainingProgress, ViTLayout, register_method
 from .router import BRANCHES, InputRouter, StaticRouter, entropy_weight, full_weights, route_entropy
 
 # %% auto #0
@@ -146,6 +146,7 @@ _NORMS = {"attn": ("norm1",), "mlp": ("norm2",), "both": ("norm1", "norm2")}
 class MoPPA(PeftMethod):
     "Mixture of Physical Priors Adapter (Wang et al., 2024), before self-attention (or the MLP) in every block."
     Options = MoPPAOptions
+    identity_at_init = False      # the filter replaces the tokens, and the responses are not 1 at init
     needs_token_grid = True       # filters the patch tokens as an H x W grid: refused beside methods that add tokens (VPT)
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
@@ -157,11 +158,18 @@ class MoPPA(PeftMethod):
                 owner.peft_moppa = operator
                 getattr(block, norm).register_forward_pre_hook(operator.filter_norm_input)
 
+    def extra_loss(self, model: nn.Module, progress: TrainingProgress) -> torch.Tensor | None:
+        "The route regularisation (`route_regularisation`, below) while its weight is positive (first half of training, scale > 0)."
+        if entropy_weight(progress.epoch, progress.total_epochs, progress.scale) <= 0:
+            return None
+        return route_regularisation(model, progress.epoch, progress.total_epochs, progress.scale)
+
 
 def moppa_operators(model: nn.Module) -> list[MoPPAOperator]:
     "The MoPPA operators of an adapted model, block by block, the attention one before the MLP one."
+    # found by their attribute name, not their class: a notebook that re-defines MoPPAOperator installs its own copy
     places = [(block, getattr(block, "norm2", None)) for block in getattr(model, "blocks", [])]
-    return [op for owners in places for op in (getattr(o, "peft_moppa", None) for o in owners) if isinstance(op, MoPPAOperator)]
+    return [op for owners in places for op in (getattr(o, "peft_moppa", None) for o in owners) if op is not None]
 
 # %% ../nbs/04_moppa.ipynb #c07db88b
 def operator_route_entropy(operator: MoPPAOperator) -> torch.Tensor:

@@ -246,6 +246,7 @@ class BinaryParallelAdapter(nn.Module):
 class BiAdapter(PeftMethod):
     "Bi-AdaptFormer (Jie et al., 2024): AdaptFormer's parallel bottleneck with fake-quantised (1-bit by default) weights."
     Options = BiAdapterOptions
+    identity_at_init = False      # a 1-bit up projection cannot be 0
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         for block in model.blocks:
@@ -282,6 +283,7 @@ class QuantisedQV(QVLowRank):
 class BiLoRA(WeightSpaceMethod):
     "Bi-LoRA (Jie et al., 2024): LoRA on Q and V with fake-quantised (1-bit by default) factors; mergeable."
     Options = BiLoRAOptions
+    identity_at_init = False      # a 1-bit factor cannot be 0
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         install_qv(model, self.prefix, lambda qkv: QuantisedQV(qkv.in_features, qkv.out_features // 3, self.options))

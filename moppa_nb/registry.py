@@ -9,15 +9,16 @@ import dataclasses
 import difflib
 import math
 import typing
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['OUTPUT_SCALES', 'WIDTH_BOUNDED_OPTIONS', 'PeftError', 'check_option_value', 'build_options', 'ViTLayout',
-           'vit_layout', 'check_options_fit', 'NoOptions', 'PeftMethod', 'register_method', 'composition_conflicts',
-           'list_methods', 'get_method']
+__all__ = ['OUTPUT_SCALES', 'WIDTH_BOUNDED_OPTIONS', 'PeftError', 'type_ok', 'check_option_value', 'build_options',
+           'describe_type', 'ViTLayout', 'vit_layout', 'check_options_fit', 'NoOptions', 'TrainingProgress',
+           'PeftMethod', 'register_method', 'composition_conflicts', 'list_methods', 'get_method']
 
 # %% ../nbs/00_registry.ipynb #0fec4740
 class PeftError(ValueError):
@@ -29,14 +30,14 @@ def _suggest(name: str, known: typing.Iterable[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def _type_ok(value, annotation) -> bool:
+def type_ok(value, annotation) -> bool:
     "Whether `value` fits a (simple) type annotation: int, float, bool, str, tuple, Literal, Optional."
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is typing.Any: return True
     if origin is typing.Literal: return value in args
-    if origin is typing.Union: return any(_type_ok(value, a) for a in args)
+    if origin is typing.Union: return any(type_ok(value, a) for a in args)
     if annotation is type(None): return value is None
-    if origin in (tuple, list): return isinstance(value, (tuple, list)) and all(_type_ok(v, args[0]) for v in value)
+    if origin in (tuple, list): return isinstance(value, (tuple, list)) and all(type_ok(v, args[0]) for v in value)
     if annotation is float: return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is int: return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, annotation)
@@ -79,8 +80,8 @@ def build_options(options_class: type, method: str, given: dict | None = None):
     for key, value in given.items():
         if key not in names:
             raise PeftError(f"Unknown option {key!r} for method {method!r}; known options: {names}.{_suggest(key, names)}")
-        if not _type_ok(value, hints[key]):
-            raise PeftError(f"Option {key!r} of method {method!r} must be {_describe(hints[key])}, got {value!r} ({type(value).__name__}).")
+        if not type_ok(value, hints[key]):
+            raise PeftError(f"Option {key!r} of method {method!r} must be {describe_type(hints[key])}, got {value!r} ({type(value).__name__}).")
         check_option_value(method, key, value)
         if isinstance(value, list): given[key] = tuple(value)
     options = options_class(**given)
@@ -89,11 +90,12 @@ def build_options(options_class: type, method: str, given: dict | None = None):
     return options
 
 
-def _describe(annotation) -> str:
+def describe_type(annotation) -> str:
+    "How `annotation` reads in an error message: 'one of ...', 'a sequence of int', 'float or NoneType'."
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal: return "one of " + ", ".join(repr(a) for a in args)
-    if origin in (tuple, list): return f"a sequence of {_describe(args[0])}"
-    if origin is typing.Union: return " or ".join(_describe(a) for a in args)
+    if origin in (tuple, list): return f"a sequence of {describe_type(args[0])}"
+    if origin is typing.Union: return " or ".join(describe_type(a) for a in args)
     return getattr(annotation, "__name__", str(annotation))
 
 # %% ../nbs/00_registry.ipynb #d100489c
@@ -145,10 +147,19 @@ class NoOptions:
     "Options of a method that has none."
 
 
+@dataclass(frozen=True)
+class TrainingProgress:
+    "Where a training step stands, as a method's `extra_loss` sees it."
+    epoch: float            # epochs done, fractional: epoch index + step / steps per epoch
+    total_epochs: int       # length of the cosine schedule (cool-down epochs not included)
+    scale: float            # the training config's scale of the methods' extra loss terms; 0 disables them
+
+
 class PeftMethod:
     "Base class of an adaptation method. Subclasses set `Options` and implement `install`."
     name: str = ""                      # registry key, set by `register_method`
     Options: type = NoOptions           # dataclass of the method's options
+    identity_at_init: bool = False      # with default options, the adapted model computes what the plain one does
     mergeable: bool = False             # whether `merge` folds it into the backbone weights
     changes_token_count: bool = False   # the blocks see more (or fewer) tokens than prefix + H*W patches
     needs_token_grid: bool = False      # reads the block input as exactly prefix + H*W patch tokens
@@ -169,6 +180,10 @@ class PeftMethod:
         "Whether the parameter called `parameter_name` (as in `model.named_parameters()`) is trained by this method."
         return self.prefix in parameter_name.split(".")
 
+    def extra_loss(self, model: nn.Module, progress: TrainingProgress) -> torch.Tensor | None:
+        "A term the training loop adds to the loss at this step (after the forward pass), or None: most methods add none."
+        return None
+
     def merge(self, model: nn.Module) -> None:
         "Fold the method into the backbone weights so inference costs what the plain ViT costs."
         raise PeftError(f"Method {self.name!r} changes the computation, not only the weights: it cannot be merged.")
@@ -180,11 +195,20 @@ class PeftMethod:
 _METHODS: dict[str, type[PeftMethod]] = {}
 
 
+def _same_definition(old: type, new: type) -> bool:
+    "Whether `new` is `old` defined again: a module reloaded, or a notebook running the cell that exports it."
+    return old.__qualname__ == new.__qualname__ and (old.__module__ == new.__module__ or "__main__" in (old.__module__, new.__module__))
+
+
 def register_method(name: str):
-    "Class decorator that adds a `PeftMethod` subclass to the registry under `name`."
+    "Class decorator that adds a `PeftMethod` subclass to the registry under `name` (replacing the entry, with a warning when another class held it)."
     def decorator(cls: type[PeftMethod]) -> type[PeftMethod]:
         if not (isinstance(cls, type) and issubclass(cls, PeftMethod)):
             raise TypeError(f"register_method({name!r}) decorates PeftMethod subclasses, got {cls!r}")
+        old = _METHODS.get(name)
+        if old is not None and not _same_definition(old, cls):
+            warnings.warn(f"Method {name!r} was registered by {old.__module__}.{old.__qualname__}; "
+                          f"{cls.__module__}.{cls.__qualname__} replaces it.", stacklevel=2)
         cls.name = name
         _METHODS[name] = cls
         return cls

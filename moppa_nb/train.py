@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -22,12 +23,10 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm import tqdm
 
-from .adapt import count_trainable
+from .adapt import adapted_methods, count_trainable
 from .checkpoint import (CHECKPOINT_NAME, TrainingState, model_fingerprint, resume_checkpoint, save_checkpoint,
                                  write_json)
-from .moppa import route_regularisation
-from .registry import _describe, _type_ok
-from .router import entropy_weight
+from .registry import TrainingProgress, describe_type, type_ok
 
 # %% auto #0
 __all__ = ['RUNTIME_FIELDS', 'PROTOCOLS', 'RUN_FILES', 'TIMING_FILE', 'TIMING_FIELDS', 'TrainConfig', 'trajectory_config',
@@ -50,7 +49,7 @@ class TrainConfig:
     cooldown_epochs: int = 0               # extra epochs at `min_lr` after the cosine (MoPPA: 10)
     label_smoothing: float = 0.0           # `CrossEntropyLoss(label_smoothing=...)`
     grad_clip: Optional[float] = None      # clip the gradients' global L2 norm to this; None: no clipping
-    route_reg_scale: float = 0.0           # entropy scale s of `route_regularisation` (MoPPA); 0 disables it
+    route_reg_scale: float = 0.0           # scale s of the methods' extra loss terms (MoPPA: route regularisation); 0 disables them
     seed: int = 0                          # seeds the global torch RNG (dropout, drop path) and the batch order
     train_split: str = "train800"          # split to train on ("train800val200" for the final VTAB runs)
     val_split: Optional[str] = "val200"    # split that selects the epoch (protocol `val`); None: no selection
@@ -67,8 +66,8 @@ class TrainConfig:
         hints = typing.get_type_hints(TrainConfig)
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if not _type_ok(value, hints[field.name]):
-                raise TypeError(f"TrainConfig.{field.name} must be {_describe(hints[field.name])}, "
+            if not type_ok(value, hints[field.name]):
+                raise TypeError(f"TrainConfig.{field.name} must be {describe_type(hints[field.name])}, "
                                 f"got {value!r} ({type(value).__name__}).")
             if field.name in _RANGES and value is not None and not _RANGES[field.name][0](value):
                 raise ValueError(f"TrainConfig.{field.name} must be {_RANGES[field.name][1]}, got {value!r}.")
@@ -245,7 +244,7 @@ def unavailable_protocols(config: TrainConfig) -> dict[str, str]:
     return {"val": f"{why}: nothing held out to select the epoch on"}
 
 # %% ../nbs/13_train.ipynb #28629735
-def train_epoch(model: nn.Module,          # the model (the route regularisation reads its MoPPA operators)
+def train_epoch(model: nn.Module,          # the adapted model: its methods may add terms to the loss
                 forward: nn.Module,        # what computes the logits: `model` or its `torch.compile` wrapper
                 split: DeviceSplit,        # training images and labels, on the device
                 preprocessing,             # `normalize` and `flip`, as in `device_split`
@@ -257,13 +256,13 @@ def train_epoch(model: nn.Module,          # the model (the route regularisation
                 dtype: torch.dtype | None = None,  # autocast dtype, None for full precision
                 progress: bool = False,    # a tqdm bar over the steps
                 ) -> dict:
-    "Train one epoch; return its mean loss (and route regularisation), time and images per second."
+    "Train one epoch; return its mean loss (and the methods' extra loss terms), time and images per second."
     device, n = split.images.device, len(split)
     steps = math.ceil(n / config.batch_size)
     order, flips = epoch_draws(n, bool(preprocessing.flip), generator, device)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    regularise = config.route_reg_scale > 0
-    losses = torch.zeros(steps, 2, device=device)   # (classification loss, route regularisation) per step
+    regularise, methods = config.route_reg_scale > 0, adapted_methods(model)
+    losses = torch.zeros(steps, 2, device=device)   # (classification loss, the methods' extra terms) per step
     model.train()
     started = time.perf_counter()
     for step in tqdm(range(steps), desc=f"epoch {epoch + 1}", leave=False, disable=not progress):
@@ -272,10 +271,12 @@ def train_epoch(model: nn.Module,          # the model (the route regularisation
         with autocast(device, dtype):
             loss = criterion(forward(images), labels)
             losses[step, 0] = loss.detach()
-            if regularise and entropy_weight(fraction, config.epochs, config.route_reg_scale) > 0:
-                regulariser = route_regularisation(model, fraction, config.epochs, config.route_reg_scale)
-                losses[step, 1] = regulariser.detach()
-                loss = loss + regulariser
+            progress = TrainingProgress(fraction, config.epochs, config.route_reg_scale)
+            terms = [term for method in methods if (term := method.extra_loss(model, progress)) is not None]
+            if terms:
+                extra = functools.reduce(torch.add, terms)
+                losses[step, 1] = extra.detach()
+                loss = loss + extra
         loss.backward()
         if config.grad_clip is not None:
             nn.utils.clip_grad_norm_(parameters, config.grad_clip)
@@ -287,7 +288,7 @@ def train_epoch(model: nn.Module,          # the model (the route regularisation
     if len(bad):
         step = int(bad[0])
         raise FloatingPointError(f"Non-finite training loss at epoch {epoch + 1}, step {step + 1} of {steps} "
-                                 f"(classification loss {losses[step, 0].item()}, route regularisation {losses[step, 1].item()}).")
+                                 f"(classification loss {losses[step, 0].item()}, methods' extra terms {losses[step, 1].item()}).")
     record = {"train_loss": losses[:, 0].mean().item(), "train_time_s": seconds, "train_images_per_s": n / seconds}
     return {**record, "route_reg": losses[:, 1].mean().item()} if regularise else record
 

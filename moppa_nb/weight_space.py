@@ -50,6 +50,7 @@ def remove_method_modules(model: nn.Module, prefix: str) -> None:
 class WeightSpaceMethod(PeftMethod):
     "A method whose change is a delta on backbone weights: `merge` folds it in and removes the method's modules and hooks."
     mergeable = True
+    identity_at_init = True       # the delta starts at 0 (or the unit scale); a subclass says so when it does not
 
     def merge(self, model: nn.Module) -> None:
         with torch.no_grad():

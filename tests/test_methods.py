@@ -1,6 +1,7 @@
 """One table of invariants over every registered method and the compositions the experiments use."""
 import copy
 import inspect
+from dataclasses import dataclass
 
 import pytest
 import timm
@@ -10,48 +11,59 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from moppa_nb import PeftError, adapted_methods, apply_peft, list_methods, load_adapter, merge_peft, save_adapter
 from moppa_nb.adapt import is_head_parameter
+from moppa_nb.registry import PeftMethod, get_method, register_method
 from moppa_nb.more_baselines import spt_allocation, spt_sensitivity
 from moppa_nb.weight_space import perturb_for_testing
 
 IMAGE = 48   # 3 x 3 grid of 16 px patches, behind a CLS and a register token
 
-# id: (methods, starts at the identity, mergeable)
-CASES = {
-    "linear": ("linear", True, True),
-    "full": ("full", True, True),
-    "bitfit": ("bitfit", True, True),
-    "vpt": ("vpt", False, False),                 # prompts join attention from the first step
+@register_method("test_channel_scale")
+class ChannelScale(PeftMethod):
+    "A throwaway method registered here, not in the library: the table must cover it without being edited."
+    identity_at_init, mergeable = True, False
+
+    @dataclass(frozen=True)
+    class Options:
+        init: float = 1.0   # initial per-channel scale of every block's output
+
+    def install(self, model, layout):
+        for block in model.blocks:
+            block.peft_test_channel_scale = nn.Parameter(torch.full((layout.embed_dim,), self.options.init))
+            block.register_forward_hook(lambda module, args, out: out * module.peft_test_channel_scale)
+
+
+# Every registered method with its default options, expected to behave as its class declares.
+NEEDS_OPTIONS = {"spt": lambda: {"spt": {"allocation": spt_allocation_for_tests()}}}   # no usable default allocation
+
+
+def registered_cases() -> dict:
+    """id -> (methods, starts at the identity, mergeable) for every registered method, from the registry."""
+    return {name: (NEEDS_OPTIONS[name]() if name in NEEDS_OPTIONS else name, get_method(name).identity_at_init,
+                   get_method(name).mergeable) for name in list_methods()}
+
+
+def composition(*names: str) -> tuple:
+    """A composition starts at the identity, and merges, when all its methods do."""
+    classes = [get_method(name) for name in names]
+    return list(names), all(c.identity_at_init for c in classes), all(c.mergeable for c in classes)
+
+
+# Options and compositions whose expectations differ from the defaults', or that the experiments use.
+VARIANTS = {
     "vpt-shallow": ({"vpt": {"deep": False, "num_tokens": 4}}, False, False),
-    "adapter": ("adapter", True, False),
-    "adaptformer": ("adaptformer", True, False),
-    "lora": ("lora", True, True),
-    "ssf": ("ssf", True, True),
     "ssf-moppa-sites": ({"ssf": {"targets": ["patch_embed", "norm2", "final_norm"]}}, True, True),   # the public MoPPA code's sites
-    "fact-tt": ("fact", True, True),
     "fact-tk": ({"fact": {"variant": "tk", "rank": 8}}, True, True),
-    "nola": ("nola", True, True),
-    "coeff": ("coeff", True, False),
     "coeff-identity": ({"coeff": {"parameterisation": "identity"}}, True, False),   # alpha = I, no residual
     "coeff-random": ({"coeff": {"parameterisation": "random"}}, False, False),
-    "moppa": ("moppa", False, False),             # the filter replaces the tokens (no identity branch); responses are not 1 at init
     "moppa-residual": ({"moppa": {"residual": True}}, False, False),   # X + filter(X): not the identity either
     "moppa-both": ({"moppa": {"placement": "both"}}, False, False),
-    "moppa+ssf": (["moppa", "ssf"], False, False),
-    "lora+coeff": (["lora", "coeff"], True, False),
-    "rlrr": ("rlrr", True, True),
     "rlrr-public-init": ({"rlrr": {"init": "public"}}, False, True),   # the public code's kaiming-uniform scales
-    "rlrr+ssf": (["rlrr", "ssf"], True, True),
-    "moppa+rlrr+ssf": (["moppa", "rlrr", "ssf"], False, False),       # the released MoPPA-like configuration
     "moppa+rlrr+ssf-public": ({"moppa": {}, "rlrr": {}, "ssf": {"targets": ["patch_embed", "norm2", "final_norm"], "init_std": 0.02}},
-                              False, False),                          # ... with SSF where and as the public code puts it
-    "dora": ("dora", True, True),
-    "dora+ssf": (["dora", "ssf"], True, True),
-    "dora+coeff": (["dora", "coeff"], True, False),
-    "bi_adapter": ("bi_adapter", False, False),                        # 1-bit Up cannot be zero (see 09b)
+                              False, False),                          # MoPPA with SSF where and as the public code puts it
     "bi_adapter-32bit": ({"bi_adapter": {"bits": 32}}, True, False),
-    "bi_lora": ("bi_lora", False, True),                              # quantised factors: fixed matrices once trained
     "bi_lora-32bit": ({"bi_lora": {"bits": 32}}, True, True),
-    "fact+coeff": (["fact", "coeff"], True, False),
+    **{"+".join(names): composition(*names) for names in [("moppa", "ssf"), ("lora", "coeff"), ("rlrr", "ssf"),
+       ("moppa", "rlrr", "ssf"), ("dora", "ssf"), ("dora", "coeff"), ("fact", "coeff")]},
 }
 
 
@@ -75,13 +87,20 @@ def spt_allocation_for_tests() -> dict:
     return allocation
 
 
-CASES["spt"] = ({"spt": {"allocation": spt_allocation_for_tests()}}, True, True)
+CASES = {**registered_cases(), **VARIANTS}
 TABLE = [pytest.param(*case, id=name) for name, case in CASES.items()]
 
 
 def method_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable tensors outside the head: what the methods own."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad and not is_head_parameter(model, n)}
+
+
+def test_the_table_covers_every_registered_method_and_one_registered_here():
+    assert set(list_methods()) <= set(CASES)
+    assert CASES["test_channel_scale"] == ("test_channel_scale", True, False)   # from the class, no table entry
+    expected = {"moppa": False, "coeff": True, "vpt": False, "lora": True, "bi_adapter": False, "bi_lora": False}
+    assert {name: CASES[name][1] for name in expected} == expected               # what the methods declare
 
 
 def test_every_method_is_registered():

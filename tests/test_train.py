@@ -1,4 +1,6 @@
 """The training engine's contracts: determinism, exact resumption, NaN stop, protocols, optimiser, regularisation, errors."""
+import ast
+import inspect
 import json
 from dataclasses import dataclass, replace
 
@@ -6,8 +8,10 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+import moppa_nb.moppa as moppa
 import moppa_nb.train as train
 from moppa_nb import apply_peft
+from moppa_nb.registry import NoOptions, PeftMethod, get_method, list_methods
 from moppa_nb.checkpoint import CHECKPOINT_NAME, CheckpointError, read_checkpoint
 from moppa_nb.train import TrainConfig, evaluate, fit, make_optimizer, protocol_results
 
@@ -185,13 +189,13 @@ def test_optimizer_holds_only_trainable_parameters():
 @pytest.mark.parametrize("scale", [0.0, 1e-3])
 def test_route_regularisation_is_added_only_when_scale_is_positive(tmp_path, monkeypatch, scale):
     calls = []
-    original = train.route_regularisation
+    original = moppa.route_regularisation
 
     def spy(model, epoch, total_epochs, s):
         calls.append((epoch, total_epochs, s))
         return original(model, epoch, total_epochs, s)
 
-    monkeypatch.setattr(train, "route_regularisation", spy)
+    monkeypatch.setattr(moppa, "route_regularisation", spy)   # reached through MoPPA.extra_loss
     config = replace(CONFIG, epochs=2, route_reg_scale=scale)
     summary = fit(tiny_moppa_vit(), toy_task(), config, tmp_path, progress=False)
     if scale == 0:
@@ -199,6 +203,42 @@ def test_route_regularisation_is_added_only_when_scale_is_positive(tmp_path, mon
     else:   # the bonus weight is positive in the first half of the schedule: epoch 1's 4 steps
         assert [c[0] for c in calls] == [0.0, 0.25, 0.5, 0.75] and {c[1:] for c in calls} == {(2, scale)}
         assert summary["history"][0]["route_reg"] < 0 and summary["history"][1]["route_reg"] == 0
+
+
+# (train_loss, route_reg) per epoch of a 4-epoch MoPPA run at s = 0.05, recorded when `train.py` still called
+# `route_regularisation` itself: moving the term into `MoPPA.extra_loss` must not change a number.
+PINNED_HISTORY = [(1.0939228534698486, -0.0293058343231678), (1.0860518217086792, -0.011273158714175224),
+                  (1.0501118898391724, 0.0), (1.026742696762085, 0.0)]
+
+
+def test_route_regularisation_through_extra_loss_keeps_the_loss_history(tmp_path):
+    summary = fit(tiny_moppa_vit(), toy_task(), replace(CONFIG, route_reg_scale=0.05, lr=1e-2), tmp_path, progress=False)
+    history = [value for r in summary["history"] for value in (r["train_loss"], r["route_reg"])]
+    assert history == pytest.approx([value for pair in PINNED_HISTORY for value in pair], rel=1e-6, abs=1e-7)
+
+
+class _Penalty(PeftMethod):
+    "A method that adds a constant to the loss: the engine must add it without knowing the method."
+    name = "penalty"
+
+    def install(self, model, layout): pass
+
+    def extra_loss(self, model, progress):
+        return torch.tensor(0.5) if progress.epoch < 1 else None
+
+
+def test_the_engine_adds_any_method_s_extra_loss(tmp_path):
+    model = tiny_moppa_vit()
+    model.peft_methods = [*model.peft_methods, _Penalty(NoOptions())]
+    summary = fit(model, toy_task(), replace(CONFIG, epochs=2, route_reg_scale=1e-3), tmp_path, progress=False)
+    first, second = (r["route_reg"] for r in summary["history"])
+    assert 0.5 - 1e-3 < first < 0.5 and second == 0.0     # MoPPA's small negative term plus the constant, then nothing
+
+
+def test_the_training_engine_imports_no_method_module():
+    imported = {node.module for node in ast.walk(ast.parse(inspect.getsource(train))) if isinstance(node, ast.ImportFrom)}
+    methods = {get_method(name).__module__.rpartition(".")[2] for name in list_methods()}
+    assert methods and not {m.lstrip(".") for m in imported} & methods, imported
 
 
 def test_checkpoint_of_another_config_or_model_is_refused(tmp_path):
