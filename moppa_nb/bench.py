@@ -173,19 +173,13 @@ def _sizes(model: nn.Module, methods: str) -> dict:
 
 def stored_adapter_kb(model: nn.Module) -> dict:
     "KB of the trainable tensors outside the head as stored: fake-quantised weights at their bits (plus a float32 mean and std per quantised tensor), the rest float32; and all in float32."
-    from moppa_nb.more_baselines import QuantisedLinear, QuantisedQV
     stored = full = 0
     for module_name, module in model.named_modules():
         for name, parameter in module.named_parameters(recurse=False):
             if not parameter.requires_grad or is_head_parameter(model, f"{module_name}.{name}".lstrip(".")): continue
             full += 32 * parameter.numel()
-            bits = getattr(module, "bits", 32)
-            if bits < 32 and isinstance(module, QuantisedLinear) and name == "weight":
-                stored += bits * parameter.numel() + 2 * 32
-            elif bits < 32 and isinstance(module, QuantisedQV) and name in ("a", "b"):   # Q and V quantised on their own
-                stored += bits * parameter.numel() + parameter.shape[0] * 2 * 32
-            else:
-                stored += 32 * parameter.numel()
+            # a module that stores its tensors below float32 says how (duck-typed: a class re-defined in a notebook counts too)
+            stored += module.stored_bits(name, parameter) if hasattr(module, "stored_bits") else 32 * parameter.numel()
     return {"stored_kb": stored / 8 / 1024, "float32_kb": full / 8 / 1024}
 
 # %% ../nbs/15_bench.ipynb #2c2cfc28

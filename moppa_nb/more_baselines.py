@@ -216,6 +216,11 @@ class QuantisedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, quantised_weight(self.weight, self.bits).to(x.dtype))
 
+    def stored_bits(self, name: str, parameter: torch.Tensor) -> int:
+        "Bits to store `parameter` of this module: the weight at `bits` plus a float32 mean and std, else float32."
+        quantised = name == "weight" and self.bits < 32
+        return self.bits * parameter.numel() + 2 * 32 if quantised else 32 * parameter.numel()
+
 
 class BinaryParallelAdapter(nn.Module):
     "`s * Up(Dropout(ReLU(Down(x))))` from the block's residual stream `x`, added to the block's MLP output."
@@ -273,6 +278,11 @@ class QuantisedQV(QVLowRank):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(torch.stack([quantised_weight(f[i], self.bits) for i in range(2)]) for f in (self.a, self.b))
+
+    def stored_bits(self, name: str, parameter: torch.Tensor) -> int:
+        "Bits to store `parameter`: each factor of Q and V at `bits` plus its own float32 mean and std, else float32."
+        quantised = name in ("a", "b") and self.bits < 32
+        return self.bits * parameter.numel() + parameter.shape[0] * 2 * 32 if quantised else 32 * parameter.numel()
 
     def add_to_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         "Forward hook on `qkv`: the Q and V deltas from the dropped-out input."
