@@ -70,8 +70,10 @@ def train_config(settings: dict, seed: int):
 
 
 def peft_spec(profile: dict, method: str) -> dict:
-    "`apply_peft` spec of `method` with the profile's options for each part."
-    return {part: dict(profile.get("method_options", {}).get(part, {})) for part in method_names(method)}
+    "`apply_peft` spec of `method`: each part's `method_options`, updated by the composition's own entry (part -> options) if any."
+    options = profile.get("method_options", {})
+    own = options.get(method, {}) if "+" in method else {}
+    return {part: {**options.get(part, {}), **own.get(part, {})} for part in method_names(method)}
 
 # %% ../nbs/16_experiment.ipynb #9b3f6e10
 PROFILE_KEYS = ("methods", "data", "tasks", "backbone", "preprocessing", "seeds", "train", "method_train", "method_options",
@@ -122,9 +124,13 @@ def check_profile(params: dict, profile: str | None = None) -> dict:
         _check_training_keys(f"{at}.method_train.{method}", overrides)
     for method, options in settings.get("method_options", {}).items():
         _check_method(f"{at}.method_options.{method}", method)
-        if "+" in method: raise SettingsError(f"{at}.method_options.{method}: options are set per method, not per composition")
-        try: build_options(get_method(method).Options, method, options)
-        except PeftError as error: raise SettingsError(f"{at}.method_options.{method}: {error}") from None
+        parts = method_names(method)
+        if "+" in method and not (isinstance(options, dict) and set(options) <= set(parts)):
+            raise SettingsError(f"{at}.method_options.{method}: a composition's options map its methods {parts} to their "
+                                f"options (e.g. {{{parts[-1]}: {{...}}}}), got {options!r}")
+        for part, part_options in (peft_spec(settings, method).items() if "+" in method else [(method, options)]):
+            try: build_options(get_method(part).Options, part, part_options)
+            except PeftError as error: raise SettingsError(f"{at}.method_options.{method}: {error}") from None
     for method, per_task in settings.get("task_train", {}).items():
         _check_method(f"{at}.task_train.{method}", method)
         if not isinstance(per_task, dict): raise SettingsError(f"{at}.task_train.{method}: expected a mapping task -> settings")
