@@ -200,9 +200,9 @@ def _alive(pid: int) -> bool:
 
 
 STOPS = {"SIGTERM": signal.SIGTERM,      # `kill`: dvc dies at once, forwarding nothing to its stage
-         "SIGKILL": signal.SIGKILL,      # `kill -9`, the OOM killer: nothing can forward anything
-         "Ctrl-C": signal.SIGINT}        # to dvc's whole process group, as a terminal does; the kernel is not in it, but
-                                         # papermill is and stops it (so this case passes without pipeline/env's watch too)
+         "SIGKILL": signal.SIGKILL}      # `kill -9`, the OOM killer: nothing can forward anything
+# Ctrl-C (SIGINT to dvc's process group) is not a case here: papermill, in that group, stops its kernel itself, so the
+# case passes without pipeline/env's watch too, and under CI load dvc once took over 30 s to exit after it (a flaky test).
 
 
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "dvc").is_file(), reason="needs the project's .venv (scripts/setup.sh)")
@@ -232,8 +232,7 @@ def test_stopping_dvc_repro_stops_papermill_and_its_kernel(stop, tmp_path):
         stage = _descendants(dvc.pid)
         kernel = int((tmp_path / "kernel.pid").read_text())
         assert kernel in stage and _alive(kernel)
-        if stop == "Ctrl-C": os.killpg(dvc.pid, STOPS[stop])
-        else: dvc.send_signal(STOPS[stop])
+        dvc.send_signal(STOPS[stop])
         dvc.wait(timeout=30)
         deadline = time.time() + 10                  # the notebook would sleep 300 s: anything still alive was not stopped
         while any(_alive(pid) for pid in stage) and time.time() < deadline: time.sleep(0.1)
