@@ -244,6 +244,42 @@ def unavailable_protocols(config: TrainConfig) -> dict[str, str]:
     return {"val": f"{why}: nothing held out to select the epoch on"}
 
 # %% ../nbs/13_train.ipynb #28629735
+def _step_loss(model: nn.Module, forward: nn.Module, methods: list, criterion: nn.Module, images: torch.Tensor,
+               labels: torch.Tensor, now: TrainingProgress) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    "(loss to back-propagate, its classification part, the methods' extra terms or None when no method adds one)."
+    classification = criterion(forward(images), labels)
+    terms = [term for method in methods if (term := method.extra_loss(model, now)) is not None]
+    if not terms:
+        return classification, classification, None
+    extra = functools.reduce(torch.add, terms)
+    return classification + extra, classification, extra
+
+
+def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: list[torch.Tensor],
+                    grad_clip: float | None) -> None:
+    "Back-propagate `loss`, clip the gradients' global norm to `grad_clip` (unless None), update, drop the gradients."
+    loss.backward()
+    if grad_clip is not None:
+        nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _check_finite(losses: torch.Tensor, epoch: int) -> None:
+    "Raise `FloatingPointError` naming the first step whose (classification loss, extra terms) row is not finite."
+    bad = (~torch.isfinite(losses.sum(1))).nonzero()
+    if len(bad):
+        step = int(bad[0])
+        raise FloatingPointError(f"Non-finite training loss at epoch {epoch + 1}, step {step + 1} of {len(losses)} "
+                                 f"(classification loss {losses[step, 0].item()}, methods' extra terms {losses[step, 1].item()}).")
+
+
+def _epoch_record(losses: torch.Tensor, images: int, seconds: float, regularise: bool) -> dict:
+    "The epoch's training fields of the history: mean loss, time, images per second (and `route_reg` if `regularise`)."
+    record = {"train_loss": losses[:, 0].mean().item(), "train_time_s": seconds, "train_images_per_s": images / seconds}
+    return {**record, "route_reg": losses[:, 1].mean().item()} if regularise else record
+
+
 def train_epoch(model: nn.Module,          # the adapted model: its methods may add terms to the loss
                 forward: nn.Module,        # what computes the logits: `model` or its `torch.compile` wrapper
                 split: DeviceSplit,        # training images and labels, on the device
@@ -257,40 +293,27 @@ def train_epoch(model: nn.Module,          # the adapted model: its methods may 
                 progress: bool = False,    # a tqdm bar over the steps
                 ) -> dict:
     "Train one epoch; return its mean loss (and the methods' extra loss terms), time and images per second."
-    device, n = split.images.device, len(split)
-    steps = math.ceil(n / config.batch_size)
+    device, n, batch = split.images.device, len(split), config.batch_size
+    steps = math.ceil(n / batch)
     order, flips = epoch_draws(n, bool(preprocessing.flip), generator, device)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    regularise, methods = config.route_reg_scale > 0, adapted_methods(model)
+    methods = adapted_methods(model)
     losses = torch.zeros(steps, 2, device=device)   # (classification loss, the methods' extra terms) per step
     model.train()
     started = time.perf_counter()
     for step in tqdm(range(steps), desc=f"epoch {epoch + 1}", leave=False, disable=not progress):
-        images, labels = training_batch(split, order[step * config.batch_size:(step + 1) * config.batch_size], preprocessing, flips)
-        fraction = epoch + step / steps
+        images, labels = training_batch(split, order[step * batch:(step + 1) * batch], preprocessing, flips)
+        now = TrainingProgress(epoch + step / steps, config.epochs, config.route_reg_scale)
         with autocast(device, dtype):
-            loss = criterion(forward(images), labels)
-            losses[step, 0] = loss.detach()
-            progress = TrainingProgress(fraction, config.epochs, config.route_reg_scale)
-            terms = [term for method in methods if (term := method.extra_loss(model, progress)) is not None]
-            if terms:
-                extra = functools.reduce(torch.add, terms)
-                losses[step, 1] = extra.detach()
-                loss = loss + extra
-        loss.backward()
-        if config.grad_clip is not None:
-            nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            loss, classification, extra = _step_loss(model, forward, methods, criterion, images, labels, now)
+        losses[step, 0] = classification.detach()
+        if extra is not None:
+            losses[step, 1] = extra.detach()
+        _optimizer_step(loss, optimizer, parameters, config.grad_clip)
     losses = losses.cpu()                           # the epoch's one synchronisation
     seconds = time.perf_counter() - started
-    bad = (~torch.isfinite(losses.sum(1))).nonzero()
-    if len(bad):
-        step = int(bad[0])
-        raise FloatingPointError(f"Non-finite training loss at epoch {epoch + 1}, step {step + 1} of {steps} "
-                                 f"(classification loss {losses[step, 0].item()}, methods' extra terms {losses[step, 1].item()}).")
-    record = {"train_loss": losses[:, 0].mean().item(), "train_time_s": seconds, "train_images_per_s": n / seconds}
-    return {**record, "route_reg": losses[:, 1].mean().item()} if regularise else record
+    _check_finite(losses, epoch)
+    return _epoch_record(losses, n, seconds, config.route_reg_scale > 0)
 
 # %% ../nbs/13_train.ipynb #e32d0731
 RUN_FILES = (CHECKPOINT_NAME, "history.json", "summary.json")  # what `fit` writes in run_dir, identical for identical runs
@@ -331,22 +354,120 @@ def _log_epoch(live, record: dict) -> None:
     live.next_step()
 
 
-def _evaluate_splits(forward: nn.Module, splits: dict[str, DeviceSplit], preprocessing, config: TrainConfig,
-                     dtype: torch.dtype | None) -> dict:
+def _log_summary(live, summary: dict) -> None:
+    "Give dvclive each protocol's epoch and accuracies, as `protocol/key`."
+    live.summary.update({f"{name}/{key}": summary[name][key] for name in PROTOCOLS if name in summary
+                         for key in ("epoch", "test_acc", "val_acc") if key in summary[name]})
+    live.make_summary()
+
+# %% ../nbs/13_train.ipynb #0e68d7ca
+@dataclass
+class _Run:
+    "What `fit` sets up once and every later step uses."
+    model: nn.Module
+    forward: nn.Module               # what computes the logits: `model` or its `torch.compile` wrapper
+    task: typing.Any                 # TaskData-like: name, num_classes, splits, preprocessing
+    config: TrainConfig
+    run_dir: Path
+    device: torch.device
+    dtype: torch.dtype | None        # autocast dtype, None for full precision
+    splits: dict[str, DeviceSplit]   # split name -> the training and evaluation splits, on the device
+    generator: torch.Generator       # the batch order and the flips
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    state: TrainingState             # what a checkpoint saves and restores
+    criterion: nn.Module             # classification loss
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.run_dir / CHECKPOINT_NAME
+
+
+def _training_device(model: nn.Module, task, config: TrainConfig) -> torch.device:
+    "The device `config` asks for, once the model's head is checked against the task's classes."
+    device, head = resolve_device(config.device), getattr(model, "num_classes", task.num_classes)
+    if head != task.num_classes:
+        raise ValueError(f"The model's head has {head} classes, task {task.name!r} has {task.num_classes}.")
+    return device
+
+
+def _prepare_run(model: nn.Module, task, config: TrainConfig, run_dir: Path) -> _Run:
+    "Set a run up: threads, device, the splits on it, the seeds, optimiser, schedule and loss."
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    device = _training_device(model, task, config)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.to(device)
+    splits = {split: device_split(task, split, device) for split in (config.train_split, *config.evaluation_splits.values())}
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config)
+    state = TrainingState(model, optimizer, scheduler, generator, trajectory_config(config), model_fingerprint(model))
+    return _Run(model=model, forward=torch.compile(model) if config.compile else model, task=task, config=config,
+                run_dir=run_dir, device=device, dtype=autocast_dtype(config.amp, device), splits=splits,
+                generator=generator, optimizer=optimizer, scheduler=scheduler, state=state,
+                criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing))
+
+
+def _resume_or_start_over(run: _Run, resume: bool) -> tuple[int, list[dict]]:
+    "(epochs done, their history): from the checkpoint when resuming and there is one; else (0, []), old files removed."
+    if resume and run.checkpoint.exists():
+        first_epoch, history = resume_checkpoint(run.checkpoint, run.state)
+        return first_epoch, _with_timing(history, run.run_dir)
+    for name in (*RUN_FILES, TIMING_FILE):
+        (run.run_dir / name).unlink(missing_ok=True)
+    return 0, []
+
+# %% ../nbs/13_train.ipynb #3c4b6779
+def _due(epoch: int, every: int, config: TrainConfig) -> bool:
+    "Whether 0-based `epoch` ends a period of `every` epochs, or is the last epoch."
+    return (epoch + 1) % every == 0 or epoch + 1 == config.total_epochs
+
+
+def _evaluate_splits(run: _Run) -> dict:
     "Accuracy on each evaluation split (keys `val_acc`, `test_acc`), with the time and images per second."
     started = time.perf_counter()
-    accuracies = {f"{role}_acc": evaluate(forward, splits[split].images, splits[split].labels, preprocessing,
-                                          config.eval_batch_size, splits[split].images.device,
-                                          "bf16" if dtype is not None else "off")
-                  for role, split in config.evaluation_splits.items()}
+    accuracies = {f"{role}_acc": evaluate(run.forward, run.splits[split].images, run.splits[split].labels,
+                                          run.task.preprocessing, run.config.eval_batch_size,
+                                          run.splits[split].images.device, "bf16" if run.dtype is not None else "off")
+                  for role, split in run.config.evaluation_splits.items()}
     seconds = time.perf_counter() - started
-    images = sum(len(splits[split]) for split in config.evaluation_splits.values())
+    images = sum(len(run.splits[split]) for split in run.config.evaluation_splits.values())
     return {**accuracies, "eval_time_s": seconds, "eval_images_per_s": images / seconds}
 
 
-def _summary(history: list[dict], model: nn.Module, task, config: TrainConfig, device: torch.device,
-             dtype: torch.dtype | None, resumed_from: int, started: float) -> dict:
+def _train_and_evaluate(run: _Run, epoch: int, epochs_in_history: int, progress: bool) -> dict:
+    "Epoch `epoch`'s record: its learning rate, its training, and its evaluation when due (else None accuracies)."
+    run.scheduler.step(epoch)
+    record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"]}
+    try:
+        record.update(train_epoch(run.model, run.forward, run.splits[run.config.train_split], run.task.preprocessing,
+                                  run.optimizer, run.criterion, run.config, epoch, run.generator, run.dtype, progress))
+    except FloatingPointError as error:
+        raise FloatingPointError(f"{error} The run stopped; the history up to epoch {epochs_in_history} is in "
+                                 f"{run.run_dir / RUN_FILES[1]}. Lower the learning rate or set grad_clip.") from None
+    if _due(epoch, run.config.eval_every, run.config):
+        return record | _evaluate_splits(run)
+    return record | {f"{role}_acc": None for role in run.config.evaluation_splits} | {"eval_time_s": None, "eval_images_per_s": None}
+
+
+def _save_epoch(run: _Run, epoch: int, history: list[dict], live) -> None:
+    "Write `history.json` and `timing.json`, log epoch `epoch`'s record to dvclive, checkpoint when due."
+    write_json(run.run_dir / RUN_FILES[1], [timeless(r) for r in history])
+    write_json(run.run_dir / TIMING_FILE, {"epochs": [_timing(r) for r in history]})
+    if live is not None:
+        _log_epoch(live, history[-1])
+    if _due(epoch, run.config.checkpoint_every, run.config):
+        save_checkpoint(run.checkpoint, run.state, epoch + 1, [timeless(r) for r in history])
+
+# %% ../nbs/13_train.ipynb #9c53a8cb
+def _summary(run: _Run, history: list[dict], resumed_from: int, started: float) -> dict:
+    "The run's summary (described above), without the history."
     from moppa_nb import __version__
+    model, task, config, device, dtype = run.model, run.task, run.config, run.device, run.dtype
     rates = lambda key: [r[key] for r in history if r.get(key) is not None]
     preprocessing = task.preprocessing
     summary = {**protocol_results(history, config.val_held_out)}
@@ -369,6 +490,17 @@ def _summary(history: list[dict], model: nn.Module, task, config: TrainConfig, d
     return summary
 
 
+def _finish(run: _Run, history: list[dict], live, resumed_from: int, started: float) -> dict:
+    "Write `summary.json` and the final `timing.json`, log the protocols' results to dvclive; return the summary."
+    summary = _summary(run, history, resumed_from, started)
+    write_json(run.run_dir / RUN_FILES[2], timeless(summary))
+    write_json(run.run_dir / TIMING_FILE, {"epochs": [_timing(r) for r in history], **_timing(summary),
+                                           "threads": torch.get_num_threads()})
+    if live is not None:
+        _log_summary(live, summary)
+    return summary
+
+
 def fit(model: nn.Module,             # timm ViT, adapted with apply_peft (or not); built with its drop_path_rate
         task,                         # TaskData-like: name, num_classes, splits, preprocessing
         config: TrainConfig,          # how to train
@@ -379,32 +511,9 @@ def fit(model: nn.Module,             # timm ViT, adapted with apply_peft (or no
         on_epoch_end: Callable[[dict], None] | None = None,  # called with each epoch's record; raising stops the run
         ) -> dict:
     "Train `model` (in place) on `task`; return the summary: protocol results, throughput, config and history."
-    started, run_dir = time.perf_counter(), Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if config.num_threads is not None:
-        torch.set_num_threads(config.num_threads)
-    device, head = resolve_device(config.device), getattr(model, "num_classes", task.num_classes)
-    if head != task.num_classes:
-        raise ValueError(f"The model's head has {head} classes, task {task.name!r} has {task.num_classes}.")
-    dtype = autocast_dtype(config.amp, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model.to(device)
-    splits = {split: device_split(task, split, device) for split in (config.train_split, *config.evaluation_splits.values())}
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config)
-    state = TrainingState(model, optimizer, scheduler, generator, trajectory_config(config), model_fingerprint(model))
-    checkpoint, history, first_epoch = run_dir / CHECKPOINT_NAME, [], 0
-    if resume and checkpoint.exists():
-        first_epoch, history = resume_checkpoint(checkpoint, state)
-        history = _with_timing(history, run_dir)
-    else:
-        for name in (*RUN_FILES, TIMING_FILE):
-            (run_dir / name).unlink(missing_ok=True)
-    forward = torch.compile(model) if config.compile else model
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    started = time.perf_counter()
+    run = _prepare_run(model, task, config, Path(run_dir))
+    first_epoch, history = _resume_or_start_over(run, resume)
     live, owns_live = _open_live(live, resume)
     try:
         if live is not None:
@@ -412,36 +521,13 @@ def fit(model: nn.Module,             # timm ViT, adapted with apply_peft (or no
         epochs = tqdm(range(first_epoch, config.total_epochs), initial=first_epoch, total=config.total_epochs,
                       desc=task.name, disable=not progress)
         for epoch in epochs:
-            scheduler.step(epoch)
-            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-            try:
-                record.update(train_epoch(model, forward, splits[config.train_split], task.preprocessing, optimizer,
-                                          criterion, config, epoch, generator, dtype, progress))
-            except FloatingPointError as error:
-                raise FloatingPointError(f"{error} The run stopped; the history up to epoch {len(history)} is in "
-                                         f"{run_dir / RUN_FILES[1]}. Lower the learning rate or set grad_clip.") from None
-            if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.total_epochs:
-                record.update(_evaluate_splits(forward, splits, task.preprocessing, config, dtype))
-            else:
-                record.update({f"{role}_acc": None for role in config.evaluation_splits} | {"eval_time_s": None, "eval_images_per_s": None})
+            record = _train_and_evaluate(run, epoch, len(history), progress)
             history.append(record)
-            write_json(run_dir / RUN_FILES[1], [timeless(r) for r in history])
-            write_json(run_dir / TIMING_FILE, {"epochs": [_timing(r) for r in history]})
-            if live is not None:
-                _log_epoch(live, record)
-            if (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.total_epochs:
-                save_checkpoint(checkpoint, state, epoch + 1, [timeless(r) for r in history])
+            _save_epoch(run, epoch, history, live)
             epochs.set_postfix({k: f"{record[k]:.3g}" for k in ("train_loss", "val_acc", "test_acc") if record.get(k) is not None})
             if on_epoch_end is not None:
                 on_epoch_end(record)
-        summary = _summary(history, model, task, config, device, dtype, first_epoch, started)
-        write_json(run_dir / RUN_FILES[2], timeless(summary))
-        write_json(run_dir / TIMING_FILE, {"epochs": [_timing(r) for r in history], **_timing(summary),
-                                           "threads": torch.get_num_threads()})
-        if live is not None:
-            live.summary.update({f"{name}/{key}": summary[name][key] for name in PROTOCOLS if name in summary
-                                 for key in ("epoch", "test_acc", "val_acc") if key in summary[name]})
-            live.make_summary()
+        summary = _finish(run, history, live, first_epoch, started)
     finally:
         if owns_live:
             live.end()
