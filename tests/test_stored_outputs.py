@@ -115,7 +115,10 @@ def _describe(shown) -> str:
 def compare_cell(stored: list[dict], fresh: list[dict]) -> list[str]:
     "How a cell's fresh outputs differ from its stored ones (empty when they match)."
     if stored and not fresh: return ["outputs are stored but the code produces none now (missing)"]
-    if fresh and not stored: return [f"the code produces outputs that are not stored (extra): {_describe(summarise(fresh)[1])}"]
+    if fresh and not stored:
+        streams, shown = summarise(fresh)
+        printed = [f"{name} {first_line(text)!r}" for name, text in streams.items()]
+        return [f"the code produces outputs that are not stored (extra): " + ", ".join(printed + [_describe(shown)] * bool(shown))]
     (old_streams, old_shown), (new_streams, new_shown) = summarise(stored), summarise(fresh)
     problems = [compare_texts(name, old_streams.get(name, ""), new_streams.get(name, ""))
                 for name in sorted(set(old_streams) | set(new_streams))]
@@ -176,7 +179,7 @@ def fresh_outputs(tmp_path_factory) -> dict:
     paths = notebooks_with_outputs()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, __file__, str(out), *map(str, paths)], env=env, capture_output=True,
-                         text=True, timeout=900)
+                         text=True, timeout=600)
     assert run.returncode == 0, f"running the notebooks failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     return json.loads(out.read_text())
 
@@ -192,7 +195,9 @@ def test_the_tour_notebooks_hold_their_figures():
 
 @pytest.mark.parametrize("notebook", notebooks_with_outputs(), ids=lambda p: p.stem)
 def test_stored_outputs_are_what_the_notebook_produces_now(notebook, fresh_outputs):
-    stored = json.loads(notebook.read_text())["cells"]
+    stored, error = json.loads(notebook.read_text())["cells"], fresh_outputs[str(notebook)]["error"]
+    if error: pytest.fail(f"{error[:2000]}\nThe notebook fails when run (nbdev_test reports the same): fix it first.",
+                          pytrace=False)
     problems = compare_notebook(notebook, stored, fresh_outputs[str(notebook)])
     if problems:
         pytest.fail("\n".join(problems) + f"\nThe stored outputs of {notebook.relative_to(ROOT)} are not what its code "
