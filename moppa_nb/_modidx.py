@@ -611,8 +611,6 @@ d = { 'settings': { 'branch': 'main',
                                        'moppa_nb.weight_space.add_product': ('weight_space.html#add_product', 'moppa_nb/weight_space.py'),
                                        'moppa_nb.weight_space.fact_slices': ('weight_space.html#fact_slices', 'moppa_nb/weight_space.py'),
                                        'moppa_nb.weight_space.install_qv': ('weight_space.html#install_qv', 'moppa_nb/weight_space.py'),
-                                       'moppa_nb.weight_space.perturb_for_testing': ( 'weight_space.html#perturb_for_testing',
-                                                                                      'moppa_nb/weight_space.py'),
                                        'moppa_nb.weight_space.remove_method_modules': ( 'weight_space.html#remove_method_modules',
                                                                                         'moppa_nb/weight_space.py'),
                                        'moppa_nb.weight_space.ssf_targets': ('weight_space.html#ssf_targets', 'moppa_nb/weight_space.py')}}}
