@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .registry import at_least, check_fields, checked
+
 # %% auto #0
 __all__ = ['VTAB_TASKS', 'VTAB_CLASSES', 'VTAB_GROUPS', 'VTAB_SPLITS', 'TASK_ALIASES', 'NORMALIZATIONS', 'INTERPOLATIONS',
            'TASK_INFO', 'FGVC_TASKS', 'FGVC_ALIASES', 'FGVC_SPLITS', 'canonical_task', 'task_group', 'Preprocessing',
@@ -94,19 +96,12 @@ INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampl
 @dataclass(frozen=True)
 class Preprocessing:
     "How stored images become model input; recorded with every run."
-    size: int = 224                                               # side of the (square) decoded images, px
+    size: int = checked(224, at_least(1))                         # side of the (square) decoded images, px
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"     # resampling filter of the resize (PIL)
     normalization: Literal["imagenet", "half", "none"] = "imagenet"  # mean/std: ImageNet's, 0.5/0.5, or only /255
     flip: bool = False                                            # random horizontal flips in training
 
-    def __post_init__(self):
-        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
-            raise ValueError(f"Preprocessing.size must be a positive int, got {self.size!r}.")
-        for field, allowed in (("interpolation", INTERPOLATIONS), ("normalization", NORMALIZATIONS)):
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"Preprocessing.{field} must be one of {sorted(allowed)}, got {getattr(self, field)!r}.")
-        if not isinstance(self.flip, bool):
-            raise ValueError(f"Preprocessing.flip must be a bool, got {self.flip!r}.")
+    def __post_init__(self): check_fields(self, type_error=ValueError)   # every bad value is a ValueError
 
     def normalize(self, images: torch.Tensor,                 # uint8 (N, 3, S, S), on any device
                   flips: torch.Tensor | None = None,          # optional bool (N,): which images to mirror

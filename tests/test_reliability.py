@@ -222,7 +222,7 @@ def test_unreadable_config_names_the_file(content, match, tmp_path):
     (lambda c: c.update(methods={"lora": {"rank": 4, "alpha": 8.0}}), "wrong shapes.*peft_lora"),
     (lambda c: c.update(train_head="yes"), "'train_head' must be true or false"),
     (lambda c: c.update(methods={"lorra": {}}), "adapter_config.json: its methods cannot be applied: Unknown PEFT method 'lorra'"),
-    (lambda c: c.update(methods={"lora": {"alpha": "8"}}), "adapter_config.json: its methods cannot be applied: Option 'alpha'"),
+    (lambda c: c.update(methods={"lora": {"alpha": "8"}}), "adapter_config.json: its methods cannot be applied: LoRAOptions.alpha"),
     (lambda c: c.update(backbone=[1]), "adapter_config.json: 'backbone' must be an object"),
     (lambda c: c["backbone"].update(architecture="vit_base_patch16_224"), "another backbone.*architecture"),
 ])
@@ -446,7 +446,7 @@ def float_fields() -> list:
 
 @pytest.mark.parametrize("method, option, value", float_fields())
 def test_every_float_option_refuses_nan_and_infinity(method, option, value):
-    with pytest.raises(PeftError, match=f"Option '{option}' of method '{method}' must be a finite number"):
+    with pytest.raises(PeftError, match=f"{get_method(method).Options.__name__}.{option} must be a finite number"):
         apply_peft(tiny_vit(), {method: {option: value}})
 
 
@@ -458,26 +458,28 @@ def test_the_float_fields_cover_the_reported_options():
 @pytest.mark.parametrize("method, options, match", [
     ("lora", {"rank": 10**9}, r"'rank' of method 'lora' must be in \[1, 192\]"),
     ("lora", {"rank": 193}, r"'rank' of method 'lora' must be in \[1, 192\]"),
-    ("lora", {"rank": 0}, "'rank' of method 'lora' must be at least 1"),
+    ("lora", {"rank": 0}, "LoRAOptions.rank must be at least 1, got 0."),
     ("nola", {"rank": 10**9}, r"'rank' of method 'nola' must be in \[1, 192\]"),
     ("fact", {"rank": 10**9}, r"'rank' of method 'fact' must be in \[1, 192\]"),
     ("adapter", {"bottleneck": 10**9}, r"'bottleneck' of method 'adapter' must be in \[1, 192\]"),
     ("adaptformer", {"bottleneck": 10**6}, r"'bottleneck' of method 'adaptformer' must be in \[1, 192\]"),
-    ("lora", {"alpha": 0}, "'alpha' of method 'lora' must be non-zero"),
-    ("lora", {"alpha": 0.0}, "'alpha' of method 'lora' must be non-zero"),
-    ("adapter", {"scale": 0.0}, "'scale' of method 'adapter' must be non-zero"),
-    ("adaptformer", {"scale": 0}, "'scale' of method 'adaptformer' must be non-zero"),
-    ("nola", {"scale": 0.0}, "'scale' of method 'nola' must be non-zero"),
-    ("fact", {"scale": 0.0}, "'scale' of method 'fact' must be non-zero"),
-    ("moppa", {"tau_init": 0.0}, "'tau_init' of method 'moppa' must be positive"),
-    ("moppa", {"tau_init": "5"}, "'tau_init' of method 'moppa' must be float"),
-    ("lora", {"rank": 8.0}, "'rank' of method 'lora' must be int"),
-    ("lora", {"rank": True}, "'rank' of method 'lora' must be int"),
-    ("vpt", {"deep": "no"}, "'deep' of method 'vpt' must be bool"),
-    ("vpt", {"num_tokens": 0}, "'num_tokens' of method 'vpt' must be at least 1"),
-    ("coeff", {"dropout": 1.0}, r"'dropout' of method 'coeff' must be in \[0, 1\)"),
-    ("ssf", {"init_std": -1.0}, "'init_std' of method 'ssf' must be non-negative"),
-    ("moppa", {"branches": ()}, "non-empty subset"),
+    ("lora", {"alpha": 0}, "LoRAOptions.alpha must be non-zero"),
+    ("lora", {"alpha": 0.0}, "LoRAOptions.alpha must be non-zero"),
+    ("adapter", {"scale": 0.0}, "AdapterOptions.scale must be non-zero"),
+    ("adaptformer", {"scale": 0}, "AdaptFormerOptions.scale must be non-zero"),
+    ("bi_adapter", {"scale": 0.0}, "BiAdapterOptions.scale must be non-zero"),
+    ("nola", {"scale": 0.0}, "NOLAOptions.scale must be non-zero"),
+    ("fact", {"scale": 0.0}, "FacTOptions.scale must be non-zero"),
+    ("moppa", {"tau_init": 0.0}, "MoPPAOptions.tau_init must be positive, got 0.0."),
+    ("moppa", {"tau_init": "5"}, "MoPPAOptions.tau_init must be float, got '5'."),
+    ("lora", {"rank": 8.0}, "LoRAOptions.rank must be int, got 8.0."),
+    ("lora", {"rank": True}, "LoRAOptions.rank must be int, got True."),
+    ("vpt", {"deep": "no"}, "VPTOptions.deep must be bool, got 'no'."),
+    ("vpt", {"num_tokens": 0}, "VPTOptions.num_tokens must be at least 1, got 0."),
+    ("coeff", {"dropout": 1.0}, r"CoeffOptions.dropout must be in \[0, 1\), got 1.0."),
+    ("ssf", {"init_std": -1.0}, "SSFOptions.init_std must be non-negative, got -1.0."),
+    ("ssf", {"targets": ["nrom2"]}, "SSFOptions.targets must be a non-empty subset of .*Did you mean 'norm2'"),
+    ("moppa", {"branches": ()}, "MoPPAOptions.branches must be a non-empty subset of"),
 ])
 def test_absurd_option_values_are_refused_naming_the_option(method, options, match):
     model = tiny_vit()

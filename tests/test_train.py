@@ -223,7 +223,7 @@ def test_checkpoint_of_another_config_or_model_is_refused(tmp_path):
 
 
 def test_config_validation_names_the_field():
-    for kwargs, message in [({"epochs": 0}, "TrainConfig.epochs must be >= 1"), ({"lr": "1e-3"}, "TrainConfig.lr must be float"),
+    for kwargs, message in [({"epochs": 0}, "TrainConfig.epochs must be at least 1, got 0."), ({"lr": "1e-3"}, "TrainConfig.lr must be float"),
                             ({"label_smoothing": 1.0}, "label_smoothing must be in [0, 1)"),
                             ({"amp": "fp16"}, "TrainConfig.amp must be one of"),
                             ({"warmup_epochs": 5, "epochs": 5}, "warmup_epochs (5) must be smaller"),
