@@ -13,26 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapt import is_head_parameter
 from .registry import (FRACTION, NON_NEGATIVE, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, ViTLayout,
                                at_least, checked, register_method, subset_of)
 
 # %% auto #0
-__all__ = ['SSF_SITES', 'SSF_MOPPA_SITES', 'BLOCK_SITES', 'perturb_for_testing', 'remove_method_modules', 'WeightSpaceMethod',
-           'BackboneSubset', 'LinearProbe', 'FullFineTuning', 'BitFit', 'QVLowRank', 'add_product', 'install_qv',
-           'LoRAOptions', 'LoRAQV', 'LoRA', 'NOLAOptions', 'RandomBases', 'NOLAQV', 'NOLA', 'SSFOptions', 'ScaleShift',
-           'ssf_targets', 'SSF', 'FacTOptions', 'fact_slices', 'FacTFactors', 'FacTBlock', 'FacT']
-
-# %% ../nbs/07_weight_space.ipynb #1b95f310
-def perturb_for_testing(model: nn.Module,     # a model adapted by `apply_peft`
-                        scale: float = 0.1,   # standard deviation of the added Gaussian noise
-                        ) -> nn.Module:
-    "Add noise to every trainable tensor outside the classification head (in place), so identity-at-init tests are not trivially true."
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.requires_grad and not is_head_parameter(model, name):
-                parameter.add_(scale * torch.randn_like(parameter))
-    return model
+__all__ = ['SSF_SITES', 'SSF_MOPPA_SITES', 'BLOCK_SITES', 'remove_method_modules', 'WeightSpaceMethod', 'BackboneSubset',
+           'LinearProbe', 'FullFineTuning', 'BitFit', 'QVLowRank', 'add_product', 'install_qv', 'LoRAOptions', 'LoRAQV',
+           'LoRA', 'NOLAOptions', 'RandomBases', 'NOLAQV', 'NOLA', 'SSFOptions', 'ScaleShift', 'ssf_targets', 'SSF',
+           'FacTOptions', 'fact_slices', 'FacTFactors', 'FacTBlock', 'FacT']
 
 # %% ../nbs/07_weight_space.ipynb #04ce6379
 def remove_method_modules(model: nn.Module, prefix: str) -> None:
