@@ -20,6 +20,7 @@ from torch import nn
 
 from .adapt import apply_peft, count_trainable, is_head_parameter, merge_peft, method_names, parse_methods
 from .registry import get_method, list_methods
+from .train import autocast, autocast_dtype
 
 # %% auto #0
 __all__ = ['COMPOSITIONS', 'EXTERNAL', 'VARIANTS', 'SPT_BENCH_BUDGET', 'RATIOS', 'COLUMNS', 'TABLE_COLUMNS',
@@ -84,7 +85,8 @@ def fastest_seconds(fn, calls: int, device: torch.device) -> tuple[float, float]
 
 # %% ../nbs/15_bench.ipynb #cddd9033
 def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    "bf16 autocast on CUDA, full precision on CPU: the training engine's rule (`TrainConfig.amp='auto'`)."
+    return autocast(device, autocast_dtype("auto", device))
 
 
 def _peak_memory_mb(device: torch.device) -> float:

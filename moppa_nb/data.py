@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .registry import at_least, check_fields, checked
+from .registry import at_least, check_fields, checked, did_you_mean
 
 # %% auto #0
 __all__ = ['VTAB_TASKS', 'VTAB_CLASSES', 'VTAB_GROUPS', 'VTAB_SPLITS', 'TASK_ALIASES', 'NORMALIZATIONS', 'INTERPOLATIONS',
@@ -67,17 +66,12 @@ def _normalise_name(name: str) -> str:
     return name.strip().lower().replace("-", "_").replace(" ", "_")
 
 
-def _close_match(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
-
-
 def canonical_task(name: str) -> str:
     "NOAH's name of the VTAB-1K task `name` (a NOAH name or an alias such as 'cifar100', 'pets')."
     key = _normalise_name(name)
     if key in VTAB_TASKS: return key
     if key in TASK_ALIASES: return TASK_ALIASES[key]
-    raise ValueError(f"Unknown VTAB-1K task {name!r}.{_close_match(key, [*VTAB_TASKS, *TASK_ALIASES])} "
+    raise ValueError(f"Unknown VTAB-1K task {name!r}.{did_you_mean(key, [*VTAB_TASKS, *TASK_ALIASES])} "
                      f"Known tasks: {', '.join(VTAB_TASKS)}.")
 
 
@@ -415,7 +409,7 @@ def canonical_fgvc_task(name: str) -> str:
     key = _normalise_name(name)
     if key in FGVC_TASKS: return key
     if key in FGVC_ALIASES: return FGVC_ALIASES[key]
-    raise ValueError(f"Unknown FGVC task {name!r}.{_close_match(key, [*FGVC_TASKS, *FGVC_ALIASES])} "
+    raise ValueError(f"Unknown FGVC task {name!r}.{did_you_mean(key, [*FGVC_TASKS, *FGVC_ALIASES])} "
                      f"Known tasks: {', '.join(FGVC_TASKS)}.")
 
 

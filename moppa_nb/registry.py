@@ -16,17 +16,18 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['POSITIVE', 'NON_NEGATIVE', 'FRACTION', 'NON_EMPTY', 'OUTPUT_SCALE', 'WIDTH_BOUNDED_OPTIONS', 'PeftError', 'type_ok',
-           'describe_type', 'Rule', 'at_least', 'subset_of', 'checked', 'check_fields', 'MethodOptions',
-           'build_options', 'ViTLayout', 'vit_layout', 'check_options_fit', 'NoOptions', 'TrainingProgress',
-           'PeftMethod', 'register_method', 'composition_conflicts', 'list_methods', 'get_method']
+__all__ = ['POSITIVE', 'NON_NEGATIVE', 'FRACTION', 'NON_EMPTY', 'OUTPUT_SCALE', 'WIDTH_BOUNDED_OPTIONS', 'PeftError',
+           'did_you_mean', 'type_ok', 'describe_type', 'Rule', 'at_least', 'subset_of', 'checked', 'check_fields',
+           'MethodOptions', 'build_options', 'ViTLayout', 'vit_layout', 'check_options_fit', 'NoOptions',
+           'TrainingProgress', 'PeftMethod', 'register_method', 'composition_conflicts', 'list_methods', 'get_method']
 
 # %% ../nbs/00_registry.ipynb #0fec4740
 class PeftError(ValueError):
     "A clear, user-facing error: unknown method or option, bad option value, model that cannot be adapted."
 
 # %% ../nbs/00_registry.ipynb #87f2c14c
-def _suggest(name: str, known: typing.Iterable[str]) -> str:
+def did_you_mean(name: str, known: typing.Iterable[str]) -> str:
+    "' Did you mean \'x\'?' for the closest of `known` to a misspelt `name`, or '' when none is close."
     close = difflib.get_close_matches(name, list(known), n=1)
     return f" Did you mean {close[0]!r}?" if close else ""
 
@@ -67,11 +68,11 @@ def _floats(value) -> list[float]:
     return []
 
 
-def _did_you_mean(value, choices: typing.Iterable) -> str:
+def _choice_hint(value, choices: typing.Iterable) -> str:
     "A close match among `choices` for the first string in `value` (a string or a sequence) that is not one of them."
     choices = [c for c in choices if isinstance(c, str)]
     unknown = [v for v in (value if isinstance(value, (tuple, list)) else [value]) if isinstance(v, str) and v not in choices]
-    return _suggest(unknown[0], choices) if unknown and choices else ""
+    return did_you_mean(unknown[0], choices) if unknown and choices else ""
 
 
 @dataclass(frozen=True)
@@ -111,12 +112,12 @@ def check_fields(instance,                                     # a dataclass ins
         where = f"{type(instance).__name__}.{field.name}"
         if not type_ok(value, annotation):
             choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else ()
-            raise type_error(f"{where} must be {describe_type(annotation)}, got {value!r}.{_did_you_mean(value, choices)}")
+            raise type_error(f"{where} must be {describe_type(annotation)}, got {value!r}.{_choice_hint(value, choices)}")
         if any(not math.isfinite(v) for v in _floats(value)):
             raise error(f"{where} must be a finite number, got {value!r}.")
         if rule is not None and value is not None and not rule.test(value):
             words = f"None or {rule.words}" if type_ok(None, annotation) else rule.words
-            raise error(f"{where} must be {words}, got {value!r}.{_did_you_mean(value, rule.choices)}")
+            raise error(f"{where} must be {words}, got {value!r}.{_choice_hint(value, rule.choices)}")
         if isinstance(value, list): object.__setattr__(instance, field.name, tuple(value))
 
 # %% ../nbs/00_registry.ipynb #f4e5e775
@@ -138,7 +139,7 @@ def build_options(options_class: type, method: str, given: dict | None = None):
     names = [f.name for f in fields(options_class)]
     for key in given or {}:
         if key not in names:
-            raise PeftError(f"Unknown option {key!r} for method {method!r}; known options: {names}.{_suggest(key, names)}")
+            raise PeftError(f"Unknown option {key!r} for method {method!r}; known options: {names}.{did_you_mean(key, names)}")
     options = options_class(**(given or {}))
     if not isinstance(options, MethodOptions): check_fields(options, PeftError, PeftError)   # a plain dataclass
     return options
@@ -281,5 +282,5 @@ def list_methods() -> list[str]:
 def get_method(name: str) -> type[PeftMethod]:
     "The method class registered as `name`, or a `PeftError` listing the known names."
     if name not in _METHODS:
-        raise PeftError(f"Unknown PEFT method {name!r}; known methods: {list_methods()}.{_suggest(name, _METHODS)}")
+        raise PeftError(f"Unknown PEFT method {name!r}; known methods: {list_methods()}.{did_you_mean(name, _METHODS)}")
     return _METHODS[name]

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from .adapt import adapted_methods, count_trainable
 from .checkpoint import (CHECKPOINT_NAME, TrainingState, model_fingerprint, resume_checkpoint, save_checkpoint,
                                  write_json)
-from .registry import TrainingProgress, describe_type, type_ok
+from .registry import (FRACTION, NON_EMPTY, NON_NEGATIVE, POSITIVE, TrainingProgress, at_least, check_fields,
+                               checked)
 
 # %% auto #0
 __all__ = ['RUNTIME_FIELDS', 'PROTOCOLS', 'RUN_FILES', 'TIMING_FILE', 'TIMING_FIELDS', 'TrainConfig', 'trajectory_config',
@@ -35,9 +36,6 @@ __all__ = ['RUNTIME_FIELDS', 'PROTOCOLS', 'RUN_FILES', 'TIMING_FILE', 'TIMING_FI
            'train_epoch', 'timeless', 'fit']
 
 # %% ../nbs/13_train.ipynb #bbd30909
-from .registry import FRACTION, NON_EMPTY, NON_NEGATIVE, POSITIVE, at_least, check_fields, checked
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     "How to train: optimiser, schedule, regularisation, splits, evaluation, checkpoints, hardware."
