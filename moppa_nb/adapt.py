@@ -296,6 +296,37 @@ def _check_backbone(model: nn.Module, saved: dict, config_file: Path) -> None:
                         "load it into the model it was trained on, or pass force=True to load it anyway.")
 
 
+def _adapt_as_saved(model: nn.Module, saved: dict, config_file: Path) -> None:
+    "Apply the methods of a saved adapter config to a plain `model`, with its `train_head`."
+    train_head = saved.get("train_head", True)
+    if not isinstance(train_head, bool):
+        raise PeftError(f"{config_file}: 'train_head' must be true or false, got {train_head!r}.")
+    try:
+        apply_peft(model, saved["methods"], train_head=train_head)
+    except PeftError as error:
+        raise PeftError(f"{config_file}: its methods cannot be applied: {error}") from None
+
+
+def _check_config(model: nn.Module, saved: dict, directory: Path) -> None:
+    "Refuse a saved adapter whose methods, layout, number of classes or `train_head` differ from the adapted `model`'s."
+    current = _json_roundtrip(adapter_config(model))
+    current["train_head"] = bool(getattr(model, "peft_train_head", True))
+    for key, what in (("methods", "methods or options"), ("layout", "model layout"), ("num_classes", "number of classes"),
+                      ("train_head", "train_head")):
+        if key in saved and current[key] != saved[key]:
+            raise PeftError(f"Incompatible adapter in {directory}: its {what} {saved[key]} differ from the model's {current[key]}.")
+
+
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    "Refuse saved tensors that do not match the adapted `model`'s: missing, unexpected or of another shape."
+    expected = adapter_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        raise PeftError(f"Incompatible adapter in {directory}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                        f"wrong shapes {[(k, tuple(tensors[k].shape), tuple(expected[k].shape)) for k in wrong[:5]]}.")
+
+
 def load_adapter(model: nn.Module,             # plain or adapted timm ViT
                  directory: str | Path,        # folder written by save_adapter
                  force: bool = False,          # load even onto another backbone (same layout and tensor shapes)
@@ -307,32 +338,13 @@ def load_adapter(model: nn.Module,             # plain or adapted timm ViT
     saved, tensors = read_adapter_files(directory)
     snapshot = ModelSnapshot(model)
     try:
-        if not adapted_methods(model):
-            train_head = saved.get("train_head", True)
-            if not isinstance(train_head, bool):
-                raise PeftError(f"{directory / ADAPTER_CONFIG}: 'train_head' must be true or false, got {train_head!r}.")
-            try:
-                apply_peft(model, saved["methods"], train_head=train_head)
-            except PeftError as error:
-                raise PeftError(f"{directory / ADAPTER_CONFIG}: its methods cannot be applied: {error}") from None
-        current = _json_roundtrip(adapter_config(model))
-        current["train_head"] = bool(getattr(model, "peft_train_head", True))
-        for key, what in (("methods", "methods or options"), ("layout", "model layout"), ("num_classes", "number of classes"),
-                          ("train_head", "train_head")):
-            if key in saved and current[key] != saved[key]:
-                raise PeftError(f"Incompatible adapter in {directory}: its {what} {saved[key]} differ from the model's {current[key]}.")
-        if "backbone" in saved and not force:
-            _check_backbone(model, saved["backbone"], directory / ADAPTER_CONFIG)
-        expected = adapter_state_dict(model)
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
-        if missing or unexpected or wrong:
-            raise PeftError(f"Incompatible adapter in {directory}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                            f"wrong shapes {[(k, tuple(tensors[k].shape), tuple(expected[k].shape)) for k in wrong[:5]]}.")
+        if not adapted_methods(model): _adapt_as_saved(model, saved, directory / ADAPTER_CONFIG)
+        _check_config(model, saved, directory)
+        if "backbone" in saved and not force: _check_backbone(model, saved["backbone"], directory / ADAPTER_CONFIG)
+        _check_tensors(model, tensors, directory)
         with torch.no_grad():
             for name, parameter in model.named_parameters():
-                if name in tensors:
-                    parameter.copy_(tensors[name])
+                if name in tensors: parameter.copy_(tensors[name])
     except BaseException:
         snapshot.restore()
         raise

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .registry import PeftError, PeftMethod, ViTLayout, register_method
+from .registry import (FRACTION, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, ViTLayout, at_least, checked,
+                               register_method)
 
 # %% auto #0
 __all__ = ['VPTOptions', 'BlockPrompts', 'prompt_bound', 'VPT', 'AdapterOptions', 'AdaptFormerOptions', 'Bottleneck',
@@ -20,14 +21,10 @@ __all__ = ['VPTOptions', 'BlockPrompts', 'prompt_bound', 'VPT', 'AdapterOptions'
 
 # %% ../nbs/08_added_modules.ipynb #9f854667
 @dataclass(frozen=True)
-class VPTOptions:
+class VPTOptions(MethodOptions):
     "Options of the `vpt` method."
-    num_tokens: int = 50      # prompt tokens n (50 is the count used for the parameter table)
-    deep: bool = True         # VPT-Deep: new prompts before every block; VPT-Shallow: before the first block only
-
-    def __post_init__(self):
-        if self.num_tokens < 1:
-            raise PeftError(f"Option 'num_tokens' of method 'vpt' must be at least 1, got {self.num_tokens}.")
+    num_tokens: int = checked(50, at_least(1))   # prompt tokens n (50 is the count used for the parameter table)
+    deep: bool = True                            # VPT-Deep: new prompts before every block; VPT-Shallow: before the first block only
 
 
 class BlockPrompts(nn.Module):
@@ -79,25 +76,17 @@ class VPT(PeftMethod):
 
 # %% ../nbs/08_added_modules.ipynb #819e8cc6
 @dataclass(frozen=True)
-class AdapterOptions:
+class AdapterOptions(MethodOptions):
     "Options of the `adapter` method."
-    method: typing.ClassVar[str] = "adapter"
-    bottleneck: int = 8       # hidden width of the bottleneck
-    scale: float = 1.0        # s, multiplies the bottleneck's output
-    dropout: float = 0.1      # dropout inside the bottleneck, after the activation
-
-    def __post_init__(self):
-        if self.bottleneck < 1:
-            raise PeftError(f"Option 'bottleneck' of method {self.method!r} must be at least 1, got {self.bottleneck}.")
-        if not 0 <= self.dropout < 1:
-            raise PeftError(f"Option 'dropout' of method {self.method!r} must be in [0, 1), got {self.dropout}.")
+    bottleneck: int = checked(8, at_least(1))      # hidden width of the bottleneck
+    scale: float = checked(1.0, OUTPUT_SCALE)      # s, multiplies the bottleneck's output
+    dropout: float = checked(0.1, FRACTION)        # dropout inside the bottleneck, after the activation
 
 
 @dataclass(frozen=True)
 class AdaptFormerOptions(AdapterOptions):
     "Options of the `adaptformer` method."
-    method: typing.ClassVar[str] = "adaptformer"
-    scale: float = 0.1        # s, multiplies the parallel branch
+    scale: float = checked(0.1, OUTPUT_SCALE)      # s, multiplies the parallel branch
 
 
 class Bottleneck(nn.Module):

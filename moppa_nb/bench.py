@@ -20,13 +20,14 @@ from torch import nn
 
 from .adapt import apply_peft, count_trainable, is_head_parameter, merge_peft, method_names, parse_methods
 from .registry import get_method, list_methods
+from .train import autocast, autocast_dtype
 
 # %% auto #0
-__all__ = ['COMPOSITIONS', 'EXTERNAL', 'VARIANTS', 'SPT_BENCH_BUDGET', 'RATIOS', 'COLUMNS', 'TABLE_COLUMNS', 'default_specs',
-           'peft_available', 'split_variant', 'median_seconds', 'fastest_seconds', 'method_options',
-           'build_benchmark_model', 'benchmark_method', 'stored_adapter_kb', 'add_ratios', 'run_benchmark',
-           'interleaved_times', 'ratio_stats', 'interleaved_ratios', 'with_spread', 'write_csv', 'format_table',
-           'write_report', 'main']
+__all__ = ['COMPOSITIONS', 'EXTERNAL', 'VARIANTS', 'SPT_BENCH_BUDGET', 'RATIOS', 'COLUMNS', 'TABLE_COLUMNS',
+           'INTERLEAVED_COLUMNS', 'default_specs', 'peft_available', 'split_variant', 'median_seconds',
+           'fastest_seconds', 'method_options', 'build_benchmark_model', 'benchmark_method', 'stored_adapter_kb',
+           'add_ratios', 'run_benchmark', 'interleaved_times', 'ratio_stats', 'interleaved_ratios', 'with_spread',
+           'write_csv', 'format_table', 'write_report', 'main']
 
 # %% ../nbs/15_bench.ipynb #118cdcbe
 COMPOSITIONS = ("moppa+ssf", "lora+coeff", "fact+coeff", "moppa+rlrr+ssf", "dora+coeff")
@@ -84,7 +85,8 @@ def fastest_seconds(fn, calls: int, device: torch.device) -> tuple[float, float]
 
 # %% ../nbs/15_bench.ipynb #cddd9033
 def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    "bf16 autocast on CUDA, full precision on CPU: the training engine's rule (`TrainConfig.amp='auto'`)."
+    return autocast(device, autocast_dtype("auto", device))
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -99,7 +101,7 @@ SPT_BENCH_BUDGET = 400_000
 
 def method_options(methods: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
     "`methods` ('lora+coeff') as apply_peft's dict; `spt` gets its allocation from one sensitivity pass on this batch."
-    options = {name: {} for name in methods.split("+")}
+    options = dict(parse_methods(methods))                  # name -> {} for a spec such as "lora+coeff"
     if "spt" in options:
         from moppa_nb.more_baselines import spt_allocation, spt_sensitivity
         options["spt"] = {"allocation": spt_allocation(spt_sensitivity(model, [(images, labels)]), SPT_BENCH_BUDGET)}
@@ -300,15 +302,19 @@ def format_table(rows: list[dict], columns: tuple[str, ...] = TABLE_COLUMNS) -> 
     return "\n".join(lines)
 
 
-def write_report(rows: list[dict], path: str | Path, caption: str) -> Path:
-    "Write every column of `rows` to the CSV `path` and the Markdown table (`TABLE_COLUMNS`) under `caption` beside it (`.md`)."
-    markdown = write_csv(rows, path).with_suffix(".md")
-    markdown.write_text(f"# Benchmark\n\n**{caption}**\n\n{format_table(rows)}\n")
+def write_report(rows: list[dict], path: str | Path, caption: str,
+                 title: str = "Benchmark",
+                 table: str | None = None,                 # the Markdown table (default: `format_table(rows)`)
+                 csv_columns: tuple[str, ...] = COLUMNS,
+                 ) -> Path:
+    "Write `csv_columns` of `rows` to the CSV `path` and, beside it (`.md`), `table` under `title` and `caption`."
+    markdown = write_csv(rows, path, csv_columns).with_suffix(".md")
+    markdown.write_text(f"# {title}\n\n**{caption}**\n\n{table or format_table(rows)}\n")
     return markdown
 
 # %% ../nbs/15_bench.ipynb #f4870a86
-def main(argv: list[str] | None = None) -> list[dict]:
-    "Command line: `python -m moppa_nb.bench [--device cuda] [--methods lora moppa] [--output bench.csv]`."
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    "The command line's arguments, `--from-params` settings applied and the batch size resolved."
     parser = argparse.ArgumentParser(description="Benchmark every PEFT method on a timm ViT.")
     parser.add_argument("--methods", nargs="*", default=None, help="method specs (default: all + compositions)")
     parser.add_argument("--model", default="vit_base_patch16_224")
@@ -330,37 +336,49 @@ def main(argv: list[str] | None = None) -> list[dict]:
         settings = yaml.safe_load(Path(args.from_params).read_text())[args.params_section]
         for key in ("methods", "batch_size", "warmup", "repeats", "interleave"):
             if key in settings: setattr(args, key, settings[key])
-    batch = args.batch_size or (64 if args.device.startswith("cuda") else 4)
-    if args.interleave:
-        rows = interleaved_ratios(args.methods or ["linear", "lora", "moppa", "coeff"], args.interleave, model_name=args.model,
-                                  model_kwargs={"img_size": args.img_size}, batch_size=batch, device=args.device,
-                                  num_threads=args.threads, calls=args.calls)
-        columns = ("method", "train_ms_per_image", "step_vs_frozen", "step_vs_lora", "infer_ms_per_image", "infer_vs_plain")
-        table = format_table(with_spread(rows), columns)
-        print(table)
-        if args.output:
-            caption = (f"Interleaved cost ratios: {args.model} at {args.img_size} px, random weights, {args.device}, batch {batch}; "
-                       f"every model in one process, timed round-robin for {args.interleave} rounds after a warm-up round, "
-                       f"the fastest of {args.calls} call(s) per round, {rows[0]['clock']} time; "
-                       "ratios are medians of the per-round ratios [min, max over rounds] (step over `linear` and over `lora`, "
-                       "inference over the plain ViT).")
-            csv_path = write_csv(rows, args.output, tuple(rows[0]))
-            csv_path.with_suffix(".md").write_text(f"# Interleaved ratios\n\n**{caption}**\n\n{table}\n")
-        return rows
+    args.batch_size = args.batch_size or (64 if args.device.startswith("cuda") else 4)
+    return args
+
+
+def _cost_report(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    "Each method timed in its own process (`run_benchmark`): the rows, and how `write_report` writes them."
     rows = run_benchmark(args.methods, isolate=not args.device.startswith("cuda"), model_name=args.model,
-                         model_kwargs={"img_size": args.img_size}, batch_size=batch, device=args.device,
+                         model_kwargs={"img_size": args.img_size}, batch_size=args.batch_size, device=args.device,
                          warmup=args.warmup, repeats=args.repeats, num_threads=args.threads)
-    table = format_table(rows)
-    print(table)
+    caption = (f"Cost per method: {args.model} at {args.img_size} px, random weights, {args.device}, batch {args.batch_size}, "
+               f"median of {args.repeats} runs after {args.warmup} warm-up; times in ms per image; ratios from the same run "
+               "(step_vs_frozen: over `linear`, the frozen backbone with a trained head; infer_vs_plain: over the unmodified ViT; "
+               "`linear@eager`: that ViT on timm's eager attention path; peak memory: the CUDA allocator's peak, or on CPU the "
+               "worker process's peak resident set, about 0.5 GB of imported libraries included; stored_kb: the trained tensors "
+               "outside the head as stored, float32 except the 1-bit weights of bi_adapter and bi_lora; "
+               f"spt: {SPT_BENCH_BUDGET:,} entries allocated from one untimed sensitivity pass, in its CPU peak memory).")
+    return rows, {"caption": caption, "table": format_table(rows)}
+
+
+INTERLEAVED_COLUMNS = ("method", "train_ms_per_image", "step_vs_frozen", "step_vs_lora", "infer_ms_per_image", "infer_vs_plain")
+
+
+def _interleaved_report(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    "Every method timed round-robin in this process (`interleaved_ratios`): the rows, and how `write_report` writes them."
+    rows = interleaved_ratios(args.methods or ["linear", "lora", "moppa", "coeff"], args.interleave, model_name=args.model,
+                              model_kwargs={"img_size": args.img_size}, batch_size=args.batch_size, device=args.device,
+                              num_threads=args.threads, calls=args.calls)
+    caption = (f"Interleaved cost ratios: {args.model} at {args.img_size} px, random weights, {args.device}, batch {args.batch_size}; "
+               f"every model in one process, timed round-robin for {args.interleave} rounds after a warm-up round, "
+               f"the fastest of {args.calls} call(s) per round, {rows[0]['clock']} time; "
+               "ratios are medians of the per-round ratios [min, max over rounds] (step over `linear` and over `lora`, "
+               "inference over the plain ViT).")
+    return rows, {"caption": caption, "title": "Interleaved ratios", "table": format_table(with_spread(rows), INTERLEAVED_COLUMNS),
+                  "csv_columns": tuple(rows[0])}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    "Command line: `python -m moppa_nb.bench [--device cuda] [--methods lora moppa] [--output bench.csv]`."
+    args = _arguments(argv)
+    rows, report = (_interleaved_report if args.interleave else _cost_report)(args)
+    print(report["table"])
     if args.output:
-        caption = (f"Cost per method: {args.model} at {args.img_size} px, random weights, {args.device}, batch {batch}, "
-                   f"median of {args.repeats} runs after {args.warmup} warm-up; times in ms per image; ratios from the same run "
-                   "(step_vs_frozen: over `linear`, the frozen backbone with a trained head; infer_vs_plain: over the unmodified ViT; "
-                   "`linear@eager`: that ViT on timm's eager attention path; peak memory: the CUDA allocator's peak, or on CPU the "
-                   "worker process's peak resident set, about 0.5 GB of imported libraries included; stored_kb: the trained tensors "
-                   "outside the head as stored, float32 except the 1-bit weights of bi_adapter and bi_lora; "
-                   f"spt: {SPT_BENCH_BUDGET:,} entries allocated from one untimed sensitivity pass, in its CPU peak memory).")
-        markdown = write_report(rows, args.output, caption)
+        markdown = write_report(rows, args.output, **report)
         print(f"wrote {args.output} and {markdown}")
     return rows
 

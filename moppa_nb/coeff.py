@@ -14,21 +14,17 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Attention
 from torch import nn
 
-from .registry import PeftError, PeftMethod, ViTLayout, register_method
+from .registry import FRACTION, MethodOptions, PeftError, PeftMethod, ViTLayout, checked, register_method
 
 # %% auto #0
 __all__ = ['CoeffOptions', 'HeadMixer', 'CoeffTuning']
 
 # %% ../nbs/06_coeff.ipynb #4ace7feb
 @dataclass(frozen=True)
-class CoeffOptions:
+class CoeffOptions(MethodOptions):
     "Options of the `coeff` method."
-    dropout: float = 0.1          # dropout probability on alpha during training (the paper uses 0.1-0.2)
+    dropout: float = checked(0.1, FRACTION)   # dropout probability on alpha during training (the paper uses 0.1-0.2)
     parameterisation: typing.Literal["residual", "identity", "random"] = "residual"   # A + alpha A (alpha = 0), alpha A (alpha = I), alpha A (random alpha)
-
-    def __post_init__(self):
-        if not 0 <= self.dropout < 1:
-            raise PeftError(f"Option 'dropout' of method 'coeff' must be in [0, 1), got {self.dropout}.")
 
 
 def _initial_alpha(num_heads: int, parameterisation: str) -> torch.Tensor:

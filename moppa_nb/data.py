@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -21,6 +20,8 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
+
+from .registry import at_least, check_fields, checked, did_you_mean
 
 # %% auto #0
 __all__ = ['VTAB_TASKS', 'VTAB_CLASSES', 'VTAB_GROUPS', 'VTAB_SPLITS', 'TASK_ALIASES', 'NORMALIZATIONS', 'INTERPOLATIONS',
@@ -65,17 +66,12 @@ def _normalise_name(name: str) -> str:
     return name.strip().lower().replace("-", "_").replace(" ", "_")
 
 
-def _close_match(name: str, known) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
-
-
 def canonical_task(name: str) -> str:
     "NOAH's name of the VTAB-1K task `name` (a NOAH name or an alias such as 'cifar100', 'pets')."
     key = _normalise_name(name)
     if key in VTAB_TASKS: return key
     if key in TASK_ALIASES: return TASK_ALIASES[key]
-    raise ValueError(f"Unknown VTAB-1K task {name!r}.{_close_match(key, [*VTAB_TASKS, *TASK_ALIASES])} "
+    raise ValueError(f"Unknown VTAB-1K task {name!r}.{did_you_mean(key, [*VTAB_TASKS, *TASK_ALIASES])} "
                      f"Known tasks: {', '.join(VTAB_TASKS)}.")
 
 
@@ -94,19 +90,12 @@ INTERPOLATIONS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampl
 @dataclass(frozen=True)
 class Preprocessing:
     "How stored images become model input; recorded with every run."
-    size: int = 224                                               # side of the (square) decoded images, px
+    size: int = checked(224, at_least(1))                         # side of the (square) decoded images, px
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"     # resampling filter of the resize (PIL)
     normalization: Literal["imagenet", "half", "none"] = "imagenet"  # mean/std: ImageNet's, 0.5/0.5, or only /255
     flip: bool = False                                            # random horizontal flips in training
 
-    def __post_init__(self):
-        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
-            raise ValueError(f"Preprocessing.size must be a positive int, got {self.size!r}.")
-        for field, allowed in (("interpolation", INTERPOLATIONS), ("normalization", NORMALIZATIONS)):
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"Preprocessing.{field} must be one of {sorted(allowed)}, got {getattr(self, field)!r}.")
-        if not isinstance(self.flip, bool):
-            raise ValueError(f"Preprocessing.flip must be a bool, got {self.flip!r}.")
+    def __post_init__(self): check_fields(self, type_error=ValueError)   # every bad value is a ValueError
 
     def normalize(self, images: torch.Tensor,                 # uint8 (N, 3, S, S), on any device
                   flips: torch.Tensor | None = None,          # optional bool (N,): which images to mirror
@@ -420,7 +409,7 @@ def canonical_fgvc_task(name: str) -> str:
     key = _normalise_name(name)
     if key in FGVC_TASKS: return key
     if key in FGVC_ALIASES: return FGVC_ALIASES[key]
-    raise ValueError(f"Unknown FGVC task {name!r}.{_close_match(key, [*FGVC_TASKS, *FGVC_ALIASES])} "
+    raise ValueError(f"Unknown FGVC task {name!r}.{did_you_mean(key, [*FGVC_TASKS, *FGVC_ALIASES])} "
                      f"Known tasks: {', '.join(FGVC_TASKS)}.")
 
 

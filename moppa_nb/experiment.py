@@ -100,28 +100,29 @@ def _check_training_keys(where: str, settings) -> None:
         if key not in known: raise SettingsError(f"{where}.{key}: unknown training setting; expected one of {known}")
 
 
-def check_profile(params: dict, profile: str | None = None) -> dict:
-    "The settings of `profile` (as `profile_settings`) once every key is checked; a `SettingsError` names the first bad one."
-    settings = profile_settings(params, profile)
-    at = f"profiles.{settings['name']}"
-    for key in settings:
-        if key != "name" and key not in PROFILE_KEYS: raise SettingsError(f"{at}.{key}: unknown key; expected one of {list(PROFILE_KEYS)}")
-    for where, groups in (("methods", params.get("methods")), (f"{at}.methods", settings.get("methods"))):
-        if groups is None and where != "methods": continue
-        if not isinstance(groups, dict) or not groups: raise SettingsError(f"{where}: expected a non-empty mapping group -> method specs")
-        for group, specs in groups.items():
-            if not isinstance(group, str) or not GROUP_NAME.fullmatch(group):
-                raise SettingsError(f"{where}: group name {group!r} must be letters, digits and underscores")
-            if not isinstance(specs, list) or not specs: raise SettingsError(f"{where}.{group}: expected a non-empty list of method specs, got {specs!r}")
-            for spec in specs: _check_method(f"{where}.{group}", spec)
+def _check_method_groups(where: str, groups) -> None:
+    if not isinstance(groups, dict) or not groups: raise SettingsError(f"{where}: expected a non-empty mapping group -> method specs")
+    for group, specs in groups.items():
+        if not isinstance(group, str) or not GROUP_NAME.fullmatch(group):
+            raise SettingsError(f"{where}: group name {group!r} must be letters, digits and underscores")
+        if not isinstance(specs, list) or not specs: raise SettingsError(f"{where}.{group}: expected a non-empty list of method specs, got {specs!r}")
+        for spec in specs: _check_method(f"{where}.{group}", spec)
+
+
+def _check_seeds_and_tasks(at: str, settings: dict) -> None:
     seeds, tasks = settings.get("seeds", [0]), settings.get("tasks")
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise SettingsError(f"{at}.seeds: expected a non-empty list of integers >= 0, got {seeds!r}")
     if not isinstance(tasks, dict) or not tasks: raise SettingsError(f"{at}.tasks: expected a non-empty mapping task -> group, got {tasks!r}")
-    _check_training_keys(f"{at}.train", settings.get("train", {}))
+
+
+def _check_method_train(at: str, settings: dict) -> None:
     for method, overrides in settings.get("method_train", {}).items():
         _check_method(f"{at}.method_train.{method}", method)
         _check_training_keys(f"{at}.method_train.{method}", overrides)
+
+
+def _check_method_options(at: str, settings: dict) -> None:
     for method, options in settings.get("method_options", {}).items():
         _check_method(f"{at}.method_options.{method}", method)
         parts = method_names(method)
@@ -131,12 +132,20 @@ def check_profile(params: dict, profile: str | None = None) -> dict:
         for part, part_options in (peft_spec(settings, method).items() if "+" in method else [(method, options)]):
             try: build_options(get_method(part).Options, part, part_options)
             except PeftError as error: raise SettingsError(f"{at}.method_options.{method}: {error}") from None
+
+
+def _check_task_train(at: str, settings: dict) -> None:
+    tasks = settings["tasks"]
     for method, per_task in settings.get("task_train", {}).items():
         _check_method(f"{at}.task_train.{method}", method)
         if not isinstance(per_task, dict): raise SettingsError(f"{at}.task_train.{method}: expected a mapping task -> settings")
         for task, overrides in per_task.items():
             if task not in tasks: raise SettingsError(f"{at}.task_train.{method}.{task}: unknown task; the profile's tasks are {list(tasks)}")
             _check_training_keys(f"{at}.task_train.{method}.{task}", overrides)
+
+
+def _check_resolved_runs(at: str, params: dict, settings: dict) -> None:
+    seeds, tasks = settings.get("seeds", [0]), settings["tasks"]
     for spec in dict.fromkeys(s for specs in settings.get("methods", params["methods"]).values() for s in specs):
         for task in tasks:                               # every run's resolved settings make a valid TrainConfig
             resolved = run_settings(settings, spec, task)
@@ -144,6 +153,22 @@ def check_profile(params: dict, profile: str | None = None) -> dict:
             except (TypeError, ValueError) as error: raise SettingsError(f"{at}: settings of ({spec}, {task}): {error}") from None
             if resolved.get("head_init", "random") not in ("random", "probe"):
                 raise SettingsError(f"{at}: head_init of ({spec}, {task}) must be 'random' or 'probe', got {resolved['head_init']!r}")
+
+
+def check_profile(params: dict, profile: str | None = None) -> dict:
+    "The settings of `profile` (as `profile_settings`) once every key is checked; a `SettingsError` names the first bad one."
+    settings = profile_settings(params, profile)
+    at = f"profiles.{settings['name']}"
+    for key in settings:
+        if key != "name" and key not in PROFILE_KEYS: raise SettingsError(f"{at}.{key}: unknown key; expected one of {list(PROFILE_KEYS)}")
+    _check_method_groups("methods", params.get("methods"))
+    if settings.get("methods") is not None: _check_method_groups(f"{at}.methods", settings["methods"])
+    _check_seeds_and_tasks(at, settings)
+    _check_training_keys(f"{at}.train", settings.get("train", {}))
+    _check_method_train(at, settings)
+    _check_method_options(at, settings)
+    _check_task_train(at, settings)
+    _check_resolved_runs(at, params, settings)
     return settings
 
 # %% ../nbs/16_experiment.ipynb #b5605899
@@ -321,37 +346,54 @@ def run_method(method: str,                          # method spec, e.g. 'lora' 
         return _run_method(method, params, output_dir, profile, metrics_path, progress, on_run_end)
 
 
-def _run_method(method, params, output_dir, profile, metrics_path, progress, on_run_end) -> dict:
+def _task_data(profile: dict, task: str, settings: dict):
+    "`task` with the splits that a run of `settings` uses (train, selection, test), flipped if `settings` say so."
+    needed = train_config(settings, 0)
+    return load_task(profile, task, flip=settings.get("flip", False),
+                     splits=tuple(dict.fromkeys(s for s in (needed.train_split, needed.val_split, needed.test_split) if s)))
+
+
+def _initial_model(profile: dict, spec: dict, task: str, settings: dict, data, config) -> tuple[nn.Module, dict | None]:
+    "The adapted model a run starts from (seeded with the run's seed) and, if `head_init` is 'probe', the probe its head starts from."
+    torch.manual_seed(config.seed)
+    model = apply_peft(build_model(profile, data.num_classes, settings.get("drop_path", 0.0)), spec)
+    if _head_init(settings) != "probe": return model, None
+    probe = probe_head(profile, task, data, config.train_split, config.val_split, config.test_split)
+    initialise_head(model, probe)
+    return model, probe
+
+
+def _train_run(profile: dict, identity: dict, group: str, data, run_dir: Path, progress: bool) -> tuple[dict, int]:
+    "Train, resume or read back in `run_dir` the run `identity` names; save its adapter. Its record and trainable parameters."
     from moppa_nb.train import fit, timeless
+    task, seed, settings = identity["task"], identity["seed"], identity["settings"]
+    config = train_config(settings, seed)
+    model, probe = _initial_model(profile, identity["peft_spec"], task, settings, data, config)
+    _start_fresh_unless(run_dir, identity)
+    result = fit(model, data, config, run_dir, resume=True, progress=progress)
+    save_adapter(model, run_dir / "adapter")
+    history = [timeless(epoch) for epoch in result.pop("history")]     # timings stay in each run's timing.json
+    record = {"task": task, "group": group, "seed": seed, "settings": settings, "summary": timeless(result),
+              "history": history, "route_weights": _static_route_weights(model),
+              "head_init": {"kind": _head_init(settings), **{k: v for k, v in (probe or {}).items() if k not in ("weight", "bias")}}}
+    return record, count_trainable(model)
+
+
+def _run_method(method, params, output_dir, profile, metrics_path, progress, on_run_end) -> dict:
     settings_of = profile_settings(params, profile)
     spec, runs, trainable = peft_spec(settings_of, method), [], None
     backbone, seeds, code = backbone_identity(settings_of), settings_of.get("seeds", [0]), code_fingerprint()
     _prune(output_dir, set(settings_of["tasks"]) | {"adapter"})
     for task, group in settings_of["tasks"].items():
         settings = run_settings(settings_of, method, task)
-        needed = train_config(settings, 0)
-        data = load_task(settings_of, task, flip=settings.get("flip", False),
-                         splits=tuple(dict.fromkeys(s for s in (needed.train_split, needed.val_split, needed.test_split) if s)))
+        data = _task_data(settings_of, task, settings)
+        data_identity = {**settings_of["data"], "preprocessing": settings_of["preprocessing"], "sha256": data_fingerprint(data)}
         _prune(output_dir / task, {f"seed{seed}" for seed in seeds})
         for seed in seeds:
-            config = train_config(settings, seed)
-            torch.manual_seed(seed)
-            model = apply_peft(build_model(settings_of, data.num_classes, settings.get("drop_path", 0.0)), spec)
-            probe = None
-            if _head_init(settings) == "probe":
-                probe = probe_head(settings_of, task, data, config.train_split, config.val_split, config.test_split)
-                initialise_head(model, probe)
-            run_dir = output_dir / task / f"seed{seed}"
-            _start_fresh_unless(run_dir, {"method": method, "peft_spec": spec, "task": task, "seed": seed, "settings": settings,
-                                          "data": {**settings_of["data"], "preprocessing": settings_of["preprocessing"],
-                                                   "sha256": data_fingerprint(data)}, "backbone": backbone, "code": code})
-            result = fit(model, data, config, run_dir, resume=True, progress=progress)
-            save_adapter(model, run_dir / "adapter")
-            trainable = count_trainable(model)
-            history = [timeless(record) for record in result.pop("history")]     # timings stay in each run's timing.json
-            runs.append({"task": task, "group": group, "seed": seed, "settings": settings, "summary": timeless(result),
-                         "history": history, "route_weights": _static_route_weights(model),
-                         "head_init": {"kind": _head_init(settings), **{k: v for k, v in (probe or {}).items() if k not in ("weight", "bias")}}})
+            identity = {"method": method, "peft_spec": spec, "task": task, "seed": seed, "settings": settings,
+                        "data": data_identity, "backbone": backbone, "code": code}    # what the run resumes only under
+            record, trainable = _train_run(settings_of, identity, group, data, output_dir / task / f"seed{seed}", progress)
+            runs.append(record)
             if on_run_end is not None: on_run_end(runs[-1])
     results = {"method": method, "profile": settings_of["name"], "peft_spec": spec, "trainable_params": trainable,
                "backbone": backbone, "runs": runs}

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .registry import did_you_mean
 from .data import cache_root, write_vtab_task
 
 # %% auto #0
@@ -275,8 +276,7 @@ def task_rng(task: str, seed: int) -> np.random.Generator:
 def mini_task_splits(task: str, seed: int = 0, test_size: int = 1000) -> dict:
     "split -> (uint8 images N x 28 x 28, int64 labels) of a mini-VTAB task."
     if task not in MINI_TASKS:
-        from moppa_nb.data import _close_match
-        raise ValueError(f"Unknown mini-VTAB task {task!r}.{_close_match(task, MINI_TASKS)} Known: {list(MINI_TASKS)}.")
+        raise ValueError(f"Unknown mini-VTAB task {task!r}.{did_you_mean(task, MINI_TASKS)} Known: {list(MINI_TASKS)}.")
     return MINI_TASKS[task].make(task_rng(task, seed), test_size)
 
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from .dct import spectral_filter
 from .priors import heat_response, poisson_response, squared_frequency, wave_response
-from .registry import PeftError, PeftMethod, TrainingProgress, ViTLayout, register_method
+from .registry import (POSITIVE, MethodOptions, PeftError, PeftMethod, TrainingProgress, ViTLayout, checked,
+                               register_method, subset_of)
 from .router import BRANCHES, InputRouter, StaticRouter, entropy_weight, full_weights, route_entropy
 
 # %% auto #0
@@ -23,23 +24,19 @@ __all__ = ['MoPPAOptions', 'SharedPriors', 'MoPPAOperator', 'MoPPA', 'moppa_oper
 
 # %% ../nbs/04_moppa.ipynb #400bf1f8
 @dataclass(frozen=True)
-class MoPPAOptions:
+class MoPPAOptions(MethodOptions):
     "Options of the `moppa` method."
     form: typing.Literal["reference", "physical"] = "reference"   # spectral responses: public code's or textbook PDE solutions
     router: typing.Literal["static", "input"] = "static"          # input-independent (default) or input-dependent mixture
-    branches: tuple[str, ...] = BRANCHES                          # active priors; a subset ablates the others
+    branches: tuple[str, ...] = checked(BRANCHES, subset_of(BRANCHES))  # active priors; a subset ablates the others
     laplacian: typing.Literal["continuous", "discrete"] = "continuous"  # eigenvalues (pi n/H)^2 or 2 - 2cos(pi n/H)
     residual: bool = False                                         # output filter(X) (public code) or X + filter(X)
     placement: typing.Literal["attn", "mlp", "both"] = "attn"     # filter the input of attention (published), of the MLP, or both
     route_entropy: typing.Literal["mean", "sum"] = "mean"         # entropy averaged over branches (public code) or summed (nats)
-    tau_init: float = 5.0                                          # initial router temperature
+    tau_init: float = checked(5.0, POSITIVE)                       # initial router temperature
 
     def __post_init__(self):
-        unknown = [b for b in self.branches if b not in BRANCHES]
-        if unknown or not self.branches:
-            raise PeftError(f"Option 'branches' of method 'moppa' must be a non-empty subset of {BRANCHES}, got {self.branches}.")
-        if self.tau_init <= 0:
-            raise PeftError(f"Option 'tau_init' of method 'moppa' must be positive, got {self.tau_init}.")
+        super().__post_init__()
         object.__setattr__(self, "branches", tuple(b for b in BRANCHES if b in self.branches))
 
 # %% ../nbs/04_moppa.ipynb #81071ba0

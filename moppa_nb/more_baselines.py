@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from .registry import PeftError, PeftMethod, ViTLayout, register_method
+from .registry import (FRACTION, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, Rule, ViTLayout, at_least,
+                               checked, register_method, subset_of)
 from .weight_space import LoRAOptions, LoRAQV, QVLowRank, WeightSpaceMethod, add_product, install_qv
 
 # %% auto #0
-__all__ = ['RLRR_TARGETS', 'SPT_EXCLUDED', 'refuse_hooked_layer', 'RLRROptions', 'ResidualRescaling', 'RLRR', 'DoRAOptions',
-           'DoRAQV', 'DoRA', 'normal_levels', 'fake_quantise', 'BiAdapterOptions', 'quantised_weight',
+__all__ = ['RLRR_TARGETS', 'BIT_WIDTH', 'SPT_EXCLUDED', 'refuse_hooked_layer', 'RLRROptions', 'ResidualRescaling', 'RLRR',
+           'DoRAOptions', 'DoRAQV', 'DoRA', 'normal_levels', 'fake_quantise', 'BiAdapterOptions', 'quantised_weight',
            'init_bi_projections', 'QuantisedLinear', 'BinaryParallelAdapter', 'BiAdapter', 'BiLoRAOptions',
            'QuantisedQV', 'BiLoRA', 'spt_sensitivity', 'spt_units', 'spt_allocation', 'SPTOptions', 'SPTDeltas', 'SPT']
 
@@ -37,14 +38,13 @@ RLRR_TARGETS = {"value": ("attn.qkv", 2, 3), "proj": ("attn.proj", 0, 1), "fc1":
 
 
 @dataclass(frozen=True)
-class RLRROptions:
+class RLRROptions(MethodOptions):
     "Options of the `rlrr` method."
     init: typing.Literal["identity", "public"] = "identity"   # s_out = 0 (starts at the backbone) or both scales kaiming-uniform (public code)
-    targets: tuple[str, ...] = tuple(RLRR_TARGETS)            # rescaled layers: value part of qkv, attention proj, fc1, fc2
+    targets: tuple[str, ...] = checked(tuple(RLRR_TARGETS), subset_of(RLRR_TARGETS))   # rescaled layers: value part of qkv, attention proj, fc1, fc2
 
     def __post_init__(self):
-        if not self.targets or any(t not in RLRR_TARGETS for t in self.targets):
-            raise PeftError(f"Option 'targets' of method 'rlrr' must be a non-empty subset of {tuple(RLRR_TARGETS)}, got {self.targets}.")
+        super().__post_init__()
         object.__setattr__(self, "targets", tuple(t for t in RLRR_TARGETS if t in self.targets))
 
 
@@ -102,7 +102,6 @@ class RLRR(WeightSpaceMethod):
 @dataclass(frozen=True)
 class DoRAOptions(LoRAOptions):
     "Options of the `dora` method: LoRA's `rank` and `alpha`, for the low-rank update of the direction."
-    method: typing.ClassVar[str] = "dora"
 
 
 class DoRAQV(LoRAQV):
@@ -175,22 +174,16 @@ def fake_quantise(weight: torch.Tensor, bits: int) -> torch.Tensor:
     return (z + (quantised - z).detach()) * std + mean
 
 # %% ../nbs/09b_more_baselines.ipynb #175a671c
-@dataclass(frozen=True)
-class BiAdapterOptions:
-    "Options of the `bi_adapter` method."
-    method: typing.ClassVar[str] = "bi_adapter"
-    bits: int = 1             # bits per adapter weight; 32 trains plain float weights
-    dim: int = 32             # bottleneck width
-    scale: float = 1.0        # s, multiplies the branch (the public configs pick it per task from 0.01 to 10)
-    dropout: float = 0.1      # dropout after the ReLU
+BIT_WIDTH = Rule(lambda bits: 1 <= bits <= 8 or bits == 32, "1 to 8, or 32 (no quantisation)")
 
-    def __post_init__(self):
-        if not (1 <= self.bits <= 8 or self.bits == 32):
-            raise PeftError(f"Option 'bits' of method {self.method!r} must be 1 to 8, or 32 (no quantisation), got {self.bits}.")
-        if self.dim < 1:
-            raise PeftError(f"Option 'dim' of method {self.method!r} must be at least 1, got {self.dim}.")
-        if not 0 <= self.dropout < 1:
-            raise PeftError(f"Option 'dropout' of method {self.method!r} must be in [0, 1), got {self.dropout}.")
+
+@dataclass(frozen=True)
+class BiAdapterOptions(MethodOptions):
+    "Options of the `bi_adapter` method."
+    bits: int = checked(1, BIT_WIDTH)              # bits per adapter weight; 32 trains plain float weights
+    dim: int = checked(32, at_least(1))            # bottleneck width
+    scale: float = checked(1.0, OUTPUT_SCALE)      # s, multiplies the branch (the public configs pick it per task from 0.01 to 10)
+    dropout: float = checked(0.1, FRACTION)        # dropout after the ReLU
 
 
 def quantised_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -263,7 +256,6 @@ class BiAdapter(PeftMethod):
 @dataclass(frozen=True)
 class BiLoRAOptions(BiAdapterOptions):
     "Options of the `bi_lora` method."
-    method: typing.ClassVar[str] = "bi_lora"
 
 
 class QuantisedQV(QVLowRank):
@@ -361,23 +353,20 @@ def spt_allocation(sensitivity: dict[str, torch.Tensor],   # from `spt_sensitivi
 
 # %% ../nbs/09b_more_baselines.ipynb #51e12605
 @dataclass(frozen=True)
-class SPTOptions:
+class SPTOptions(MethodOptions):
     "Options of the `spt` method."
     allocation: typing.Optional[dict] = None   # from `spt_allocation`: {'structured': [...], 'full': [...], 'sparse': {unit: [index, ...]}}
-    rank: int = 8                              # rank r of the structured LoRA modules
-    dropout: float = 0.1                       # dropout on the structured modules' input
-    drop_path: float = 0.1                     # DropPath on the structured branch (0 turns it off)
+    rank: int = checked(8, at_least(1))        # rank r of the structured LoRA modules
+    dropout: float = checked(0.1, FRACTION)    # dropout on the structured modules' input
+    drop_path: float = checked(0.1, FRACTION)  # DropPath on the structured branch (0 turns it off)
     train_cls_token: bool = True               # SPT tunes the CLS token in full in stage 2
 
     def __post_init__(self):
-        if self.allocation is None or set(self.allocation) != {"structured", "full", "sparse"}:
-            raise PeftError("Option 'allocation' of method 'spt' must be the dict returned by spt_allocation(spt_sensitivity(model, batches), budget) "
-                            "(keys 'structured', 'full', 'sparse').")
-        if self.rank < 1:
-            raise PeftError(f"Option 'rank' of method 'spt' must be at least 1, got {self.rank}.")
-        for name in ("dropout", "drop_path"):
-            if not 0 <= getattr(self, name) < 1:
-                raise PeftError(f"Option {name!r} of method 'spt' must be in [0, 1), got {getattr(self, name)}.")
+        super().__post_init__()
+        if self.allocation is None or set(self.allocation) != {"structured", "full", "sparse"}:   # no default can stand in
+            got = None if self.allocation is None else f"a dict with keys {sorted(self.allocation)}"
+            raise PeftError("SPTOptions.allocation must be the dict returned by spt_allocation(spt_sensitivity(model, batches), "
+                            f"budget), with keys 'structured', 'full', 'sparse'; got {got}.")
 
 
 class SPTDeltas(nn.Module):

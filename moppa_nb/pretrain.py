@@ -24,36 +24,47 @@ from torch import nn
 
 from .adapt import atomic_write, tensor_hash_problem, tensor_sha256
 from .data import Preprocessing, TaskData
+from .registry import NON_NEGATIVE, POSITIVE, Rule, at_least, check_fields, checked
 
 # %% auto #0
-__all__ = ['BACKBONE_WEIGHTS', 'BACKBONE_CONFIG', 'INPUT_NORMALIZATION', 'MOBILENET_FILE', 'IMAGENET_MEAN', 'IMAGENET_STD',
-           'PretrainConfig', 'build_backbone', 'mobilenet_v2_imagenet', 'teacher_maps', 'distill_backbone',
-           'BackboneCorrupted', 'save_backbone', 'load_backbone', 'pretrain_backbone', 'vit_features', 'pixel_features',
-           'task_features', 'fit_linear', 'linear_probe_accuracy']
+__all__ = ['BACKBONE_WEIGHTS', 'BACKBONE_CONFIG', 'INPUT_NORMALIZATION', 'MOBILENET_BLOCK', 'MOBILENET_FILE', 'IMAGENET_MEAN',
+           'IMAGENET_STD', 'PretrainConfig', 'build_backbone', 'mobilenet_v2_imagenet', 'teacher_maps',
+           'distill_backbone', 'BackboneCorrupted', 'save_backbone', 'load_backbone', 'pretrain_backbone',
+           'vit_features', 'pixel_features', 'task_features', 'fit_linear', 'linear_probe_accuracy']
 
 # %% ../nbs/12_pretrain.ipynb #305897fb
 BACKBONE_WEIGHTS, BACKBONE_CONFIG = "backbone.safetensors", "backbone.json"
 INPUT_NORMALIZATION = "half"           # the backbone's inputs: pixels / 127.5 - 1 (Preprocessing normalization 'half')
 
 
+MOBILENET_BLOCK = Rule(lambda block: 0 <= block <= 6, "in [0, 6] (MobileNetV2's 7 blocks)")
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     "The default backbone's architecture and pre-training recipe; saved in backbone.json."
-    img_size: int = 28                 # input side, px
-    patch_size: int = 4                # token side, px (28 / 4 = a 7 x 7 token grid)
-    embed_dim: int = 128               # token width
-    depth: int = 4                     # transformer blocks
-    num_heads: int = 4                 # attention heads
-    upstream_images: int = 20_000      # Fashion-MNIST training images distilled on
-    teacher_resolution: int = 112      # side the teacher sees (its block-4 map is then 7 x 7)
-    teacher_block: int = 4             # MobileNetV2 block whose output is the per-token target
-    steps: int = 600                   # optimiser steps
-    batch_size: int = 128              # images per step
-    lr: float = 1e-3                   # peak AdamW learning rate (cosine to 0 after warm-up)
-    warmup_steps: int = 30             # linear warm-up steps
-    weight_decay: float = 0.05         # AdamW weight decay
-    flip: bool = True                  # random horizontal flips (of image and target map)
-    seed: int = 0                      # image subset, initialisation and batch order
+    img_size: int = checked(28, at_least(1))             # input side, px
+    patch_size: int = checked(4, at_least(1))            # token side, px (28 / 4 = a 7 x 7 token grid)
+    embed_dim: int = checked(128, at_least(1))           # token width
+    depth: int = checked(4, at_least(1))                 # transformer blocks
+    num_heads: int = checked(4, at_least(1))             # attention heads
+    upstream_images: int = checked(20_000, at_least(1))  # Fashion-MNIST training images distilled on
+    teacher_resolution: int = checked(112, at_least(1))  # side the teacher sees (its block-4 map is then 7 x 7)
+    teacher_block: int = checked(4, MOBILENET_BLOCK)     # MobileNetV2 block whose output is the per-token target
+    steps: int = checked(600, at_least(1))               # optimiser steps
+    batch_size: int = checked(128, at_least(1))          # images per step
+    lr: float = checked(1e-3, POSITIVE)                  # peak AdamW learning rate (cosine to 0 after warm-up)
+    warmup_steps: int = checked(30, at_least(1))         # linear warm-up steps (the rate of step s is scaled by s / warmup_steps)
+    weight_decay: float = checked(0.05, NON_NEGATIVE)    # AdamW weight decay
+    flip: bool = True                                    # random horizontal flips (of image and target map)
+    seed: int = checked(0, NON_NEGATIVE)                 # image subset, initialisation and batch order
+
+    def __post_init__(self):
+        check_fields(self)                               # types (TypeError) and each field's rule (ValueError)
+        if self.img_size % self.patch_size:
+            raise ValueError(f"PretrainConfig.img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size}).")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"PretrainConfig.embed_dim ({self.embed_dim}) must be a multiple of num_heads ({self.num_heads}).")
 
     def architecture(self) -> dict:
         "`VisionTransformer` keyword arguments of the backbone (head excluded)."

@@ -16,16 +16,18 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['OUTPUT_SCALES', 'WIDTH_BOUNDED_OPTIONS', 'PeftError', 'type_ok', 'check_option_value', 'build_options',
-           'describe_type', 'ViTLayout', 'vit_layout', 'check_options_fit', 'NoOptions', 'TrainingProgress',
-           'PeftMethod', 'register_method', 'composition_conflicts', 'list_methods', 'get_method']
+__all__ = ['POSITIVE', 'NON_NEGATIVE', 'FRACTION', 'NON_EMPTY', 'OUTPUT_SCALE', 'WIDTH_BOUNDED_OPTIONS', 'PeftError',
+           'did_you_mean', 'type_ok', 'describe_type', 'Rule', 'at_least', 'subset_of', 'checked', 'check_fields',
+           'MethodOptions', 'build_options', 'ViTLayout', 'vit_layout', 'check_options_fit', 'NoOptions',
+           'TrainingProgress', 'PeftMethod', 'register_method', 'composition_conflicts', 'list_methods', 'get_method']
 
 # %% ../nbs/00_registry.ipynb #0fec4740
 class PeftError(ValueError):
     "A clear, user-facing error: unknown method or option, bad option value, model that cannot be adapted."
 
 # %% ../nbs/00_registry.ipynb #87f2c14c
-def _suggest(name: str, known: typing.Iterable[str]) -> str:
+def did_you_mean(name: str, known: typing.Iterable[str]) -> str:
+    "' Did you mean \'x\'?' for the closest of `known` to a misspelt `name`, or '' when none is close."
     close = difflib.get_close_matches(name, list(known), n=1)
     return f" Did you mean {close[0]!r}?" if close else ""
 
@@ -43,53 +45,6 @@ def type_ok(value, annotation) -> bool:
     return isinstance(value, annotation)
 
 
-def _type_hints(options_class: type) -> dict:
-    "Resolved field annotations; `typing` names resolve even for classes defined in a notebook (module `__main__`)."
-    import sys
-    namespace = {**vars(typing), "typing": typing, **vars(sys.modules.get(options_class.__module__, typing))}
-    return typing.get_type_hints(options_class, globalns=namespace)
-
-
-def _floats(value) -> list[float]:
-    "The float values in an option value (a number, or a sequence of them)."
-    if isinstance(value, float): return [value]
-    if isinstance(value, (tuple, list)): return [v for item in value for v in _floats(item)]
-    return []
-
-
-# Float options that multiply a method's whole output: 0 makes the method inert (its output and gradients are 0).
-OUTPUT_SCALES = ("alpha", "scale")
-
-
-def check_option_value(method: str, key: str, value) -> None:
-    "Refuse values no method can use: NaN or infinite numbers, and 0 for an output scale (`OUTPUT_SCALES`)."
-    if any(not math.isfinite(v) for v in _floats(value)):
-        raise PeftError(f"Option {key!r} of method {method!r} must be a finite number, got {value!r}.")
-    if key in OUTPUT_SCALES and isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
-        raise PeftError(f"Option {key!r} of method {method!r} must be non-zero: it multiplies the method's output, "
-                        "so 0 makes the method inert (nothing it adds reaches the output, its gradients are 0).")
-
-
-def build_options(options_class: type, method: str, given: dict | None = None):
-    "Validate `given` against the dataclass `options_class` of `method` and return an instance."
-    if given is not None and not isinstance(given, dict):
-        raise PeftError(f"Options of method {method!r} must be a dict, got {type(given).__name__}.")
-    given = dict(given or {})
-    hints = _type_hints(options_class)
-    names = [f.name for f in fields(options_class)]
-    for key, value in given.items():
-        if key not in names:
-            raise PeftError(f"Unknown option {key!r} for method {method!r}; known options: {names}.{_suggest(key, names)}")
-        if not type_ok(value, hints[key]):
-            raise PeftError(f"Option {key!r} of method {method!r} must be {describe_type(hints[key])}, got {value!r} ({type(value).__name__}).")
-        check_option_value(method, key, value)
-        if isinstance(value, list): given[key] = tuple(value)
-    options = options_class(**given)
-    for field in fields(options):                  # defaults and values set by __post_init__ too
-        check_option_value(method, field.name, getattr(options, field.name))
-    return options
-
-
 def describe_type(annotation) -> str:
     "How `annotation` reads in an error message: 'one of ...', 'a sequence of int', 'float or NoneType'."
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -97,6 +52,97 @@ def describe_type(annotation) -> str:
     if origin in (tuple, list): return f"a sequence of {describe_type(args[0])}"
     if origin is typing.Union: return " or ".join(describe_type(a) for a in args)
     return getattr(annotation, "__name__", str(annotation))
+
+
+def _type_hints(cls: type) -> dict:
+    "Resolved field annotations; `typing` names resolve even for classes defined in a notebook (module `__main__`)."
+    import sys
+    namespace = {**vars(typing), "typing": typing, **vars(sys.modules.get(cls.__module__, typing))}
+    return typing.get_type_hints(cls, globalns=namespace)
+
+
+def _floats(value) -> list[float]:
+    "The float values in a field value (a number, or a sequence of them)."
+    if isinstance(value, float): return [value]
+    if isinstance(value, (tuple, list)): return [v for item in value for v in _floats(item)]
+    return []
+
+
+def _choice_hint(value, choices: typing.Iterable) -> str:
+    "A close match among `choices` for the first string in `value` (a string or a sequence) that is not one of them."
+    choices = [c for c in choices if isinstance(c, str)]
+    unknown = [v for v in (value if isinstance(value, (tuple, list)) else [value]) if isinstance(v, str) and v not in choices]
+    return did_you_mean(unknown[0], choices) if unknown and choices else ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    "A condition on a field's value, and how an error message words it: `Class.field must be {words}`."
+    test: typing.Callable[[typing.Any], bool]   # True when the value is allowed
+    words: str                                  # e.g. 'at least 1'
+    choices: tuple = ()                         # the allowed items, for a 'Did you mean' suggestion
+
+
+def at_least(low) -> Rule: return Rule(lambda v: v >= low, f"at least {low}")
+POSITIVE = Rule(lambda v: v > 0, "positive")
+NON_NEGATIVE = Rule(lambda v: v >= 0, "non-negative")
+FRACTION = Rule(lambda v: 0 <= v < 1, "in [0, 1)")          # dropout rates, label smoothing
+NON_EMPTY = Rule(lambda v: len(v) > 0, "non-empty")
+
+
+def subset_of(choices: typing.Iterable[str]) -> Rule:
+    "A rule for a sequence field: at least one item, every item one of `choices`."
+    choices = tuple(choices)
+    return Rule(lambda v: len(v) > 0 and all(item in choices for item in v), f"a non-empty subset of {choices}", choices)
+
+
+def checked(default, rule: Rule):
+    "A dataclass field with `default` whose value must meet `rule` (None, where the annotation allows it, is not checked)."
+    return dataclasses.field(default=default, metadata={"rule": rule})
+
+
+def check_fields(instance,                                     # a dataclass instance, typically `self` in `__post_init__`
+                 error: type[Exception] = ValueError,          # raised for a value out of its rule, or not finite
+                 type_error: type[Exception] = TypeError,      # raised for a value of the wrong type
+                 ) -> None:
+    "Check each field of `instance`: type (a Literal: choices), finite floats, its `checked` rule; lists become tuples."
+    hints = _type_hints(type(instance))
+    for field in fields(instance):
+        value, annotation, rule = getattr(instance, field.name), hints[field.name], field.metadata.get("rule")
+        where = f"{type(instance).__name__}.{field.name}"
+        if not type_ok(value, annotation):
+            choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else ()
+            raise type_error(f"{where} must be {describe_type(annotation)}, got {value!r}.{_choice_hint(value, choices)}")
+        if any(not math.isfinite(v) for v in _floats(value)):
+            raise error(f"{where} must be a finite number, got {value!r}.")
+        if rule is not None and value is not None and not rule.test(value):
+            words = f"None or {rule.words}" if type_ok(None, annotation) else rule.words
+            raise error(f"{where} must be {words}, got {value!r}.{_choice_hint(value, rule.choices)}")
+        if isinstance(value, list): object.__setattr__(instance, field.name, tuple(value))
+
+# %% ../nbs/00_registry.ipynb #f4e5e775
+@dataclass(frozen=True)
+class MethodOptions:
+    "Base of a method's options: fields are checked when built (`check_fields`), and a bad value raises `PeftError`."
+    def __post_init__(self): check_fields(self, PeftError, PeftError)
+
+
+# Float options that multiply a method's whole output: 0 makes the method inert.
+OUTPUT_SCALE = Rule(lambda v: v != 0, "non-zero (it multiplies the method's output: 0 makes the method inert, "
+                                      "nothing it adds reaches the output and its gradients are 0)")
+
+
+def build_options(options_class: type, method: str, given: dict | None = None):
+    "Validate `given` against the dataclass `options_class` of `method` and return an instance."
+    if given is not None and not isinstance(given, dict):
+        raise PeftError(f"Options of method {method!r} must be a dict, got {type(given).__name__}.")
+    names = [f.name for f in fields(options_class)]
+    for key in given or {}:
+        if key not in names:
+            raise PeftError(f"Unknown option {key!r} for method {method!r}; known options: {names}.{did_you_mean(key, names)}")
+    options = options_class(**(given or {}))
+    if not isinstance(options, MethodOptions): check_fields(options, PeftError, PeftError)   # a plain dataclass
+    return options
 
 # %% ../nbs/00_registry.ipynb #d100489c
 @dataclass(frozen=True)
@@ -143,7 +189,7 @@ def check_options_fit(method: str, options, layout: ViTLayout) -> None:
 
 # %% ../nbs/00_registry.ipynb #b81a1753
 @dataclass(frozen=True)
-class NoOptions:
+class NoOptions(MethodOptions):
     "Options of a method that has none."
 
 
@@ -236,5 +282,5 @@ def list_methods() -> list[str]:
 def get_method(name: str) -> type[PeftMethod]:
     "The method class registered as `name`, or a `PeftError` listing the known names."
     if name not in _METHODS:
-        raise PeftError(f"Unknown PEFT method {name!r}; known methods: {list_methods()}.{_suggest(name, _METHODS)}")
+        raise PeftError(f"Unknown PEFT method {name!r}; known methods: {list_methods()}.{did_you_mean(name, _METHODS)}")
     return _METHODS[name]

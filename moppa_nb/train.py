@@ -26,7 +26,8 @@ from tqdm import tqdm
 from .adapt import adapted_methods, count_trainable
 from .checkpoint import (CHECKPOINT_NAME, TrainingState, model_fingerprint, resume_checkpoint, save_checkpoint,
                                  write_json)
-from .registry import TrainingProgress, describe_type, type_ok
+from .registry import (FRACTION, NON_EMPTY, NON_NEGATIVE, POSITIVE, TrainingProgress, at_least, check_fields,
+                               checked)
 
 # %% auto #0
 __all__ = ['RUNTIME_FIELDS', 'PROTOCOLS', 'RUN_FILES', 'TIMING_FILE', 'TIMING_FIELDS', 'TrainConfig', 'trajectory_config',
@@ -38,39 +39,32 @@ __all__ = ['RUNTIME_FIELDS', 'PROTOCOLS', 'RUN_FILES', 'TIMING_FILE', 'TIMING_FI
 @dataclass(frozen=True)
 class TrainConfig:
     "How to train: optimiser, schedule, regularisation, splits, evaluation, checkpoints, hardware."
-    epochs: int = 100                      # length of the cosine schedule, warm-up included
-    batch_size: int = 32                   # training images per step (the last batch of an epoch may be smaller)
-    lr: float = 1e-3                       # peak learning rate of AdamW
-    weight_decay: float = 1e-4             # AdamW's decoupled weight decay
-    decay_1d: bool = True                  # decay 1-D tensors (biases, norms) too, as MoPPA's code; False exempts them
-    warmup_epochs: int = 10                # linear warm-up from `warmup_lr`, inside the cosine
-    warmup_lr: float = 1e-7                # learning rate of the first epoch when warming up
-    min_lr: float = 1e-8                   # end of the cosine, and the rate of the cool-down epochs
-    cooldown_epochs: int = 0               # extra epochs at `min_lr` after the cosine (MoPPA: 10)
-    label_smoothing: float = 0.0           # `CrossEntropyLoss(label_smoothing=...)`
-    grad_clip: Optional[float] = None      # clip the gradients' global L2 norm to this; None: no clipping
-    route_reg_scale: float = 0.0           # scale s of the methods' extra loss terms (MoPPA: route regularisation); 0 disables them
-    seed: int = 0                          # seeds the global torch RNG (dropout, drop path) and the batch order
-    train_split: str = "train800"          # split to train on ("train800val200" for the final VTAB runs)
-    val_split: Optional[str] = "val200"    # split that selects the epoch (protocol `val`); None: no selection
-    test_split: str = "test"               # split that every protocol reports
-    eval_every: int = 1                    # evaluate every this many epochs, and always after the last
-    checkpoint_every: int = 10             # checkpoint every this many epochs, and always after the last
-    eval_batch_size: int = 512             # images per evaluation batch
-    amp: Literal["auto", "bf16", "off"] = "auto"  # bf16 autocast; "auto": on CUDA, off on CPU
-    device: str = "auto"                   # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
-    compile: bool = False                  # run the model through `torch.compile`
-    num_threads: Optional[int] = None      # `torch.set_num_threads` for the run; None leaves it
+    epochs: int = checked(100, at_least(1))              # length of the cosine schedule, warm-up included
+    batch_size: int = checked(32, at_least(1))           # training images per step (the last batch of an epoch may be smaller)
+    lr: float = checked(1e-3, POSITIVE)                  # peak learning rate of AdamW
+    weight_decay: float = checked(1e-4, NON_NEGATIVE)    # AdamW's decoupled weight decay
+    decay_1d: bool = True                                # decay 1-D tensors (biases, norms) too, as MoPPA's code; False exempts them
+    warmup_epochs: int = checked(10, NON_NEGATIVE)       # linear warm-up from `warmup_lr`, inside the cosine
+    warmup_lr: float = checked(1e-7, NON_NEGATIVE)       # learning rate of the first epoch when warming up
+    min_lr: float = checked(1e-8, NON_NEGATIVE)          # end of the cosine, and the rate of the cool-down epochs
+    cooldown_epochs: int = checked(0, NON_NEGATIVE)      # extra epochs at `min_lr` after the cosine (MoPPA: 10)
+    label_smoothing: float = checked(0.0, FRACTION)      # `CrossEntropyLoss(label_smoothing=...)`
+    grad_clip: Optional[float] = checked(None, POSITIVE)  # clip the gradients' global L2 norm to this; None: no clipping
+    route_reg_scale: float = checked(0.0, NON_NEGATIVE)  # scale s of the methods' extra loss terms (MoPPA: route regularisation); 0 disables them
+    seed: int = checked(0, NON_NEGATIVE)                 # seeds the global torch RNG (dropout, drop path) and the batch order
+    train_split: str = checked("train800", NON_EMPTY)    # split to train on ("train800val200" for the final VTAB runs)
+    val_split: Optional[str] = checked("val200", NON_EMPTY)  # split that selects the epoch (protocol `val`); None: no selection
+    test_split: str = checked("test", NON_EMPTY)         # split that every protocol reports
+    eval_every: int = checked(1, at_least(1))            # evaluate every this many epochs, and always after the last
+    checkpoint_every: int = checked(10, at_least(1))     # checkpoint every this many epochs, and always after the last
+    eval_batch_size: int = checked(512, at_least(1))     # images per evaluation batch
+    amp: Literal["auto", "bf16", "off"] = "auto"         # bf16 autocast; "auto": on CUDA, off on CPU
+    device: str = "auto"                                 # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    compile: bool = False                                # run the model through `torch.compile`
+    num_threads: Optional[int] = checked(None, at_least(1))  # `torch.set_num_threads` for the run; None leaves it
 
     def __post_init__(self):
-        hints = typing.get_type_hints(TrainConfig)
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not type_ok(value, hints[field.name]):
-                raise TypeError(f"TrainConfig.{field.name} must be {describe_type(hints[field.name])}, "
-                                f"got {value!r} ({type(value).__name__}).")
-            if field.name in _RANGES and value is not None and not _RANGES[field.name][0](value):
-                raise ValueError(f"TrainConfig.{field.name} must be {_RANGES[field.name][1]}, got {value!r}.")
+        check_fields(self)                                # types (TypeError) and each field's rule (ValueError)
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ValueError(f"TrainConfig.warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs}).")
         if self.min_lr > self.lr:
@@ -96,16 +90,6 @@ class TrainConfig:
     def evaluation_splits(self) -> dict[str, str]:
         "Role (`val`, `test`) -> split evaluated after the epochs."
         return {"val": self.val_split, "test": self.test_split} if self.val_held_out else {"test": self.test_split}
-
-
-_AT_LEAST_ONE, _NON_NEGATIVE = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0")
-_RANGES = {"epochs": _AT_LEAST_ONE, "batch_size": _AT_LEAST_ONE, "lr": (lambda v: v > 0, "> 0"),
-           "weight_decay": _NON_NEGATIVE, "warmup_epochs": _NON_NEGATIVE, "warmup_lr": _NON_NEGATIVE,
-           "min_lr": _NON_NEGATIVE, "cooldown_epochs": _NON_NEGATIVE, "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
-           "grad_clip": (lambda v: v > 0, "None or > 0"), "route_reg_scale": _NON_NEGATIVE, "seed": _NON_NEGATIVE,
-           "train_split": (bool, "a non-empty string"), "val_split": (bool, "None or a non-empty string"),
-           "test_split": (bool, "a non-empty string"), "eval_every": _AT_LEAST_ONE, "checkpoint_every": _AT_LEAST_ONE,
-           "eval_batch_size": _AT_LEAST_ONE, "num_threads": (lambda v: v >= 1, "None or >= 1")}
 
 RUNTIME_FIELDS = ("eval_batch_size", "checkpoint_every", "device", "compile", "num_threads")  # may change when a run resumes
 

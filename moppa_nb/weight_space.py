@@ -13,25 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapt import is_head_parameter
-from .registry import PeftError, PeftMethod, ViTLayout, _suggest, register_method
+from .registry import (FRACTION, NON_NEGATIVE, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, ViTLayout,
+                               at_least, checked, register_method, subset_of)
 
 # %% auto #0
-__all__ = ['SSF_SITES', 'SSF_MOPPA_SITES', 'BLOCK_SITES', 'perturb_for_testing', 'remove_method_modules', 'WeightSpaceMethod',
-           'BackboneSubset', 'LinearProbe', 'FullFineTuning', 'BitFit', 'QVLowRank', 'add_product', 'install_qv',
-           'LoRAOptions', 'LoRAQV', 'LoRA', 'NOLAOptions', 'RandomBases', 'NOLAQV', 'NOLA', 'SSFOptions', 'ScaleShift',
-           'ssf_targets', 'SSF', 'FacTOptions', 'fact_slices', 'FacTFactors', 'FacTBlock', 'FacT']
-
-# %% ../nbs/07_weight_space.ipynb #1b95f310
-def perturb_for_testing(model: nn.Module,     # a model adapted by `apply_peft`
-                        scale: float = 0.1,   # standard deviation of the added Gaussian noise
-                        ) -> nn.Module:
-    "Add noise to every trainable tensor outside the classification head (in place), so identity-at-init tests are not trivially true."
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.requires_grad and not is_head_parameter(model, name):
-                parameter.add_(scale * torch.randn_like(parameter))
-    return model
+__all__ = ['SSF_SITES', 'SSF_MOPPA_SITES', 'BLOCK_SITES', 'remove_method_modules', 'WeightSpaceMethod', 'BackboneSubset',
+           'LinearProbe', 'FullFineTuning', 'BitFit', 'QVLowRank', 'add_product', 'install_qv', 'LoRAOptions', 'LoRAQV',
+           'LoRA', 'NOLAOptions', 'RandomBases', 'NOLAQV', 'NOLA', 'SSFOptions', 'ScaleShift', 'ssf_targets', 'SSF',
+           'FacTOptions', 'fact_slices', 'FacTFactors', 'FacTBlock', 'FacT']
 
 # %% ../nbs/07_weight_space.ipynb #04ce6379
 def remove_method_modules(model: nn.Module, prefix: str) -> None:
@@ -148,15 +137,10 @@ def _kaiming_bound(fan_in: int) -> float:
 
 
 @dataclass(frozen=True)
-class LoRAOptions:
+class LoRAOptions(MethodOptions):
     "Options of the `lora` method (and, by subclassing, of the methods built on LoRA's factors)."
-    method: typing.ClassVar[str] = "lora"
-    rank: int = 8            # rank r of the Q and V deltas
-    alpha: float = 8.0       # the deltas are scaled by alpha / r
-
-    def __post_init__(self):
-        if self.rank < 1:
-            raise PeftError(f"Option 'rank' of method {self.method!r} must be at least 1, got {self.rank}.")
+    rank: int = checked(8, at_least(1))            # rank r of the Q and V deltas
+    alpha: float = checked(8.0, OUTPUT_SCALE)      # the deltas are scaled by alpha / r
 
 
 class LoRAQV(QVLowRank):
@@ -183,17 +167,12 @@ class LoRA(WeightSpaceMethod):
 
 # %% ../nbs/07_weight_space.ipynb #5a9f0180
 @dataclass(frozen=True)
-class NOLAOptions:
+class NOLAOptions(MethodOptions):
     "Options of the `nola` method."
-    rank: int = 4              # rank of the Q and V deltas
-    num_bases: int = 1024      # random bases k for A and for B (the public ViT code's ka = kb = 1024)
-    seed: int = 0              # seed that regenerates the frozen bases
-    scale: float = 1.0         # the deltas are scaled by scale / rank
-
-    def __post_init__(self):
-        for name in ("rank", "num_bases"):
-            if getattr(self, name) < 1:
-                raise PeftError(f"Option {name!r} of method 'nola' must be at least 1, got {getattr(self, name)}.")
+    rank: int = checked(4, at_least(1))            # rank of the Q and V deltas
+    num_bases: int = checked(1024, at_least(1))    # random bases k for A and for B (the public ViT code's ka = kb = 1024)
+    seed: int = 0                                  # seed that regenerates the frozen bases
+    scale: float = checked(1.0, OUTPUT_SCALE)      # the deltas are scaled by scale / rank
 
 
 class RandomBases(nn.Module):
@@ -240,19 +219,13 @@ SSF_MOPPA_SITES = ("patch_embed", "norm2", "final_norm")
 
 
 @dataclass(frozen=True)
-class SSFOptions:
+class SSFOptions(MethodOptions):
     "Options of the `ssf` method."
-    init_std: float = 0.0      # scale ~ N(1, std) and shift ~ N(0, std); 0 starts at the identity, the public code uses 0.02
-    targets: tuple[str, ...] = SSF_SITES   # sites scaled and shifted (table above); SSF_MOPPA_SITES: the public MoPPA code's three
+    init_std: float = checked(0.0, NON_NEGATIVE)   # scale ~ N(1, std) and shift ~ N(0, std); 0 starts at the identity, the public code uses 0.02
+    targets: tuple[str, ...] = checked(SSF_SITES, subset_of(SSF_SITES))   # sites scaled and shifted (table above); SSF_MOPPA_SITES: the public MoPPA code's three
 
     def __post_init__(self):
-        if self.init_std < 0:
-            raise PeftError(f"Option 'init_std' of method 'ssf' must be non-negative, got {self.init_std}.")
-        if isinstance(self.targets, str) or not self.targets:
-            raise PeftError(f"Option 'targets' of method 'ssf' must be a non-empty sequence of sites from {SSF_SITES}, got {self.targets!r}.")
-        for site in self.targets:
-            if site not in SSF_SITES:
-                raise PeftError(f"Option 'targets' of method 'ssf': unknown site {site!r}; sites are {SSF_SITES}.{_suggest(site, SSF_SITES)}")
+        super().__post_init__()
         object.__setattr__(self, "targets", tuple(s for s in SSF_SITES if s in self.targets))   # canonical order, no repeats
 
 
@@ -318,21 +291,18 @@ class SSF(WeightSpaceMethod):
 
 # %% ../nbs/07_weight_space.ipynb #4ccd72ff
 @dataclass(frozen=True)
-class FacTOptions:
+class FacTOptions(MethodOptions):
     "Options of the `fact` method."
     variant: typing.Literal["tt", "tk"] = "tt"     # tensor-train (an r x r core per slice) or Tucker (one r x r x r core)
-    rank: typing.Optional[int] = None              # r; None means 16 for TT, 32 for TK
-    scale: float = 1.0                             # s, multiplies every delta (the paper tunes it per task)
-    dropout: float = 0.1                           # dropout after the core, as in the public code
+    rank: typing.Optional[int] = checked(None, at_least(1))   # r; None means 16 for TT, 32 for TK
+    scale: float = checked(1.0, OUTPUT_SCALE)      # s, multiplies every delta (the paper tunes it per task)
+    dropout: float = checked(0.1, FRACTION)        # dropout after the core, as in the public code
     targets: typing.Literal["all", "attention"] = "all"   # qkv, proj, fc1, fc2 (12 slices per block) or qkv and proj (4)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.rank is None:
             object.__setattr__(self, "rank", 16 if self.variant == "tt" else 32)
-        if self.rank < 1:
-            raise PeftError(f"Option 'rank' of method 'fact' must be at least 1, got {self.rank}.")
-        if not 0 <= self.dropout < 1:
-            raise PeftError(f"Option 'dropout' of method 'fact' must be in [0, 1), got {self.dropout}.")
 
 
 _FACT_LAYERS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}

@@ -100,7 +100,7 @@ def test_preprocessing_normalisations_and_flips():
         Preprocessing().normalize(x)
 
 
-@pytest.mark.parametrize("field, value, message", [("size", 0, "positive int"), ("interpolation", "nearest", "bicubic"),
+@pytest.mark.parametrize("field, value, message", [("size", 0, "Preprocessing.size must be at least 1, got 0"), ("interpolation", "nearest", "bicubic"),
                                                    ("normalization", "0.5", "half"), ("flip", 1, "bool")])
 def test_preprocessing_validates_fields(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -15,9 +15,10 @@ from moppa_nb.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from moppa_nb.experiment import build_model
 from moppa_nb.pretrain import (BACKBONE_CONFIG, BACKBONE_WEIGHTS, BackboneCorrupted, PretrainConfig, build_backbone,
                                load_backbone, save_backbone)
+from moppa_nb.testing import toy_task
 from moppa_nb.train import fit
 
-from test_train import CONFIG, timeless, tiny_moppa_vit, toy_task
+from test_train import CONFIG, timeless, tiny_moppa_vit
 
 ARCHITECTURE = PretrainConfig(embed_dim=24, depth=1, num_heads=2).architecture()
 

@@ -2,18 +2,19 @@
 import copy
 import inspect
 from dataclasses import dataclass
+from functools import partial
 
 import pytest
-import timm
 import torch
 from torch import nn
-from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from timm.models.vision_transformer import Attention, Block
 
 from moppa_nb import PeftError, adapted_methods, apply_peft, list_methods, load_adapter, merge_peft, save_adapter
 from moppa_nb.adapt import is_head_parameter
 from moppa_nb.registry import PeftMethod, get_method, register_method
 from moppa_nb.more_baselines import spt_allocation, spt_sensitivity
-from moppa_nb.weight_space import perturb_for_testing
+from moppa_nb import testing
+from moppa_nb.testing import perturb_for_testing
 
 IMAGE = 48   # 3 x 3 grid of 16 px patches, behind a CLS and a register token
 
@@ -67,9 +68,7 @@ VARIANTS = {
 }
 
 
-def tiny_vit() -> VisionTransformer:
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMAGE, depth=2, num_classes=5,
-                             reg_tokens=1, drop_path_rate=0.0)
+tiny_vit = partial(testing.tiny_vit, img_size=IMAGE, reg_tokens=1)   # two blocks, 5 classes, seed 0, eval mode
 
 
 def images(n: int = 2) -> torch.Tensor:

@@ -210,9 +210,9 @@ def test_clear_errors_for_bad_input():
         model.blocks[0].peft_moppa(torch.randn(1, 25, 48))
     with pytest.raises(PeftError, match="Unknown PEFT method 'mopa'.*Did you mean 'moppa'"):
         apply_peft(small_vit(), "mopa")
-    with pytest.raises(PeftError, match="Option 'router' of method 'moppa' must be one of"):
+    with pytest.raises(PeftError, match="MoPPAOptions.router must be one of"):
         apply_peft(small_vit(), {"moppa": {"router": 1}})
-    with pytest.raises(PeftError, match="Option 'residual' of method 'moppa' must be bool"):
+    with pytest.raises(PeftError, match="MoPPAOptions.residual must be bool"):
         apply_peft(small_vit(), {"moppa": {"residual": "yes"}})
     with pytest.raises(PeftError, match="Unknown option 'brnaches'.*Did you mean 'branches'"):
         apply_peft(small_vit(), {"moppa": {"brnaches": ["heat"]}})

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from moppa_nb.checkpoint import read_checkpoint
 from moppa_nb.data import VTAB_CLASSES, write_vtab_task
 from moppa_nb.experiment import RunLocked, main, prepare_backbone, prepare_data, profile_settings, run_method, writer_lock
-from moppa_nb.report import write_report
+from moppa_nb.report import ReportContent, write_report
 
 ROOT = Path(__file__).parent.parent
 TASKS = {"dtd": "Natural", "smallnorb_ele": "Structured"}
@@ -72,7 +72,8 @@ def test_paper_profile_end_to_end_on_fake_vtab(tmp_path):
     assert moppa_dtd["settings"]["batch_size"] == 4 and moppa_dtd["settings"]["flip"] is True   # MoPPA's per-task setting
     assert moppa_dtd["route_weights"] is not None
     groups = {"Natural": ["dtd"], "Structured": ["smallnorb_ele"]}
-    tables = write_report(tmp_path / "runs", tmp_path / "report", groups, methods=["moppa", "lora+coeff"], profile="paper", published=True)
+    content = ReportContent(groups, methods=["moppa", "lora+coeff"], profile="paper", published=True)
+    tables = write_report(tmp_path / "runs", tmp_path / "report", content)
     text = (tmp_path / "report" / "results.md").read_text()
     assert "Published numbers" in text and "Protocol `val`" in text
     assert list(tables["val"].index) == ["moppa", "lora+coeff"]

@@ -5,6 +5,7 @@ import math
 import os
 import typing
 import warnings
+from functools import partial
 
 import numpy as np
 import pytest
@@ -19,14 +20,13 @@ from moppa_nb import registry
 from moppa_nb.adapt import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state_dict, is_head_parameter
 from moppa_nb.data import Preprocessing, load_fgvc_task, load_vtab_task, write_vtab_task
 from moppa_nb.registry import PeftMethod, get_method, register_method
-from moppa_nb.weight_space import perturb_for_testing
+from moppa_nb import testing
+from moppa_nb.testing import perturb_for_testing
 
 IMAGE = 48
 
 
-def tiny_vit(**kwargs) -> VisionTransformer:
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMAGE, depth=2, num_classes=5,
-                             reg_tokens=1, drop_path_rate=0.0, **kwargs)
+tiny_vit = partial(testing.tiny_vit, img_size=IMAGE, reg_tokens=1)   # two blocks, 5 classes, seed 0, eval mode
 
 
 def images(n: int = 2) -> torch.Tensor:
@@ -134,8 +134,7 @@ def test_refused_apply_changes_nothing(spec, train_head, match):
 
 # ---------------------------------------------------------------- 2. adapters: verified, atomic, all or nothing
 def trained(spec="lora", train_head=True, backbone_seed=0):
-    torch.manual_seed(backbone_seed)
-    model = apply_peft(tiny_vit(), spec, train_head=train_head)
+    model = apply_peft(tiny_vit(seed=backbone_seed), spec, train_head=train_head)
     torch.manual_seed(123)
     return perturb_for_testing(model).eval()
 
@@ -223,7 +222,7 @@ def test_unreadable_config_names_the_file(content, match, tmp_path):
     (lambda c: c.update(methods={"lora": {"rank": 4, "alpha": 8.0}}), "wrong shapes.*peft_lora"),
     (lambda c: c.update(train_head="yes"), "'train_head' must be true or false"),
     (lambda c: c.update(methods={"lorra": {}}), "adapter_config.json: its methods cannot be applied: Unknown PEFT method 'lorra'"),
-    (lambda c: c.update(methods={"lora": {"alpha": "8"}}), "adapter_config.json: its methods cannot be applied: Option 'alpha'"),
+    (lambda c: c.update(methods={"lora": {"alpha": "8"}}), "adapter_config.json: its methods cannot be applied: LoRAOptions.alpha"),
     (lambda c: c.update(backbone=[1]), "adapter_config.json: 'backbone' must be an object"),
     (lambda c: c["backbone"].update(architecture="vit_base_patch16_224"), "another backbone.*architecture"),
 ])
@@ -245,8 +244,7 @@ def test_inconsistent_config_is_refused_and_the_model_is_left_as_it_was(edit, ma
 def test_another_backbone_is_refused_unless_forced(spec, tmp_path):
     source = trained(spec, backbone_seed=0)
     save_adapter(source, tmp_path)
-    torch.manual_seed(1)
-    other = tiny_vit()                                       # same architecture, other weights
+    other = tiny_vit(seed=1)                                 # same architecture, other weights
     before = structure(other)
     with pytest.raises(PeftError, match="another backbone.*frozen_sha256.*force=True"):
         load_adapter(other, tmp_path)
@@ -339,7 +337,8 @@ def test_legacy_adapter_without_hashes_loads_with_a_warning(tmp_path):
 
 
 # ---------------------------------------------------------------- 3. the decoded-image cache
-def toy_task(root, n=4, shape=(8, 8), seed=0):
+def write_toy_vtab_task(root, n=4, shape=(8, 8), seed=0):
+    """Write a two-class VTAB-style folder of random grey images under `root`; return the task's folder."""
     rng = np.random.default_rng(seed)
     split = lambda: (rng.integers(0, 256, (n, *shape), dtype=np.uint8), np.arange(n) % 2)
     return write_vtab_task(root, "toy", {"train800": split(), "val200": split(), "test": split()}, num_classes=2)
@@ -351,7 +350,7 @@ def load(root, cache, **kwargs):
 
 @pytest.mark.parametrize("how", ["other-content", "same-size-new-mtime", "other-size"])
 def test_replacing_an_image_invalidates_the_cache(how, tmp_path):
-    folder = toy_task(tmp_path / "vtab")
+    folder = write_toy_vtab_task(tmp_path / "vtab")
     cache = tmp_path / "cache"
     first = load(tmp_path / "vtab", cache)
     relative = (folder / "test.txt").read_text().split()[0]
@@ -370,7 +369,7 @@ def test_replacing_an_image_invalidates_the_cache(how, tmp_path):
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "wrong-contents"])
 def test_a_damaged_cache_file_is_rebuilt_with_a_warning(damage, tmp_path):
-    toy_task(tmp_path / "vtab")
+    write_toy_vtab_task(tmp_path / "vtab")
     cache = tmp_path / "cache"
     first = load(tmp_path / "vtab", cache)
     for path in cache.glob("toy_test_*.pt"):
@@ -391,7 +390,7 @@ def test_a_damaged_cache_file_is_rebuilt_with_a_warning(damage, tmp_path):
 
 
 def test_an_uncreatable_cache_folder_is_a_clear_error(tmp_path):
-    toy_task(tmp_path / "vtab")
+    write_toy_vtab_task(tmp_path / "vtab")
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ValueError, match="Cannot create the cache folder .*a-file.*cache_dir=False"):
         load(tmp_path / "vtab", tmp_path / "a-file" / "cache")
@@ -405,7 +404,7 @@ def test_an_uncreatable_cache_folder_is_a_clear_error(tmp_path):
     ("{\"num_classes\": 0}", "positive int 'num_classes'"),
 ])
 def test_bad_task_json_names_the_file(content, match, tmp_path):
-    folder = toy_task(tmp_path / "vtab")
+    folder = write_toy_vtab_task(tmp_path / "vtab")
     (folder / "task.json").write_text(content)
     with pytest.raises(ValueError, match=match) as error:
         load(tmp_path / "vtab", False)
@@ -414,7 +413,7 @@ def test_bad_task_json_names_the_file(content, match, tmp_path):
 
 @pytest.mark.parametrize("listed", ["/etc/passwd", "../outside.png", "images/../../outside.png", "../../../../etc/hosts"])
 def test_list_file_paths_must_stay_inside_the_task_folder(listed, tmp_path):
-    folder = toy_task(tmp_path / "vtab")
+    folder = write_toy_vtab_task(tmp_path / "vtab")
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "vtab" / "outside.png")
     (folder / "test.txt").write_text(f"{listed} 0\n")
     with pytest.raises(ValueError, match=r"test.txt:1: image path .* stay inside it"):
@@ -447,7 +446,7 @@ def float_fields() -> list:
 
 @pytest.mark.parametrize("method, option, value", float_fields())
 def test_every_float_option_refuses_nan_and_infinity(method, option, value):
-    with pytest.raises(PeftError, match=f"Option '{option}' of method '{method}' must be a finite number"):
+    with pytest.raises(PeftError, match=f"{get_method(method).Options.__name__}.{option} must be a finite number"):
         apply_peft(tiny_vit(), {method: {option: value}})
 
 
@@ -459,26 +458,28 @@ def test_the_float_fields_cover_the_reported_options():
 @pytest.mark.parametrize("method, options, match", [
     ("lora", {"rank": 10**9}, r"'rank' of method 'lora' must be in \[1, 192\]"),
     ("lora", {"rank": 193}, r"'rank' of method 'lora' must be in \[1, 192\]"),
-    ("lora", {"rank": 0}, "'rank' of method 'lora' must be at least 1"),
+    ("lora", {"rank": 0}, "LoRAOptions.rank must be at least 1, got 0."),
     ("nola", {"rank": 10**9}, r"'rank' of method 'nola' must be in \[1, 192\]"),
     ("fact", {"rank": 10**9}, r"'rank' of method 'fact' must be in \[1, 192\]"),
     ("adapter", {"bottleneck": 10**9}, r"'bottleneck' of method 'adapter' must be in \[1, 192\]"),
     ("adaptformer", {"bottleneck": 10**6}, r"'bottleneck' of method 'adaptformer' must be in \[1, 192\]"),
-    ("lora", {"alpha": 0}, "'alpha' of method 'lora' must be non-zero"),
-    ("lora", {"alpha": 0.0}, "'alpha' of method 'lora' must be non-zero"),
-    ("adapter", {"scale": 0.0}, "'scale' of method 'adapter' must be non-zero"),
-    ("adaptformer", {"scale": 0}, "'scale' of method 'adaptformer' must be non-zero"),
-    ("nola", {"scale": 0.0}, "'scale' of method 'nola' must be non-zero"),
-    ("fact", {"scale": 0.0}, "'scale' of method 'fact' must be non-zero"),
-    ("moppa", {"tau_init": 0.0}, "'tau_init' of method 'moppa' must be positive"),
-    ("moppa", {"tau_init": "5"}, "'tau_init' of method 'moppa' must be float"),
-    ("lora", {"rank": 8.0}, "'rank' of method 'lora' must be int"),
-    ("lora", {"rank": True}, "'rank' of method 'lora' must be int"),
-    ("vpt", {"deep": "no"}, "'deep' of method 'vpt' must be bool"),
-    ("vpt", {"num_tokens": 0}, "'num_tokens' of method 'vpt' must be at least 1"),
-    ("coeff", {"dropout": 1.0}, r"'dropout' of method 'coeff' must be in \[0, 1\)"),
-    ("ssf", {"init_std": -1.0}, "'init_std' of method 'ssf' must be non-negative"),
-    ("moppa", {"branches": ()}, "non-empty subset"),
+    ("lora", {"alpha": 0}, "LoRAOptions.alpha must be non-zero"),
+    ("lora", {"alpha": 0.0}, "LoRAOptions.alpha must be non-zero"),
+    ("adapter", {"scale": 0.0}, "AdapterOptions.scale must be non-zero"),
+    ("adaptformer", {"scale": 0}, "AdaptFormerOptions.scale must be non-zero"),
+    ("bi_adapter", {"scale": 0.0}, "BiAdapterOptions.scale must be non-zero"),
+    ("nola", {"scale": 0.0}, "NOLAOptions.scale must be non-zero"),
+    ("fact", {"scale": 0.0}, "FacTOptions.scale must be non-zero"),
+    ("moppa", {"tau_init": 0.0}, "MoPPAOptions.tau_init must be positive, got 0.0."),
+    ("moppa", {"tau_init": "5"}, "MoPPAOptions.tau_init must be float, got '5'."),
+    ("lora", {"rank": 8.0}, "LoRAOptions.rank must be int, got 8.0."),
+    ("lora", {"rank": True}, "LoRAOptions.rank must be int, got True."),
+    ("vpt", {"deep": "no"}, "VPTOptions.deep must be bool, got 'no'."),
+    ("vpt", {"num_tokens": 0}, "VPTOptions.num_tokens must be at least 1, got 0."),
+    ("coeff", {"dropout": 1.0}, r"CoeffOptions.dropout must be in \[0, 1\), got 1.0."),
+    ("ssf", {"init_std": -1.0}, "SSFOptions.init_std must be non-negative, got -1.0."),
+    ("ssf", {"targets": ["nrom2"]}, "SSFOptions.targets must be a non-empty subset of .*Did you mean 'norm2'"),
+    ("moppa", {"branches": ()}, "MoPPAOptions.branches must be a non-empty subset of"),
 ])
 def test_absurd_option_values_are_refused_naming_the_option(method, options, match):
     model = tiny_vit()

@@ -2,7 +2,7 @@
 import ast
 import inspect
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,54 +13,15 @@ import moppa_nb.train as train
 from moppa_nb import apply_peft
 from moppa_nb.registry import NoOptions, PeftMethod, get_method, list_methods
 from moppa_nb.checkpoint import CHECKPOINT_NAME, CheckpointError, read_checkpoint
+from moppa_nb.testing import toy_task, toy_vit
 from moppa_nb.train import TrainConfig, evaluate, fit, make_optimizer, protocol_results
 
-try:
-    from moppa_nb.data import Preprocessing, TaskData
-except ImportError:  # moppa_nb.data is written in parallel: a minimal stand-in with the same interface
-    @dataclass(frozen=True)
-    class Preprocessing:
-        size: int = 224
-        interpolation: str = "bicubic"
-        normalization: str = "imagenet"
-        flip: bool = False
-
-        def normalize(self, images_uint8: torch.Tensor) -> torch.Tensor:
-            stats = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "half": ((0.5,) * 3, (0.5,) * 3),
-                     "none": ((0.0,) * 3, (1.0,) * 3)}[self.normalization]
-            mean, std = (torch.tensor(s, device=images_uint8.device)[:, None, None] for s in stats)
-            return (images_uint8.float() / 255 - mean) / std
-
-    @dataclass
-    class TaskData:
-        name: str
-        num_classes: int
-        splits: dict
-        preprocessing: Preprocessing
-
-CLASSES, SIZE = 3, 16
+CLASSES = 3   # toy_task's default
 TIMELESS = ("train_time_s", "eval_time_s", "train_images_per_s", "eval_images_per_s")
 
 
-def toy_task(flip: bool = True, n: int = 64) -> TaskData:
-    """Random uint8 images; class c brightens horizontal band c, so the task is learnable."""
-    g = torch.Generator().manual_seed(0)
-
-    def split(count):
-        labels = torch.randint(CLASSES, (count,), generator=g)
-        images = torch.randint(0, 120, (count, 3, SIZE, SIZE), generator=g).to(torch.uint8)
-        for c in range(CLASSES):
-            images[labels == c, :, c * 5:(c + 1) * 5] += 120
-        return images, labels
-
-    return TaskData(name="toy", num_classes=CLASSES, preprocessing=Preprocessing(size=SIZE, normalization="half", flip=flip),
-                    splits={"train800": split(n), "val200": split(n // 2), "test": split(n)})
-
-
 def tiny_moppa_vit(seed: int = 0, **options) -> VisionTransformer:
-    torch.manual_seed(seed)
-    vit = VisionTransformer(img_size=SIZE, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=CLASSES,
-                            drop_path_rate=0.1)   # drop path draws from the global RNG: resumption must restore it
+    vit = toy_vit(seed, drop_path_rate=0.1)   # drop path draws from the global RNG: resumption must restore it
     return apply_peft(vit, {"moppa": options})
 
 
@@ -262,7 +223,7 @@ def test_checkpoint_of_another_config_or_model_is_refused(tmp_path):
 
 
 def test_config_validation_names_the_field():
-    for kwargs, message in [({"epochs": 0}, "TrainConfig.epochs must be >= 1"), ({"lr": "1e-3"}, "TrainConfig.lr must be float"),
+    for kwargs, message in [({"epochs": 0}, "TrainConfig.epochs must be at least 1, got 0."), ({"lr": "1e-3"}, "TrainConfig.lr must be float"),
                             ({"label_smoothing": 1.0}, "label_smoothing must be in [0, 1)"),
                             ({"amp": "fp16"}, "TrainConfig.amp must be one of"),
                             ({"warmup_epochs": 5, "epochs": 5}, "warmup_epochs (5) must be smaller"),
