@@ -4,9 +4,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pytest
 import timm
@@ -79,15 +81,66 @@ def test_paper_profile_end_to_end_on_fake_vtab(tmp_path):
     assert (tmp_path / "report" / "router_weights.png").is_file()
 
 
+def papermill_stage_commands() -> dict[str, list[str]]:
+    "dvc.yaml's commands that run papermill, by stage, split into words."
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    commands = {name: (stage.get("do") or stage)["cmd"].replace("'", "").split() for name, stage in stages.items()}
+    return {name: command for name, command in commands.items() if "papermill" in command}
+
+
+def papermill_stage_options() -> list[str]:
+    "The options dvc.yaml's papermill stages give papermill before the notebooks (e.g. the engine)."
+    options = {name: tuple(command[command.index("papermill") + 1:next(i for i, w in enumerate(command) if w.endswith(".ipynb"))])
+               for name, command in papermill_stage_commands().items()}
+    assert len(set(options.values())) == 1, f"papermill stages with different options: {options}"
+    return list(next(iter(options.values())))
+
+
 def test_papermill_stages_create_their_output_folder():
     """papermill refuses to write into a missing folder, and dvc deletes a stage's outputs before running it."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
-        command = (stage.get("do") or stage)["cmd"].replace("'", "").split()
-        if "papermill" not in command: continue
-        output_folder = str(Path(command[command.index("papermill") + 3]).parent)
+    for name, command in papermill_stage_commands().items():
+        _, output_notebook = [word for word in command if word.endswith(".ipynb")][:2]      # papermill INPUT OUTPUT
+        output_folder = str(Path(output_notebook).parent)
         made = command[command.index("mkdir") + 2:command.index("&&")]
         assert output_folder in made, f"stage {name} does not create {output_folder}"
+
+
+TCP_WARNING = "Kernel is running over TCP without encryption"      # ipykernel's, when started on TCP without CurveZMQ keys
+
+
+def test_papermill_stages_run_their_kernel_with_the_ipc_engine():
+    assert set(papermill_stage_commands()) == {"train", "report"}
+    options = papermill_stage_options()
+    assert "--engine" in options and options[options.index("--engine") + 1] == "ipc", options
+
+
+def run_transport_probe(tmp_path: Path, options: list[str]) -> tuple[str, str, list[str]]:
+    "Run, through papermill with `options`, a notebook that prints its kernel's transport: that, papermill's stderr, the runtime directory's files after."
+    probe = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import json\nfrom ipykernel.connect import get_connection_file\nprint(json.load(open(get_connection_file()))['transport'])")])
+    probe.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(probe, tmp_path / "probe.ipynb")
+    with tempfile.TemporaryDirectory(prefix="rt") as runtime:          # short: a socket's path has at most 107 bytes
+        env = {**SYSTEM_ENV, "PATH": f"{Path(sys.executable).parent}:{SYSTEM_ENV['PATH']}", "JUPYTER_RUNTIME_DIR": runtime}
+        done = subprocess.run([sys.executable, "-m", "papermill", *options, "probe.ipynb", "out.ipynb"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        left_behind = sorted(p.name for p in Path(runtime).iterdir())
+    assert done.returncode == 0, done.stderr[-3000:]
+    return nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[0].outputs[0].text.strip(), done.stderr, left_behind
+
+
+def test_papermill_stages_start_the_kernel_over_ipc_without_the_tcp_warning_and_clean_up(tmp_path):
+    transport, stderr, left_behind = run_transport_probe(tmp_path, papermill_stage_options())
+    assert transport == "ipc" and TCP_WARNING not in stderr, stderr
+    assert left_behind == [], f"sockets or connection files left in the runtime directory: {left_behind}"
+    assert not list(tmp_path.glob("kernel-ipc*")), "IPC sockets written to the working directory"
+
+
+def test_papermill_default_engine_prints_the_warning_the_ipc_engine_removes(tmp_path):
+    """The control: without `--engine`, ipykernel prints the warning in these words (were it reworded, the test above
+    would pass whatever the transport; this one would fail)."""
+    transport, stderr, _ = run_transport_probe(tmp_path, ["--no-progress-bar"])
+    assert transport == "tcp" and TCP_WARNING in stderr, stderr
 
 
 def test_missing_task_folder_fails_at_prepare_naming_task_and_path(tmp_path):
@@ -211,13 +264,13 @@ def test_stopping_dvc_repro_stops_papermill_and_its_kernel(stop, tmp_path):
     """A stage that would run for minutes (a papermill notebook sleeping in its kernel), stopped through dvc: pipeline/env
     must stop papermill and the kernel, which runs in a session of its own. Nothing here ends by itself: without
     pipeline/env's watch over dvc (`exec "$@"`), SIGTERM and SIGKILL leave papermill and the kernel running."""
-    nbformat = pytest.importorskip("nbformat")
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
         "import os, pathlib, time\npathlib.Path('kernel.pid').write_text(str(os.getpid()))\ntime.sleep(300)")])
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(notebook, tmp_path / "sleep.ipynb")
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleep": {
-        "cmd": f"'{ROOT / 'pipeline' / 'env'}' papermill --no-progress-bar sleep.ipynb out.ipynb", "outs": ["out.ipynb"]}}}))
+        "cmd": f"'{ROOT / 'pipeline' / 'env'}' papermill {' '.join(papermill_stage_options())} sleep.ipynb out.ipynb",   # as the stages run it
+        "outs": ["out.ipynb"]}}}))
     env = {**SYSTEM_ENV, "MOPPA_NB_VENV": str(ROOT / ".venv"), "DVC_NO_ANALYTICS": "1"}
     subprocess.run([str(ROOT / ".venv/bin/dvc"), "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True)
     log = open(tmp_path / "repro.log", "w")          # a file, not a pipe: a closing pipe could stop papermill by itself
