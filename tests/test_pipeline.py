@@ -164,9 +164,9 @@ def test_training_and_report_notebooks_smoke(tmp_path):
     params["profiles"]["paper"]["methods"] = {"ours": ["moppa"]}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     run_notebook("train.ipynb", tmp_path / "train_out.ipynb",
-                 {"group": "ours", "output_dir": "runs/ours", "metrics_file": "metrics/ours.json"}, tmp_path)
-    metrics = json.loads((tmp_path / "metrics" / "ours.json").read_text())
-    assert set(metrics["moppa"]["test_acc"]["dtd"]) == {"val", "final", "best_test"}
+                 {"group": "ours", "output_dir": "runs/ours", "metrics_dir": "metrics/ours"}, tmp_path)
+    metrics = json.loads((tmp_path / "metrics" / "ours" / "moppa.json").read_text())
+    assert set(metrics["test_acc"]) == {"val", "final", "best_test"} and metrics["trainable_params"] > 0
     run_notebook("report.ipynb", tmp_path / "report_out.ipynb",
                  {"results_dir": "runs", "output_dir": "report", "bench_csv": "none.csv"}, tmp_path)
     assert (tmp_path / "report" / "results.md").is_file() and (tmp_path / "report" / "spectral_responses.png").is_file()
@@ -351,7 +351,7 @@ def test_training_notebook_checks_the_settings_before_training(tmp_path):
     params["profiles"]["paper"]["seeds"] = []
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     command = [sys.executable, "-m", "papermill", "--no-progress-bar", str(ROOT / "pipeline" / "train.ipynb"), str(tmp_path / "out.ipynb"),
-               "-p", "group", "ours", "-p", "output_dir", "runs/ours", "-p", "metrics_file", "metrics/ours.json"]
+               "-p", "group", "ours", "-p", "output_dir", "runs/ours", "-p", "metrics_dir", "metrics/ours"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "profiles.paper.seeds: expected a non-empty list" in done.stderr + done.stdout
     assert not (tmp_path / "runs").exists()
