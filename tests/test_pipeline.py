@@ -115,18 +115,24 @@ def test_papermill_stages_run_their_kernel_with_the_ipc_engine():
     assert "--engine" in options and options[options.index("--engine") + 1] == "ipc", options
 
 
-def test_papermill_stages_start_the_kernel_over_ipc_without_the_tcp_warning_and_clean_up(tmp_path):
+@pytest.fixture
+def jupyter_runtime():
+    "A short, private Jupyter runtime directory: a kernel stopped mid-run leaves its IPC sockets here, not in the user's."
+    with tempfile.TemporaryDirectory(prefix="rt") as runtime:      # short: a socket's path has at most 107 bytes
+        yield runtime
+
+
+def test_papermill_stages_start_the_kernel_over_ipc_without_the_tcp_warning_and_clean_up(tmp_path, jupyter_runtime):
     """papermill with the stages' options runs a notebook that prints its kernel's transport: IPC, no warning from
     ipykernel, and no socket or connection file left in Jupyter's runtime directory or the working directory."""
     probe = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
         "import json\nfrom ipykernel.connect import get_connection_file\nprint(json.load(open(get_connection_file()))['transport'])")])
     probe.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(probe, tmp_path / "probe.ipynb")
-    with tempfile.TemporaryDirectory(prefix="rt") as runtime:          # short: a socket's path has at most 107 bytes
-        env = {**SYSTEM_ENV, "PATH": f"{Path(sys.executable).parent}:{SYSTEM_ENV['PATH']}", "JUPYTER_RUNTIME_DIR": runtime}
-        done = subprocess.run([sys.executable, "-m", "papermill", *papermill_stage_options(), "probe.ipynb", "out.ipynb"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        left_behind = sorted(p.name for p in Path(runtime).iterdir())
+    env = {**SYSTEM_ENV, "PATH": f"{Path(sys.executable).parent}:{SYSTEM_ENV['PATH']}", "JUPYTER_RUNTIME_DIR": jupyter_runtime}
+    done = subprocess.run([sys.executable, "-m", "papermill", *papermill_stage_options(), "probe.ipynb", "out.ipynb"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    left_behind = sorted(p.name for p in Path(jupyter_runtime).iterdir())
     assert done.returncode == 0, done.stderr[-3000:]
     transport = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[0].outputs[0].text.strip()
     assert transport == "ipc" and TCP_WARNING not in done.stderr, done.stderr
@@ -258,7 +264,7 @@ STOPS = {"SIGTERM": signal.SIGTERM,      # `kill`: dvc dies at once, forwarding 
 
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "dvc").is_file(), reason="needs the project's .venv (scripts/setup.sh)")
 @pytest.mark.parametrize("stop", list(STOPS))
-def test_stopping_dvc_repro_stops_papermill_and_its_kernel(stop, tmp_path):
+def test_stopping_dvc_repro_stops_papermill_and_its_kernel(stop, tmp_path, jupyter_runtime):
     """A stage that would run for minutes (a papermill notebook sleeping in its kernel), stopped through dvc: pipeline/env
     must stop papermill and the kernel, which runs in a session of its own. Nothing here ends by itself: without
     pipeline/env's watch over dvc (`exec "$@"`), SIGTERM and SIGKILL leave papermill and the kernel running."""
@@ -269,7 +275,7 @@ def test_stopping_dvc_repro_stops_papermill_and_its_kernel(stop, tmp_path):
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleep": {
         "cmd": f"'{ROOT / 'pipeline' / 'env'}' papermill {' '.join(papermill_stage_options())} sleep.ipynb out.ipynb",   # as the stages run it
         "outs": ["out.ipynb"]}}}))
-    env = {**SYSTEM_ENV, "MOPPA_NB_VENV": str(ROOT / ".venv"), "DVC_NO_ANALYTICS": "1"}
+    env = {**SYSTEM_ENV, "MOPPA_NB_VENV": str(ROOT / ".venv"), "DVC_NO_ANALYTICS": "1", "JUPYTER_RUNTIME_DIR": jupyter_runtime}
     subprocess.run([str(ROOT / ".venv/bin/dvc"), "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True)
     log = open(tmp_path / "repro.log", "w")          # a file, not a pipe: a closing pipe could stop papermill by itself
     dvc = subprocess.Popen([str(ROOT / ".venv/bin/dvc"), "repro"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -298,7 +304,7 @@ def test_stopping_dvc_repro_stops_papermill_and_its_kernel(stop, tmp_path):
 
 
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "dvc").is_file(), reason="needs the project's .venv (scripts/setup.sh)")
-def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tmp_path):
+def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tmp_path, jupyter_runtime):
     """SIGTERM to `dvc repro` mid-stage stops papermill and its kernel; the rerun resumes the runs (persistent outputs)."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
@@ -309,7 +315,7 @@ def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tm
     smoke["methods"]["ours"] = ["lora"]
     smoke["train"].update(epochs=4, checkpoint_every=1, num_threads=1)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**SYSTEM_ENV, "OMP_NUM_THREADS": "1"}
+    env = {**SYSTEM_ENV, "OMP_NUM_THREADS": "1", "JUPYTER_RUNTIME_DIR": jupyter_runtime}
     repro = lambda out=subprocess.PIPE: subprocess.Popen([".venv/bin/dvc", "repro", "train@ours"], cwd=clone, env=env,
                                                          stdout=out, stderr=subprocess.STDOUT, text=True)
     # the first run writes to a file, not a pipe: a pipe closing with dvc would kill papermill by itself (SIGPIPE).
