@@ -25,5 +25,9 @@ setup(
         "dev": requirements("dev_requirements"),
         "pipeline": requirements("pipeline_requirements"),
     },
-    entry_points={"nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
+    entry_points={
+        "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
+        # `papermill --engine ipc`: the pipeline's notebooks run with their kernel on Unix sockets (nbs/16b_papermill_engine)
+        "papermill.engine": [f"ipc={cfg['lib_path']}.papermill_engine:IPCEngine"],
+    },
 )

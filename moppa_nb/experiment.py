@@ -28,8 +28,8 @@ from .registry import PeftError, build_options, get_method
 __all__ = ['MODEL_KEYS', 'DATA_KEYS', 'PROFILE_KEYS', 'GROUP_NAME', 'RUN_IDENTITY', 'WRITER_LOCK', 'load_params',
            'profile_settings', 'run_settings', 'train_config', 'peft_spec', 'SettingsError', 'check_profile',
            'load_task', 'build_model', 'backbone_identity', 'probe_head', 'initialise_head', 'RunLocked', 'writer_lock',
-           'data_fingerprint', 'code_fingerprint', 'run_method', 'DataMissing', 'prepare_data', 'backbone_probes',
-           'prepare_backbone', 'main']
+           'data_fingerprint', 'code_fingerprint', 'run_method', 'summary_metrics', 'write_metrics', 'DataMissing',
+           'prepare_data', 'backbone_probes', 'prepare_backbone', 'main']
 
 # %% ../nbs/16_experiment.ipynb #1a0794ca
 MODEL_KEYS, DATA_KEYS = ("drop_path", "head_init"), ("flip",)   # settings for the model and the data, not TrainConfig
@@ -403,6 +403,34 @@ def _run_method(method, params, output_dir, profile, metrics_path, progress, on_
     metrics_path = Path(metrics_path or output_dir / "metrics.json"); metrics_path.parent.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps({"trainable_params": trainable, "test_acc": metrics}, indent=1))
     return results
+
+# %% ../nbs/16_experiment.ipynb #1dd7a286
+import statistics
+
+from .train import PROTOCOLS      # one protocol table: val, final, best_test
+
+
+def summary_metrics(results: dict) -> dict:
+    "A method's metrics for dvc: test accuracy per protocol (mean over tasks of each task's mean over seeds) and trainable parameters."
+    if not results["runs"]: raise ValueError(f"No runs in the results of method {results.get('method')!r}: nothing to summarise")
+    per_task = {}                # protocol -> task -> test accuracies of its seeds
+    for run in results["runs"]:
+        for protocol in (p for p in PROTOCOLS if p in run["summary"]):
+            per_task.setdefault(protocol, {}).setdefault(run["task"], []).append(run["summary"][protocol]["test_acc"])
+    mean = statistics.fmean
+    return {"test_acc": {protocol: round(mean(mean(seeds) for seeds in tasks.values()), 4) for protocol, tasks in per_task.items()},
+            "trainable_params": results["trainable_params"]}
+
+
+def write_metrics(results_by_method: dict[str, dict], folder: str | Path) -> list[Path]:
+    "Write `folder/<method>.json` (`summary_metrics`) for each method and remove other methods' files: one row per method in `dvc metrics show`."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(folder.glob("*.json")):
+        if stale.stem not in results_by_method:
+            print(f"removing {stale}: not a method of this group any more", file=sys.stderr); stale.unlink()
+    paths = [folder / f"{method}.json" for method in results_by_method]
+    for path, results in zip(paths, results_by_method.values()): path.write_text(json.dumps(summary_metrics(results), indent=1))
+    return paths
 
 # %% ../nbs/16_experiment.ipynb #3305b419
 class DataMissing(FileNotFoundError):

@@ -1,12 +1,15 @@
 """The pipeline end to end on tiny data: the paper profile on a fake VTAB-1K folder, and both papermill notebooks."""
+import inspect
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pytest
 import timm
@@ -80,15 +83,69 @@ def test_paper_profile_end_to_end_on_fake_vtab(tmp_path):
     assert (tmp_path / "report" / "router_weights.png").is_file()
 
 
+def papermill_stage_commands() -> dict[str, list[str]]:
+    "dvc.yaml's commands that run papermill, by stage, split into words."
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    commands = {name: (stage.get("do") or stage)["cmd"].replace("'", "").split() for name, stage in stages.items()}
+    return {name: command for name, command in commands.items() if "papermill" in command}
+
+
+def papermill_stage_options() -> list[str]:
+    "The options dvc.yaml's papermill stages give papermill before the notebooks (e.g. the engine)."
+    options = {name: tuple(command[command.index("papermill") + 1:next(i for i, w in enumerate(command) if w.endswith(".ipynb"))])
+               for name, command in papermill_stage_commands().items()}
+    assert len(set(options.values())) == 1, f"papermill stages with different options: {options}"
+    return list(next(iter(options.values())))
+
+
 def test_papermill_stages_create_their_output_folder():
     """papermill refuses to write into a missing folder, and dvc deletes a stage's outputs before running it."""
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
-        command = (stage.get("do") or stage)["cmd"].replace("'", "").split()
-        if "papermill" not in command: continue
-        output_folder = str(Path(command[command.index("papermill") + 3]).parent)
+    for name, command in papermill_stage_commands().items():
+        _, output_notebook = [word for word in command if word.endswith(".ipynb")][:2]      # papermill INPUT OUTPUT
+        output_folder = str(Path(output_notebook).parent)
         made = command[command.index("mkdir") + 2:command.index("&&")]
         assert output_folder in made, f"stage {name} does not create {output_folder}"
+
+
+TCP_WARNING = "Kernel is running over TCP without encryption"      # ipykernel's, when started on TCP without CurveZMQ keys
+
+
+def test_papermill_stages_run_their_kernel_with_the_ipc_engine():
+    assert set(papermill_stage_commands()) == {"train", "report"}
+    options = papermill_stage_options()
+    assert "--engine" in options and options[options.index("--engine") + 1] == "ipc", options
+
+
+@pytest.fixture
+def jupyter_runtime():
+    "A short, private Jupyter runtime directory: a kernel stopped mid-run leaves its IPC sockets here, not in the user's."
+    with tempfile.TemporaryDirectory(prefix="rt") as runtime:      # short: a socket's path has at most 107 bytes
+        yield runtime
+
+
+def test_papermill_stages_start_the_kernel_over_ipc_without_the_tcp_warning_and_clean_up(tmp_path, jupyter_runtime):
+    """papermill with the stages' options runs a notebook that prints its kernel's transport: IPC, no warning from
+    ipykernel, and no socket or connection file left in Jupyter's runtime directory or the working directory."""
+    probe = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import json\nfrom ipykernel.connect import get_connection_file\nprint(json.load(open(get_connection_file()))['transport'])")])
+    probe.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(probe, tmp_path / "probe.ipynb")
+    env = {**SYSTEM_ENV, "PATH": f"{Path(sys.executable).parent}:{SYSTEM_ENV['PATH']}", "JUPYTER_RUNTIME_DIR": jupyter_runtime}
+    done = subprocess.run([sys.executable, "-m", "papermill", *papermill_stage_options(), "probe.ipynb", "out.ipynb"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    left_behind = sorted(p.name for p in Path(jupyter_runtime).iterdir())
+    assert done.returncode == 0, done.stderr[-3000:]
+    transport = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells[0].outputs[0].text.strip()
+    assert transport == "ipc" and TCP_WARNING not in done.stderr, done.stderr
+    assert left_behind == [], f"sockets or connection files left in the runtime directory: {left_behind}"
+    assert not list(tmp_path.glob("kernel-ipc*")), "IPC sockets written to the working directory"
+
+
+def test_the_warning_looked_for_is_ipykernels_wording():
+    """Were ipykernel to reword its warning, the test above would pass whatever the transport: this one would fail.
+    (papermill without `--engine` prints it: the kernel over TCP, no CurveZMQ keys.)"""
+    import ipykernel.kernelapp
+    assert TCP_WARNING in inspect.getsource(ipykernel.kernelapp)
 
 
 def test_missing_task_folder_fails_at_prepare_naming_task_and_path(tmp_path):
@@ -112,9 +169,9 @@ def test_training_and_report_notebooks_smoke(tmp_path):
     params["profiles"]["paper"]["methods"] = {"ours": ["moppa"]}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     run_notebook("train.ipynb", tmp_path / "train_out.ipynb",
-                 {"group": "ours", "output_dir": "runs/ours", "metrics_file": "metrics/ours.json"}, tmp_path)
-    metrics = json.loads((tmp_path / "metrics" / "ours.json").read_text())
-    assert set(metrics["moppa"]["test_acc"]["dtd"]) == {"val", "final", "best_test"}
+                 {"group": "ours", "output_dir": "runs/ours", "metrics_dir": "metrics/ours"}, tmp_path)
+    metrics = json.loads((tmp_path / "metrics" / "ours" / "moppa.json").read_text())
+    assert set(metrics["test_acc"]) == {"val", "final", "best_test"} and metrics["trainable_params"] > 0
     run_notebook("report.ipynb", tmp_path / "report_out.ipynb",
                  {"results_dir": "runs", "output_dir": "report", "bench_csv": "none.csv"}, tmp_path)
     assert (tmp_path / "report" / "results.md").is_file() and (tmp_path / "report" / "spectral_responses.png").is_file()
@@ -208,18 +265,18 @@ STOPS = {"SIGTERM": signal.SIGTERM,      # `kill`: dvc dies at once, forwarding 
 
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "dvc").is_file(), reason="needs the project's .venv (scripts/setup.sh)")
 @pytest.mark.parametrize("stop", list(STOPS))
-def test_stopping_dvc_repro_stops_papermill_and_its_kernel(stop, tmp_path):
+def test_stopping_dvc_repro_stops_papermill_and_its_kernel(stop, tmp_path, jupyter_runtime):
     """A stage that would run for minutes (a papermill notebook sleeping in its kernel), stopped through dvc: pipeline/env
     must stop papermill and the kernel, which runs in a session of its own. Nothing here ends by itself: without
     pipeline/env's watch over dvc (`exec "$@"`), SIGTERM and SIGKILL leave papermill and the kernel running."""
-    nbformat = pytest.importorskip("nbformat")
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
         "import os, pathlib, time\npathlib.Path('kernel.pid').write_text(str(os.getpid()))\ntime.sleep(300)")])
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(notebook, tmp_path / "sleep.ipynb")
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleep": {
-        "cmd": f"'{ROOT / 'pipeline' / 'env'}' papermill --no-progress-bar sleep.ipynb out.ipynb", "outs": ["out.ipynb"]}}}))
-    env = {**SYSTEM_ENV, "MOPPA_NB_VENV": str(ROOT / ".venv"), "DVC_NO_ANALYTICS": "1"}
+        "cmd": f"'{ROOT / 'pipeline' / 'env'}' papermill {' '.join(papermill_stage_options())} sleep.ipynb out.ipynb",   # as the stages run it
+        "outs": ["out.ipynb"]}}}))
+    env = {**SYSTEM_ENV, "MOPPA_NB_VENV": str(ROOT / ".venv"), "DVC_NO_ANALYTICS": "1", "JUPYTER_RUNTIME_DIR": jupyter_runtime}
     subprocess.run([str(ROOT / ".venv/bin/dvc"), "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True)
     log = open(tmp_path / "repro.log", "w")          # a file, not a pipe: a closing pipe could stop papermill by itself
     dvc = subprocess.Popen([str(ROOT / ".venv/bin/dvc"), "repro"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -248,7 +305,7 @@ def test_stopping_dvc_repro_stops_papermill_and_its_kernel(stop, tmp_path):
 
 
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "dvc").is_file(), reason="needs the project's .venv (scripts/setup.sh)")
-def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tmp_path):
+def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tmp_path, jupyter_runtime):
     """SIGTERM to `dvc repro` mid-stage stops papermill and its kernel; the rerun resumes the runs (persistent outputs)."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
@@ -259,7 +316,7 @@ def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tm
     smoke["methods"]["ours"] = ["lora"]
     smoke["train"].update(epochs=4, checkpoint_every=1, num_threads=1)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**SYSTEM_ENV, "OMP_NUM_THREADS": "1"}
+    env = {**SYSTEM_ENV, "OMP_NUM_THREADS": "1", "JUPYTER_RUNTIME_DIR": jupyter_runtime}
     repro = lambda out=subprocess.PIPE: subprocess.Popen([".venv/bin/dvc", "repro", "train@ours"], cwd=clone, env=env,
                                                          stdout=out, stderr=subprocess.STDOUT, text=True)
     # the first run writes to a file, not a pipe: a pipe closing with dvc would kill papermill by itself (SIGPIPE).
@@ -299,7 +356,7 @@ def test_training_notebook_checks_the_settings_before_training(tmp_path):
     params["profiles"]["paper"]["seeds"] = []
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     command = [sys.executable, "-m", "papermill", "--no-progress-bar", str(ROOT / "pipeline" / "train.ipynb"), str(tmp_path / "out.ipynb"),
-               "-p", "group", "ours", "-p", "output_dir", "runs/ours", "-p", "metrics_file", "metrics/ours.json"]
+               "-p", "group", "ours", "-p", "output_dir", "runs/ours", "-p", "metrics_dir", "metrics/ours"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "profiles.paper.seeds: expected a non-empty list" in done.stderr + done.stdout
     assert not (tmp_path / "runs").exists()
