@@ -26,9 +26,9 @@ from .registry import at_least, check_fields, checked, did_you_mean
 # %% auto #0
 __all__ = ['VTAB_TASKS', 'VTAB_CLASSES', 'VTAB_GROUPS', 'VTAB_SPLITS', 'TASK_ALIASES', 'NORMALIZATIONS', 'INTERPOLATIONS',
            'TASK_INFO', 'FGVC_TASKS', 'FGVC_ALIASES', 'FGVC_SPLITS', 'canonical_task', 'task_group', 'Preprocessing',
-           'write_vtab_task', 'TaskData', 'cache_root', 'default_cache_dir', 'resolve_cache_dir', 'check_relative_path',
-           'read_list_file', 'decode_image', 'decode_images', 'load_vtab_task', 'prune_cache', 'main', 'FgvcSpec',
-           'canonical_fgvc_task', 'read_json_split', 'load_fgvc_task']
+           'write_vtab_task', 'TaskData', 'cache_root', 'default_cache_dir', 'resolve_cache_dir', 'task_folder',
+           'check_relative_path', 'read_list_file', 'decode_image', 'decode_images', 'load_vtab_task', 'prune_cache',
+           'main', 'FgvcSpec', 'canonical_fgvc_task', 'read_json_split', 'load_fgvc_task']
 
 # %% ../nbs/10_data.ipynb #c318df76
 VTAB_TASKS = ("caltech101", "cifar", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397",
@@ -192,7 +192,7 @@ def resolve_cache_dir(cache_dir: str | Path | None | bool) -> Path | None:
     return default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
 
 
-def _task_folder(root: str | Path, task: str) -> tuple[str, Path, int]:
+def task_folder(root: str | Path, task: str) -> tuple[str, Path, int]:
     "Name, folder and number of classes of `task` under `root`."
     root = Path(root)
     if not root.is_dir():
@@ -346,7 +346,7 @@ def load_vtab_task(root: str | Path,                          # folder of tasks 
                    cache_dir: str | Path | None | bool = True,  # True: default_cache_dir(); False/None: no cache
                    ) -> TaskData:
     "Read a VTAB-1K-layout task into uint8 tensors, decoding each image once."
-    name, folder, num_classes = _task_folder(root, task)
+    name, folder, num_classes = task_folder(root, task)
     lists = {}
     for split in splits:
         list_file = folder / f"{split}.txt"

@@ -12,9 +12,10 @@ import json
 import os
 import re
 import shutil
+import statistics
 import sys
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -22,7 +23,14 @@ import yaml
 from torch import nn
 
 from .adapt import apply_peft, count_trainable, method_names, parse_methods, save_adapter
+from .backbones import create_backbone, file_sha256
+from .data import Preprocessing, VTAB_SPLITS, load_vtab_task, read_list_file, task_folder
+from .mini_vtab import build_mini_vtab
+from .moppa import moppa_operators, route_weights
+from .pretrain import (BACKBONE_WEIGHTS, PretrainConfig, build_backbone, fit_linear, linear_probe_accuracy,
+                               load_backbone, pixel_features, pretrain_backbone, task_features, vit_features)
 from .registry import PeftError, build_options, get_method
+from .train import PROTOCOLS, TrainConfig, fit, timeless
 
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'DATA_KEYS', 'PROFILE_KEYS', 'GROUP_NAME', 'RUN_IDENTITY', 'WRITER_LOCK', 'load_params',
@@ -62,7 +70,6 @@ def run_settings(profile: dict, method: str, task: str) -> dict:
 
 def train_config(settings: dict, seed: int):
     "The `TrainConfig` of resolved settings (model and data keys removed) for `seed`."
-    from moppa_nb.train import TrainConfig
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(settings) - known - set(MODEL_KEYS) - set(DATA_KEYS)
     if unknown: raise ValueError(f"Unknown training settings {sorted(unknown)}; known: {sorted(known | set(MODEL_KEYS) | set(DATA_KEYS))}")
@@ -93,7 +100,6 @@ def _check_method(where: str, spec) -> None:
 
 
 def _check_training_keys(where: str, settings) -> None:
-    from moppa_nb.train import TrainConfig
     known = sorted({f.name for f in dataclasses.fields(TrainConfig)} - {"seed"} | set(MODEL_KEYS) | set(DATA_KEYS))
     if not isinstance(settings, dict): raise SettingsError(f"{where}: expected a mapping of training settings, got {settings!r}")
     for key in settings:
@@ -174,7 +180,6 @@ def check_profile(params: dict, profile: str | None = None) -> dict:
 # %% ../nbs/16_experiment.ipynb #b5605899
 def load_task(profile: dict, task: str, flip: bool = False, splits: tuple[str, ...] | None = None):
     "The profile's `task` as `TaskData` (decoded once, then cached on disk), with only `splits` if given."
-    from moppa_nb.data import VTAB_SPLITS, Preprocessing, load_vtab_task
     preprocessing = Preprocessing(**{**profile["preprocessing"], "flip": bool(flip)})
     return load_vtab_task(profile["data"]["root"], task, preprocessing, splits=tuple(splits or VTAB_SPLITS))
 
@@ -183,10 +188,8 @@ def build_model(profile: dict, num_classes: int, drop_path: float = 0.0) -> nn.M
     "The profile's pre-trained backbone with a fresh `num_classes` head and stochastic depth `drop_path`."
     backbone = profile["backbone"]
     if backbone["kind"] == "local":
-        from moppa_nb.pretrain import load_backbone
         return load_backbone(backbone["path"], num_classes=num_classes, drop_path_rate=drop_path)
     if backbone["kind"] == "timm":           # every backbone tensor filled from the file, or a BackboneLoadError naming the keys
-        from moppa_nb.backbones import create_backbone
         model, _ = create_backbone(backbone["name"], backbone.get("file"), num_classes=num_classes, drop_path_rate=drop_path,
                                    **backbone.get("kwargs", {}))
         return model
@@ -195,13 +198,10 @@ def build_model(profile: dict, num_classes: int, drop_path: float = 0.0) -> nn.M
 
 def backbone_identity(profile: dict) -> dict:
     "Where the profile's backbone weights come from and their SHA-256, for each run's record."
-    from moppa_nb.backbones import file_sha256
     backbone = profile["backbone"]
     if backbone["kind"] == "local":
-        from moppa_nb.pretrain import BACKBONE_WEIGHTS
         path = Path(backbone["path"]) / BACKBONE_WEIGHTS
         return {"kind": "local", "file": str(path), "sha256": file_sha256(path) if path.is_file() else None}
-    from moppa_nb.backbones import create_backbone
     _, record = create_backbone(backbone["name"], backbone.get("file"), **backbone.get("kwargs", {}))
     return {"kind": "timm", **{k: record.get(k) for k in ("name", "file", "sha256", "layout", "mean", "std")}}
 
@@ -218,7 +218,6 @@ def probe_head(profile: dict,                       # profile settings (its back
                weight_decays: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1),
                ) -> dict:
     "The closed-form linear probe of the profile's frozen backbone on `task`, as head `weight` (C, D) and `bias` (C,)."
-    from moppa_nb.pretrain import fit_linear, task_features, vit_features
     if not val_split:
         raise ValueError("head_init: probe needs a selection split (val_split) to choose the probe's weight decay.")
     key = (json.dumps(profile["backbone"], sort_keys=True), task, train_split, val_split, test_split, weight_decays)
@@ -253,7 +252,6 @@ def initialise_head(model: nn.Module, probe: dict) -> nn.Module:
 
 # %% ../nbs/16_experiment.ipynb #c861e0ba
 def _static_route_weights(model: nn.Module) -> list | None:
-    from moppa_nb.moppa import moppa_operators, route_weights
     operators = moppa_operators(model)
     if not operators or operators[0].options.router != "static": return None
     return route_weights(model).tolist()
@@ -336,7 +334,7 @@ def run_method(method: str,                          # method spec, e.g. 'lora' 
                params: dict,                         # the pipeline's parameters (load_params)
                output_dir: str | Path,               # where runs and results.json go
                profile: str | None = None,           # profile name (default: params['profile'])
-               metrics_path: str | Path | None = None,  # small per-task metrics JSON for `dvc metrics` (default: in output_dir)
+               metrics_path: str | Path | None = None,  # per-task test accuracies per protocol (default: output_dir/metrics.json)
                progress: bool = False,               # tqdm bars of `fit` (per epoch and step)
                on_run_end: Callable[[dict], None] | None = None,  # called with each finished run's record (e.g. a progress bar)
                ) -> dict:
@@ -365,7 +363,6 @@ def _initial_model(profile: dict, spec: dict, task: str, settings: dict, data, c
 
 def _train_run(profile: dict, identity: dict, group: str, data, run_dir: Path, progress: bool) -> tuple[dict, int]:
     "Train, resume or read back in `run_dir` the run `identity` names; save its adapter. Its record and trainable parameters."
-    from moppa_nb.train import fit, timeless
     task, seed, settings = identity["task"], identity["seed"], identity["settings"]
     config = train_config(settings, seed)
     model, probe = _initial_model(profile, identity["peft_spec"], task, settings, data, config)
@@ -405,11 +402,6 @@ def _run_method(method, params, output_dir, profile, metrics_path, progress, on_
     return results
 
 # %% ../nbs/16_experiment.ipynb #1dd7a286
-import statistics
-
-from .train import PROTOCOLS      # one protocol table: val, final, best_test
-
-
 def summary_metrics(results: dict) -> dict:
     "A method's metrics for dvc: test accuracy per protocol (mean over tasks of each task's mean over seeds) and trainable parameters."
     if not results["runs"]: raise ValueError(f"No runs in the results of method {results.get('method')!r}: nothing to summarise")
@@ -439,11 +431,9 @@ class DataMissing(FileNotFoundError):
 
 def prepare_data(profile: dict, output_dir: str | Path) -> dict:
     "Build (mini_vtab) or check (vtab) the profile's tasks; write and return `index.json` in `output_dir`."
-    from moppa_nb.data import _task_folder, read_list_file
     output_dir, data = Path(output_dir), profile["data"]
     output_dir.mkdir(parents=True, exist_ok=True)
     if data["kind"] == "mini_vtab":
-        from moppa_nb.mini_vtab import build_mini_vtab
         build_mini_vtab(data["root"], tasks=list(profile["tasks"]), seed=data.get("seed", 0), test_size=data.get("test_size", 1000))
     elif data["kind"] != "vtab":
         raise ValueError(f"data.kind must be 'mini_vtab' or 'vtab', got {data['kind']!r}")
@@ -452,7 +442,7 @@ def prepare_data(profile: dict, output_dir: str | Path) -> dict:
                           "(data/README.md), or point profiles.<name>.data.root at them")
     index = {}
     for task, group in profile["tasks"].items():
-        name, folder, num_classes = _task_folder(data["root"], task)
+        name, folder, num_classes = task_folder(data["root"], task)
         sizes = {split.stem: len(read_list_file(split, name, num_classes)) for split in sorted(folder.glob("*.txt"))}
         index[task] = {"group": group, "num_classes": num_classes, "folder": str(folder), "split_sizes": sizes}
     (output_dir / "index.json").write_text(json.dumps(index, indent=1))
@@ -461,7 +451,6 @@ def prepare_data(profile: dict, output_dir: str | Path) -> dict:
 
 def backbone_probes(profile: dict, backbone_dir: str | Path, seed: int = 0) -> dict:
     "Linear-probe test accuracy per task of the pre-trained backbone, the same architecture at random init, and raw pixels."
-    from moppa_nb.pretrain import build_backbone, linear_probe_accuracy, load_backbone, pixel_features, vit_features
     pretrained = load_backbone(backbone_dir)
     torch.manual_seed(seed)
     random_init = build_backbone(json.loads((Path(backbone_dir) / "backbone.json").read_text())["architecture"])
@@ -479,14 +468,12 @@ def prepare_backbone(profile: dict, output_dir: str | Path) -> dict:
     output_dir, backbone = Path(output_dir), profile["backbone"]
     output_dir.mkdir(parents=True, exist_ok=True)
     if backbone["kind"] == "local":
-        from moppa_nb.pretrain import PretrainConfig, pretrain_backbone
         print("backbone: distilling the default ViT (about 3-4 minutes on 2 CPU cores)", flush=True)
         record = pretrain_backbone(output_dir, PretrainConfig(**backbone.get("pretrain", {})), progress=True)
         print("backbone: linear probes of its features on every task", flush=True)
         probes = backbone_probes(profile, output_dir)
         (output_dir / "probes.json").write_text(json.dumps(probes, indent=1))
         return {**record, "probes": probes}
-    from moppa_nb.backbones import create_backbone
     model, loaded = create_backbone(backbone["name"], backbone.get("file"), num_classes=2, **backbone.get("kwargs", {}))
     record = {"kind": "timm", **loaded,
               "pretrained_cfg": {k: v for k, v in model.pretrained_cfg.items() if isinstance(v, (str, int, float, bool, type(None)))},
