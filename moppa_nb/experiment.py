@@ -33,14 +33,17 @@ from .registry import PeftError, build_options, get_method
 from .train import PROTOCOLS, TrainConfig, fit, timeless
 
 # %% auto #0
-__all__ = ['MODEL_KEYS', 'DATA_KEYS', 'PROFILE_KEYS', 'GROUP_NAME', 'RUN_IDENTITY', 'WRITER_LOCK', 'load_params',
-           'profile_settings', 'run_settings', 'train_config', 'peft_spec', 'SettingsError', 'check_profile',
+__all__ = ['MODEL_KEYS', 'DATA_KEYS', 'VARIANT_NAME', 'MERGED_KEYS', 'PROFILE_KEYS', 'EXPERIMENT_KEYS', 'GROUP_NAME',
+           'RUN_IDENTITY', 'WRITER_LOCK', 'load_params', 'profile_settings', 'experiment_settings', 'variant_spec',
+           'run_settings', 'train_config', 'peft_spec', 'experiment_methods', 'SettingsError', 'check_profile',
            'load_task', 'build_model', 'backbone_identity', 'probe_head', 'initialise_head', 'RunLocked', 'writer_lock',
            'data_fingerprint', 'code_fingerprint', 'run_method', 'summary_metrics', 'write_metrics', 'DataMissing',
            'prepare_data', 'backbone_probes', 'prepare_backbone', 'main']
 
 # %% ../nbs/16_experiment.ipynb #1a0794ca
 MODEL_KEYS, DATA_KEYS = ("drop_path", "head_init"), ("flip",)   # settings for the model and the data, not TrainConfig
+VARIANT_NAME = re.compile(r"(?P<spec>[A-Za-z0-9_+]+)(?:\[(?P<label>[A-Za-z0-9_,.=-]+)\])?")   # 'moppa[heat]': spec 'moppa', label 'heat'
+MERGED_KEYS = ("train", "method_train", "method_options", "task_train")   # an experiment updates these profile mappings key by key
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
@@ -59,12 +62,37 @@ def profile_settings(params: dict, profile: str | None = None) -> dict:
     return {**profiles[name], "name": name}
 
 
+def experiment_settings(params: dict, profile: str | None = None, experiment: str | None = None) -> dict:
+    "The settings of `experiment` in `profile`: the profile's, with the experiment's keys on top (`MERGED_KEYS` merged). None: the profile's own."
+    settings = profile_settings(params, profile)
+    experiments = settings.pop("experiments", None) or {}
+    if experiment is None: return {**settings, "experiment": None}
+    if experiment not in experiments:
+        raise ValueError(f"Unknown experiment {experiment!r}; profile {settings['name']!r} defines {sorted(experiments)}")
+    own = experiments[experiment]
+    merged = {key: {**settings.get(key, {}), **own[key]} for key in MERGED_KEYS if key in own}
+    if "tasks" in own:                                   # a subset of the profile's tasks, which `prepare` made ready
+        merged["tasks"] = {task: settings["tasks"].get(task) for task in own["tasks"]}
+    return {**settings, **own, **merged, "experiment": experiment}
+
+
+def variant_spec(name: str) -> str:
+    "The method spec of a method or variant name: 'moppa[heat]' -> 'moppa', 'lora+coeff' -> 'lora+coeff'."
+    match = VARIANT_NAME.fullmatch(name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(f"{name!r} is not a method name: expected a spec such as 'lora' or 'moppa+ssf', optionally with a "
+                         "variant label of letters, digits and _,.=- in brackets, e.g. 'moppa[heat]'")
+    return match["spec"]
+
+
 def run_settings(profile: dict, method: str, task: str) -> dict:
-    "Training settings of (method, task): profile `train`, then `method_train` of each part and of the whole spec, then `task_train[method][task]`."
+    "Training settings of (method, task): `train`, then `method_train` of each part and of the whole spec, the variant's `train`, then `task_train[method][task]`."
+    spec = variant_spec(method)
     settings = dict(profile.get("train", {}))
-    for part in dict.fromkeys([*(name for name, _ in parse_methods(method)), method]):      # 'moppa+ssf' may override what 'moppa' sets
+    for part in dict.fromkeys([*(name for name, _ in parse_methods(spec)), spec]):      # 'moppa+ssf' may override what 'moppa' sets
         settings.update(profile.get("method_train", {}).get(part, {}))
-    settings.update(profile.get("task_train", {}).get(method, {}).get(task, {}))
+    settings.update(profile.get("variants", {}).get(method, {}).get("train", {}))
+    settings.update(profile.get("task_train", {}).get(method, profile.get("task_train", {}).get(spec, {})).get(task, {}))
     return settings
 
 
@@ -77,26 +105,34 @@ def train_config(settings: dict, seed: int):
 
 
 def peft_spec(profile: dict, method: str) -> dict:
-    "`apply_peft` spec of `method`: each part's `method_options`, updated by the composition's own entry (part -> options) if any."
-    options = profile.get("method_options", {})
-    own = options.get(method, {}) if "+" in method else {}
-    return {part: {**options.get(part, {}), **own.get(part, {})} for part in method_names(method)}
+    "`apply_peft` spec of `method`: each part's `method_options`, updated by the composition's own entry and then the variant's `options` (part -> options)."
+    spec, options = variant_spec(method), profile.get("method_options", {})
+    own = options.get(spec, {}) if "+" in spec else {}
+    variant = profile.get("variants", {}).get(method, {}).get("options", {})
+    return {part: {**options.get(part, {}), **own.get(part, {}), **variant.get(part, {})} for part in method_names(spec)}
+
+
+def experiment_methods(settings: dict) -> list[str]:
+    "Every method (or variant) name of an experiment's `methods` groups, in table order."
+    return list(dict.fromkeys(name for names in settings.get("methods", {}).values() for name in names))
+
 
 # %% ../nbs/16_experiment.ipynb #9b3f6e10
-PROFILE_KEYS = ("methods", "data", "tasks", "backbone", "preprocessing", "seeds", "train", "method_train", "method_options",
-                "task_train")                            # what a profile may set
-GROUP_NAME = re.compile(r"[A-Za-z0-9_]+")                # group names go into dvc.yaml's shell commands
+PROFILE_KEYS = ("data", "tasks", "backbone", "preprocessing", "seeds", "train", "method_train", "method_options", "task_train",
+                "experiments")                   # what a profile sets; every one is required, since dvc.yaml's stages depend on them
+EXPERIMENT_KEYS = ("methods", "variants", "tasks", "seeds", *MERGED_KEYS)   # what an experiment may set
+GROUP_NAME = re.compile(r"[A-Za-z0-9_]+")                # experiment and group names go into dvc.yaml's shell commands
 
 
 class SettingsError(ValueError):
     "A setting of params.yaml that the pipeline cannot use: the message names its key and what was expected."
 
 
-def _check_method(where: str, spec) -> None:
-    if not isinstance(spec, str) or not spec:
-        raise SettingsError(f"{where}: expected a method spec such as 'lora' or 'moppa+ssf', got {spec!r}")
-    try: method_names(spec)
-    except PeftError as error: raise SettingsError(f"{where}: {error}") from None
+def _check_method(where: str, name) -> None:
+    if not isinstance(name, str) or not name:
+        raise SettingsError(f"{where}: expected a method spec such as 'lora' or 'moppa+ssf', got {name!r}")
+    try: method_names(variant_spec(name))
+    except (PeftError, ValueError) as error: raise SettingsError(f"{where}: {error}") from None
 
 
 def _check_training_keys(where: str, settings) -> None:
@@ -107,12 +143,32 @@ def _check_training_keys(where: str, settings) -> None:
 
 
 def _check_method_groups(where: str, groups) -> None:
-    if not isinstance(groups, dict) or not groups: raise SettingsError(f"{where}: expected a non-empty mapping group -> method specs")
-    for group, specs in groups.items():
+    if not isinstance(groups, dict) or not groups: raise SettingsError(f"{where}: expected a non-empty mapping group -> method names")
+    for group, names in groups.items():
         if not isinstance(group, str) or not GROUP_NAME.fullmatch(group):
             raise SettingsError(f"{where}: group name {group!r} must be letters, digits and underscores")
-        if not isinstance(specs, list) or not specs: raise SettingsError(f"{where}.{group}: expected a non-empty list of method specs, got {specs!r}")
-        for spec in specs: _check_method(f"{where}.{group}", spec)
+        if not isinstance(names, list) or not names: raise SettingsError(f"{where}.{group}: expected a non-empty list of method names, got {names!r}")
+        for name in names: _check_method(f"{where}.{group}", name)
+
+
+def _check_variants(at: str, settings: dict) -> None:
+    variants = settings.get("variants", {})
+    if not isinstance(variants, dict): raise SettingsError(f"{at}.variants: expected a mapping name -> {{options, train}}, got {variants!r}")
+    for name in experiment_methods(settings):
+        if variant_spec(name) != name and name not in variants:
+            raise SettingsError(f"{at}.methods: variant {name!r} has no entry in {at}.variants (its options and training settings)")
+    for name, variant in variants.items():
+        _check_method(f"{at}.variants.{name}", name)
+        if variant_spec(name) == name: raise SettingsError(f"{at}.variants.{name}: a variant's name needs a label, e.g. '{name}[label]'")
+        if not isinstance(variant, dict) or not set(variant) <= {"options", "train"}:
+            raise SettingsError(f"{at}.variants.{name}: expected a mapping with 'options' (part -> options) and/or 'train', got {variant!r}")
+        _check_training_keys(f"{at}.variants.{name}.train", variant.get("train", {}))
+        parts, options = method_names(variant_spec(name)), variant.get("options", {})
+        if not isinstance(options, dict) or not set(options) <= set(parts):
+            raise SettingsError(f"{at}.variants.{name}.options: expected a mapping of its methods {parts} to options, got {options!r}")
+        for part, part_options in peft_spec(settings, name).items():
+            try: build_options(get_method(part).Options, part, part_options)
+            except PeftError as error: raise SettingsError(f"{at}.variants.{name}: {error}") from None
 
 
 def _check_seeds_and_tasks(at: str, settings: dict) -> None:
@@ -140,8 +196,7 @@ def _check_method_options(at: str, settings: dict) -> None:
             except PeftError as error: raise SettingsError(f"{at}.method_options.{method}: {error}") from None
 
 
-def _check_task_train(at: str, settings: dict) -> None:
-    tasks = settings["tasks"]
+def _check_task_train(at: str, settings: dict, tasks: dict) -> None:
     for method, per_task in settings.get("task_train", {}).items():
         _check_method(f"{at}.task_train.{method}", method)
         if not isinstance(per_task, dict): raise SettingsError(f"{at}.task_train.{method}: expected a mapping task -> settings")
@@ -150,32 +205,71 @@ def _check_task_train(at: str, settings: dict) -> None:
             _check_training_keys(f"{at}.task_train.{method}.{task}", overrides)
 
 
-def _check_resolved_runs(at: str, params: dict, settings: dict) -> None:
+def _check_resolved_runs(at: str, settings: dict) -> None:
     seeds, tasks = settings.get("seeds", [0]), settings["tasks"]
-    for spec in dict.fromkeys(s for specs in settings.get("methods", params["methods"]).values() for s in specs):
+    for name in experiment_methods(settings):
         for task in tasks:                               # every run's resolved settings make a valid TrainConfig
-            resolved = run_settings(settings, spec, task)
+            resolved = run_settings(settings, name, task)
             try: train_config(resolved, seeds[0])
-            except (TypeError, ValueError) as error: raise SettingsError(f"{at}: settings of ({spec}, {task}): {error}") from None
+            except (TypeError, ValueError) as error: raise SettingsError(f"{at}: settings of ({name}, {task}): {error}") from None
             if resolved.get("head_init", "random") not in ("random", "probe"):
-                raise SettingsError(f"{at}: head_init of ({spec}, {task}) must be 'random' or 'probe', got {resolved['head_init']!r}")
+                raise SettingsError(f"{at}: head_init of ({name}, {task}) must be 'random' or 'probe', got {resolved['head_init']!r}")
 
 
-def check_profile(params: dict, profile: str | None = None) -> dict:
-    "The settings of `profile` (as `profile_settings`) once every key is checked; a `SettingsError` names the first bad one."
-    settings = profile_settings(params, profile)
-    at = f"profiles.{settings['name']}"
-    for key in settings:
-        if key != "name" and key not in PROFILE_KEYS: raise SettingsError(f"{at}.{key}: unknown key; expected one of {list(PROFILE_KEYS)}")
-    _check_method_groups("methods", params.get("methods"))
-    if settings.get("methods") is not None: _check_method_groups(f"{at}.methods", settings["methods"])
+def _check_catalogue(params: dict, settings: dict, at: str) -> dict:
+    "The experiments catalogue (name -> title); the profile must realise exactly its experiments."
+    catalogue = params.get("experiments")
+    if not isinstance(catalogue, dict) or not catalogue:
+        raise SettingsError("experiments: expected a non-empty mapping experiment name -> title (the tables of the report)")
+    for name in catalogue:
+        if not isinstance(name, str) or not GROUP_NAME.fullmatch(name):
+            raise SettingsError(f"experiments: name {name!r} must be letters, digits and underscores")
+    own = settings["experiments"]
+    if not isinstance(own, dict): raise SettingsError(f"{at}.experiments: expected a mapping experiment -> settings, got {own!r}")
+    for name in catalogue:
+        if name not in own: raise SettingsError(f"{at}.experiments.{name}: missing; every profile realises every experiment of `experiments`")
+    for name in own:
+        if name not in catalogue: raise SettingsError(f"{at}.experiments.{name}: not an experiment of `experiments` {list(catalogue)}")
+    return catalogue
+
+
+def _check_experiment(params: dict, profile: dict, name: str) -> None:
+    at, own = f"profiles.{profile['name']}.experiments.{name}", profile["experiments"][name]
+    if not isinstance(own, dict): raise SettingsError(f"{at}: expected a mapping of settings, got {own!r}")
+    for key in own:
+        if key not in EXPERIMENT_KEYS: raise SettingsError(f"{at}.{key}: unknown key; expected one of {list(EXPERIMENT_KEYS)}")
+    for task in own.get("tasks", []):
+        if task not in profile["tasks"]: raise SettingsError(f"{at}.tasks: {task!r} is not one of the profile's tasks {list(profile['tasks'])}")
+    if "tasks" in own and (not isinstance(own["tasks"], list) or not own["tasks"]):
+        raise SettingsError(f"{at}.tasks: expected a non-empty list of the profile's task names, got {own['tasks']!r}")
+    _check_method_groups(f"{at}.methods", own.get("methods"))
+    settings = experiment_settings(params, profile["name"], name)
     _check_seeds_and_tasks(at, settings)
     _check_training_keys(f"{at}.train", settings.get("train", {}))
     _check_method_train(at, settings)
     _check_method_options(at, settings)
-    _check_task_train(at, settings)
-    _check_resolved_runs(at, params, settings)
+    _check_task_train(at, settings, profile["tasks"])
+    _check_variants(at, settings)
+    _check_resolved_runs(at, settings)
+
+
+def check_profile(params: dict, profile: str | None = None) -> dict:
+    "The settings of `profile` (as `profile_settings`) once every key and experiment is checked; a `SettingsError` names the first bad one."
+    settings = profile_settings(params, profile)
+    at = f"profiles.{settings['name']}"
+    for key in settings:
+        if key != "name" and key not in PROFILE_KEYS: raise SettingsError(f"{at}.{key}: unknown key; expected one of {list(PROFILE_KEYS)}")
+    for key in PROFILE_KEYS:
+        if key not in settings:
+            raise SettingsError(f"{at}.{key}: missing; dvc.yaml's stages depend on every key of {list(PROFILE_KEYS)} (`{{}}` for none)")
+    _check_seeds_and_tasks(at, settings)                 # the profile's own keys first, so that an error names them
+    _check_training_keys(f"{at}.train", settings["train"])
+    _check_method_train(at, settings)
+    _check_method_options(at, settings)
+    _check_task_train(at, settings, settings["tasks"])
+    for name in _check_catalogue(params, settings, at): _check_experiment(params, settings, name)
     return settings
+
 
 # %% ../nbs/16_experiment.ipynb #b5605899
 def load_task(profile: dict, task: str, flip: bool = False, splits: tuple[str, ...] | None = None):
@@ -334,14 +428,14 @@ def run_method(method: str,                          # method spec, e.g. 'lora' 
                params: dict,                         # the pipeline's parameters (load_params)
                output_dir: str | Path,               # where runs and results.json go
                profile: str | None = None,           # profile name (default: params['profile'])
-               metrics_path: str | Path | None = None,  # per-task test accuracies per protocol (default: output_dir/metrics.json)
+               experiment: str | None = None,        # experiment of the profile (None: the profile's own settings)
                progress: bool = False,               # tqdm bars of `fit` (per epoch and step)
                on_run_end: Callable[[dict], None] | None = None,  # called with each finished run's record (e.g. a progress bar)
                ) -> dict:
-    "Train `method` on every task and seed of the profile; write and return the results. Finished runs are read back, interrupted ones resumed."
+    "Train `method` (a spec or variant name) on every task and seed of the experiment; write and return the results. Finished runs are read back, interrupted ones resumed."
     output_dir = Path(output_dir)
     with writer_lock(output_dir):
-        return _run_method(method, params, output_dir, profile, metrics_path, progress, on_run_end)
+        return _run_method(method, params, output_dir, profile, experiment, progress, on_run_end)
 
 
 def _task_data(profile: dict, task: str, settings: dict):
@@ -376,8 +470,8 @@ def _train_run(profile: dict, identity: dict, group: str, data, run_dir: Path, p
     return record, count_trainable(model)
 
 
-def _run_method(method, params, output_dir, profile, metrics_path, progress, on_run_end) -> dict:
-    settings_of = profile_settings(params, profile)
+def _run_method(method, params, output_dir, profile, experiment, progress, on_run_end) -> dict:
+    settings_of = experiment_settings(params, profile, experiment)
     spec, runs, trainable = peft_spec(settings_of, method), [], None
     backbone, seeds, code = backbone_identity(settings_of), settings_of.get("seeds", [0]), code_fingerprint()
     _prune(output_dir, set(settings_of["tasks"]) | {"adapter"})
@@ -392,13 +486,9 @@ def _run_method(method, params, output_dir, profile, metrics_path, progress, on_
             record, trainable = _train_run(settings_of, identity, group, data, output_dir / task / f"seed{seed}", progress)
             runs.append(record)
             if on_run_end is not None: on_run_end(runs[-1])
-    results = {"method": method, "profile": settings_of["name"], "peft_spec": spec, "trainable_params": trainable,
-               "backbone": backbone, "runs": runs}
+    results = {"method": method, "profile": settings_of["name"], "experiment": experiment, "peft_spec": spec,
+               "trainable_params": trainable, "backbone": backbone, "runs": runs}
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
-    metrics = {run["task"] + (f"/seed{run['seed']}" if len(seeds) > 1 else ""):
-               {p: run["summary"][p]["test_acc"] for p in ("val", "final", "best_test") if p in run["summary"]} for run in runs}
-    metrics_path = Path(metrics_path or output_dir / "metrics.json"); metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps({"trainable_params": trainable, "test_acc": metrics}, indent=1))
     return results
 
 # %% ../nbs/16_experiment.ipynb #1dd7a286
@@ -485,7 +575,8 @@ def prepare_backbone(profile: dict, output_dir: str | Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run one stage of the moppa-nb pipeline.")
     parser.add_argument("stage", choices=("prepare", "backbone", "train"))
-    parser.add_argument("method", nargs="?", help="method spec for `train`, e.g. lora or moppa+ssf")
+    parser.add_argument("method", nargs="?", help="method (spec or variant) for `train`, e.g. lora, moppa+ssf or moppa[heat]")
+    parser.add_argument("--experiment", default=None, help="experiment of the profile whose settings `train` uses")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--profile", default=None, help="profile name (default: params.yaml's `profile`)")
     parser.add_argument("--output", required=True, help="output folder of the stage")
@@ -499,7 +590,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.stage == "backbone": prepare_backbone(profile, args.output)
     else:
         if not args.method: parser.error("train needs a METHOD")
-        run_method(args.method, params, args.output, profile=profile["name"], progress=True)
+        run_method(args.method, params, args.output, profile=profile["name"], experiment=args.experiment, progress=True)
 
 
 if __name__ == "__main__" and "__file__" in globals():   # `python -m moppa_nb.experiment`, not when the notebook runs

@@ -19,8 +19,9 @@ from safetensors.torch import save_file
 
 from moppa_nb.checkpoint import read_checkpoint
 from moppa_nb.data import VTAB_CLASSES, write_vtab_task
-from moppa_nb.experiment import RunLocked, main, prepare_backbone, prepare_data, profile_settings, run_method, writer_lock
-from moppa_nb.report import ReportContent, write_report
+from moppa_nb.experiment import (RunLocked, check_profile, experiment_methods, experiment_settings, main, prepare_backbone,
+                                 prepare_data, profile_settings, run_method, writer_lock)
+from moppa_nb.report import ReportContent, accuracy_table, combine_reports, load_results, write_report
 
 ROOT = Path(__file__).parent.parent
 TASKS = {"dtd": "Natural", "smallnorb_ele": "Structured"}
@@ -56,6 +57,29 @@ def paper_params(tmp_path: Path) -> dict:
     paper["task_train"] = {"moppa": {"dtd": {**paper["task_train"]["moppa"]["dtd"], "batch_size": 4}}}
     params["profile"] = "paper"
     return params
+
+
+def test_every_paper_experiment_end_to_end_on_fake_vtab(tmp_path):
+    """Each experiment of the paper profile, every method, one epoch on one task: its report table has exactly its methods."""
+    params = paper_params(tmp_path)
+    paper = params["profiles"]["paper"]
+    paper["tasks"] = {"dtd": "Natural"}
+    paper["train"].update(epochs=1, warmup_epochs=0, cooldown_epochs=0)
+    check_profile(params)
+    prepare_backbone(profile_settings(params), tmp_path / "backbone")
+    for name, title in params["experiments"].items():
+        methods = experiment_methods(experiment_settings(params, experiment=name))
+        for method in methods:
+            run_method(method, params, tmp_path / "runs" / name / method, experiment=name)
+        groups = {"Natural": ["dtd"]}
+        tables = write_report(tmp_path / "runs" / name, tmp_path / "report" / name,
+                              ReportContent(groups, methods=methods, profile="paper", title=title, experiment=name))
+        assert list(tables["val"].index) == methods, name
+        heat = json.loads((tmp_path / "runs" / name / methods[1] / "results.json").read_text())
+        if name == "moppa_ablation":                                  # the variant's options reached apply_peft
+            assert heat["method"] == "moppa[heat]" and heat["peft_spec"] == {"moppa": {"branches": ["heat"]}}
+    text = combine_reports("paper", params["experiments"], tmp_path / "report").read_text()
+    assert [line for line in text.splitlines() if line.startswith("## ")] == [f"## {t}" for t in params["experiments"].values()]
 
 
 def test_paper_profile_end_to_end_on_fake_vtab(tmp_path):
@@ -166,15 +190,17 @@ def run_notebook(notebook: str, output: Path, parameters: dict, cwd: Path):
 def test_training_and_report_notebooks_smoke(tmp_path):
     params = paper_params(tmp_path)
     params["profiles"]["paper"]["tasks"] = {"dtd": "Natural"}
-    params["profiles"]["paper"]["methods"] = {"ours": ["moppa"]}
+    params["experiments"] = {"vtab": "VTAB-1K"}
+    params["profiles"]["paper"]["experiments"] = {"vtab": {"methods": {"ours": ["moppa"]}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     run_notebook("train.ipynb", tmp_path / "train_out.ipynb",
-                 {"group": "ours", "output_dir": "runs/ours", "metrics_dir": "metrics/ours"}, tmp_path)
-    metrics = json.loads((tmp_path / "metrics" / "ours" / "moppa.json").read_text())
+                 {"experiment": "vtab", "output_dir": "runs/vtab", "metrics_dir": "metrics/vtab"}, tmp_path)
+    metrics = json.loads((tmp_path / "metrics" / "vtab" / "moppa.json").read_text())
     assert set(metrics["test_acc"]) == {"val", "final", "best_test"} and metrics["trainable_params"] > 0
     run_notebook("report.ipynb", tmp_path / "report_out.ipynb",
                  {"results_dir": "runs", "output_dir": "report", "bench_csv": "none.csv"}, tmp_path)
-    assert (tmp_path / "report" / "results.md").is_file() and (tmp_path / "report" / "spectral_responses.png").is_file()
+    assert (tmp_path / "report" / "results.md").read_text().startswith("# Results: paper profile")
+    assert (tmp_path / "report" / "vtab" / "spectral_responses.png").is_file()
 
 
 SYSTEM_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1", "LANG": "C.UTF-8"}
@@ -313,17 +339,17 @@ def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tm
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["profile"] = "smoke"
     smoke = params["profiles"]["smoke"]
-    smoke["methods"]["ours"] = ["lora"]
+    smoke["experiments"]["vtab"]["methods"] = {"ours": ["lora"]}
     smoke["train"].update(epochs=4, checkpoint_every=1, num_threads=1)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**SYSTEM_ENV, "OMP_NUM_THREADS": "1", "JUPYTER_RUNTIME_DIR": jupyter_runtime}
-    repro = lambda out=subprocess.PIPE: subprocess.Popen([".venv/bin/dvc", "repro", "train@ours"], cwd=clone, env=env,
+    repro = lambda out=subprocess.PIPE: subprocess.Popen([".venv/bin/dvc", "repro", "train@vtab"], cwd=clone, env=env,
                                                          stdout=out, stderr=subprocess.STDOUT, text=True)
     # the first run writes to a file, not a pipe: a pipe closing with dvc would kill papermill by itself (SIGPIPE).
     # test_stopping_dvc_repro_stops_papermill_and_its_kernel is the proof that stopping works; here the stopped run
     # must also not have finished (an orphaned kernel used to train to the end within the wait below, and pass)
     log = open(tmp_path / "first.log", "w")
-    first, checkpoint = repro(log), clone / "runs/smoke/ours/lora/digits/seed0/checkpoint.pt"
+    first, checkpoint = repro(log), clone / "runs/smoke/vtab/lora/digits/seed0/checkpoint.pt"
     deadline = time.time() + 240
     while not checkpoint.exists() and first.poll() is None and time.time() < deadline: time.sleep(0.05)
     assert checkpoint.exists(), (tmp_path / "first.log").read_text()[-3000:]
@@ -334,13 +360,13 @@ def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tm
     deadline = time.time() + 20
     while any(_alive(pid) for pid in training) and time.time() < deadline: time.sleep(0.2)
     assert not [pid for pid in training if _alive(pid)], "training processes outlived dvc repro"
-    assert not (clone / "runs/smoke/ours/lora/results.json").exists(), "the stopped training ran to its end"
+    assert not (clone / "runs/smoke/vtab/lora/results.json").exists(), "the stopped training ran to its end"
     assert read_checkpoint(checkpoint)["epoch"] < 4
     second = repro(); output = second.communicate(timeout=300)[0]
     assert second.returncode == 0, output[-3000:]
-    results = json.loads((clone / "runs/smoke/ours/lora/results.json").read_text())
+    results = json.loads((clone / "runs/smoke/vtab/lora/results.json").read_text())
     assert results["runs"][0]["summary"]["resumed_from_epoch"] > 0
-    status = subprocess.run([".venv/bin/dvc", "status", "train@ours"], cwd=clone, env=env, capture_output=True, text=True)
+    status = subprocess.run([".venv/bin/dvc", "status", "train@vtab"], cwd=clone, env=env, capture_output=True, text=True)
     assert "up to date" in status.stdout, status.stdout
     reference = subprocess.run(["pipeline/env", "python", "-m", "moppa_nb.experiment", "train", "lora", "--output", "reference"],
                                cwd=clone, env=env, capture_output=True, text=True, timeout=300)
@@ -356,7 +382,7 @@ def test_training_notebook_checks_the_settings_before_training(tmp_path):
     params["profiles"]["paper"]["seeds"] = []
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     command = [sys.executable, "-m", "papermill", "--no-progress-bar", str(ROOT / "pipeline" / "train.ipynb"), str(tmp_path / "out.ipynb"),
-               "-p", "group", "ours", "-p", "output_dir", "runs/ours", "-p", "metrics_dir", "metrics/ours"]
+               "-p", "experiment", "vtab", "-p", "output_dir", "runs/vtab", "-p", "metrics_dir", "metrics/vtab"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "profiles.paper.seeds: expected a non-empty list" in done.stderr + done.stdout
     assert not (tmp_path / "runs").exists()
