@@ -16,7 +16,7 @@ from .dct import spectral_filter
 from .priors import heat_response, poisson_response, squared_frequency, wave_response
 from .registry import (POSITIVE, MethodOptions, PeftError, PeftMethod, TrainingProgress, ViTLayout, checked,
                                register_method, subset_of)
-from .router import BRANCHES, InputRouter, StaticRouter, entropy_weight, full_weights, route_entropy
+from .router import BRANCHES, InputRouter, StaticRouter, UniformRouter, entropy_weight, full_weights, route_entropy
 
 # %% auto #0
 __all__ = ['MoPPAOptions', 'SharedPriors', 'MoPPAOperator', 'MoPPA', 'moppa_operators', 'operator_route_entropy',
@@ -27,13 +27,13 @@ __all__ = ['MoPPAOptions', 'SharedPriors', 'MoPPAOperator', 'MoPPA', 'moppa_oper
 class MoPPAOptions(MethodOptions):
     "Options of the `moppa` method."
     form: typing.Literal["reference", "physical"] = "reference"   # spectral responses: public code's or textbook PDE solutions
-    router: typing.Literal["static", "input"] = "static"          # input-independent (default) or input-dependent mixture
+    router: typing.Literal["static", "input", "uniform"] = "static"  # input-independent (default), input-dependent, or none (weights 1/K)
     branches: tuple[str, ...] = checked(BRANCHES, subset_of(BRANCHES))  # active priors; a subset ablates the others
     laplacian: typing.Literal["continuous", "discrete"] = "continuous"  # eigenvalues (pi n/H)^2 or 2 - 2cos(pi n/H)
     residual: bool = False                                         # output filter(X) (public code) or X + filter(X)
     placement: typing.Literal["attn", "mlp", "both"] = "attn"     # filter the input of attention (published), of the MLP, or both
     route_entropy: typing.Literal["mean", "sum"] = "mean"         # entropy averaged over branches (public code) or summed (nats)
-    tau_init: float = checked(5.0, POSITIVE)                       # initial router temperature
+    tau_init: float = checked(5.0, POSITIVE)                       # initial router temperature (unused by "uniform")
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,8 +68,10 @@ class MoPPAOperator(nn.Module):
                                        for b in options.branches})
         self.speeds = nn.ParameterDict({b: nn.Parameter(torch.ones(h)) for b in ("heat", "wave")
                                         if options.form == "physical" and b in options.branches})
-        self.router = (StaticRouter(h, options.branches, options.tau_init) if options.router == "static"
-                       else InputRouter(layout.embed_dim, h, options.branches, options.tau_init))
+        routers = {"static": lambda: StaticRouter(h, options.branches, options.tau_init),
+                   "input": lambda: InputRouter(layout.embed_dim, h, options.branches, options.tau_init),
+                   "uniform": lambda: UniformRouter(h, options.branches)}
+        self.router = routers[options.router]()
         self.register_buffer("squared", squared_frequency(layout.grid, options.laplacian)[..., None], persistent=False)  # float64: cast on use
         self.last_route_weights: torch.Tensor | None = None
 
@@ -117,8 +119,8 @@ class MoPPAOperator(nn.Module):
         return [*self.times.values(), *self.speeds.values(), *self.router.parameters(), *self.shared.maps.values()]
 
     def response_for(self, weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        "The mixed response in `x`'s dtype; with a static router and no gradient recorded, reused while the parameters are unchanged."
-        if torch.is_grad_enabled() or not isinstance(self.router, StaticRouter):
+        "The mixed response in `x`'s dtype; with an input-independent router and no gradient recorded, reused while the parameters are unchanged."
+        if torch.is_grad_enabled() or self.router.input_dependent:
             return self.mixed_response(weights).to(x.dtype)
         state = self._cache_state()
         key = (x.dtype, x.device, tuple((id(t), t._version) for t in state))
@@ -156,10 +158,8 @@ class MoPPA(PeftMethod):
                 getattr(block, norm).register_forward_pre_hook(operator.filter_norm_input)
 
     def extra_loss(self, model: nn.Module, progress: TrainingProgress) -> torch.Tensor | None:
-        "The route regularisation (`route_regularisation`, below) while its weight is positive (first half of training, scale > 0)."
-        if entropy_weight(progress.epoch, progress.total_epochs, progress.scale) <= 0:
-            return None
-        return route_regularisation(model, progress.epoch, progress.total_epochs, progress.scale)
+        "The route regularisation (`route_regularisation`, below), or None while it is off (second half of training, scale 0, uniform router)."
+        return _route_term(model, progress.epoch, progress.total_epochs, progress.scale)
 
 
 def moppa_operators(model: nn.Module) -> list[MoPPAOperator]:
@@ -177,22 +177,28 @@ def operator_route_entropy(operator: MoPPAOperator) -> torch.Tensor:
     return entropy / weights.shape[branch_dim] if operator.options.route_entropy == "mean" else entropy
 
 
-def route_regularisation(model: nn.Module, epoch: float, total_epochs: float, scale: float) -> torch.Tensor:
-    "`-lambda(epoch) * sum over operators of H(route weights)`, from the weights of the last forward pass."
-    operators = moppa_operators(model)
+def _route_term(model: nn.Module, epoch: float, total_epochs: float, scale: float) -> torch.Tensor | None:
+    "`route_regularisation`'s term, or None while it is off: weight `lambda(epoch)` 0, or no operator with a router."
+    operators = [op for op in moppa_operators(model) if op.options.router != "uniform"]   # fixed weights: nothing to regularise
     weight = entropy_weight(epoch, total_epochs, scale)
     if not operators or weight == 0:
-        return torch.zeros(())
+        return None
     if any(op.last_route_weights is None for op in operators):
         raise RuntimeError("route_regularisation needs a forward pass first: the route weights are computed there.")
     entropy = sum(operator_route_entropy(op) for op in operators)
     return -weight * entropy
 
 
+def route_regularisation(model: nn.Module, epoch: float, total_epochs: float, scale: float) -> torch.Tensor:
+    "`-lambda(epoch) * sum over operators of H(route weights)`, from the weights of the last forward pass; 0 while off."
+    term = _route_term(model, epoch, total_epochs, scale)
+    return torch.zeros(()) if term is None else term
+
+
 def route_weights(model: nn.Module) -> torch.Tensor:
-    "Static router weights of every operator as (operators, 3, heads), masked branches 0, order `BRANCHES`."
+    "Router weights of every operator as (operators, 3, heads), masked branches 0, order `BRANCHES`: static (or uniform) routers only."
     operators = moppa_operators(model)
-    if any(not isinstance(op.router, StaticRouter) for op in operators):
-        raise PeftError("route_weights reads static routers; an input-dependent router's weights depend on the input.")
+    if any(op.router.input_dependent for op in operators):
+        raise PeftError("route_weights reads static (or uniform) routers; an input-dependent router's weights depend on the input.")
     with torch.no_grad():
         return torch.stack([full_weights(op.router(), op.options.branches) for op in operators])

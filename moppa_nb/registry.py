@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
 import typing
 import warnings
@@ -16,10 +17,11 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['POSITIVE', 'NON_NEGATIVE', 'FRACTION', 'NON_EMPTY', 'OUTPUT_SCALE', 'WIDTH_BOUNDED_OPTIONS', 'PeftError',
-           'did_you_mean', 'type_ok', 'describe_type', 'Rule', 'at_least', 'subset_of', 'checked', 'check_fields',
-           'MethodOptions', 'build_options', 'ViTLayout', 'vit_layout', 'check_options_fit', 'NoOptions',
-           'TrainingProgress', 'PeftMethod', 'register_method', 'composition_conflicts', 'list_methods', 'get_method']
+__all__ = ['POSITIVE', 'NON_NEGATIVE', 'FRACTION', 'NON_EMPTY', 'OUTPUT_SCALE', 'WIDTH_BOUNDED_OPTIONS', 'BUILTIN_METHOD_MODULES',
+           'PeftError', 'did_you_mean', 'type_ok', 'describe_type', 'Rule', 'at_least', 'subset_of', 'checked',
+           'check_fields', 'MethodOptions', 'build_options', 'ViTLayout', 'vit_layout', 'check_options_fit',
+           'NoOptions', 'TrainingProgress', 'PeftMethod', 'register_method', 'composition_conflicts', 'list_methods',
+           'get_method']
 
 # %% ../nbs/00_registry.ipynb #0fec4740
 class PeftError(ValueError):
@@ -239,6 +241,21 @@ class PeftMethod:
 
 
 _METHODS: dict[str, type[PeftMethod]] = {}
+BUILTIN_METHOD_MODULES = ("moppa_nb.moppa", "moppa_nb.coeff", "moppa_nb.weight_space", "moppa_nb.added_modules",
+                          "moppa_nb.more_baselines")    # each registers its methods when imported
+_builtins_imported = False
+
+
+def _import_builtin_methods() -> None:
+    "Import the built-in methods' modules, once: they register themselves, so the registry is complete from its first use."
+    global _builtins_imported
+    if _builtins_imported: return
+    _builtins_imported = True                  # first: those modules' own registrations must not start the import again
+    try:
+        for module in BUILTIN_METHOD_MODULES: importlib.import_module(module)
+    except BaseException:
+        _builtins_imported = False
+        raise
 
 
 def _same_definition(old: type, new: type) -> bool:
@@ -251,6 +268,7 @@ def register_method(name: str):
     def decorator(cls: type[PeftMethod]) -> type[PeftMethod]:
         if not (isinstance(cls, type) and issubclass(cls, PeftMethod)):
             raise TypeError(f"register_method({name!r}) decorates PeftMethod subclasses, got {cls!r}")
+        if cls.__module__ not in BUILTIN_METHOD_MODULES: _import_builtin_methods()   # built-ins first: others replace them
         old = _METHODS.get(name)
         if old is not None and not _same_definition(old, cls):
             warnings.warn(f"Method {name!r} was registered by {old.__module__}.{old.__qualname__}; "
@@ -276,11 +294,13 @@ def composition_conflicts(methods: typing.Sequence[PeftMethod]) -> list[str]:
 
 def list_methods() -> list[str]:
     "Names of all registered methods."
+    _import_builtin_methods()
     return sorted(_METHODS)
 
 
 def get_method(name: str) -> type[PeftMethod]:
     "The method class registered as `name`, or a `PeftError` listing the known names."
+    _import_builtin_methods()
     if name not in _METHODS:
         raise PeftError(f"Unknown PEFT method {name!r}; known methods: {list_methods()}.{did_you_mean(name, _METHODS)}")
     return _METHODS[name]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['BRANCHES', 'StaticRouter', 'InputRouter', 'full_weights', 'route_entropy', 'entropy_weight']
+__all__ = ['BRANCHES', 'StaticRouter', 'UniformRouter', 'InputRouter', 'full_weights', 'route_entropy', 'entropy_weight']
 
 # %% ../nbs/03_router.ipynb #fd5e364b
 BRANCHES = ("heat", "wave", "poisson")
@@ -24,6 +24,7 @@ def _check_branches(branches) -> tuple[str, ...]:
 
 class StaticRouter(nn.Module):
     "Input-independent mixture weights `softmax(P / tau)` over the active branches, per head."
+    input_dependent = False                          # one mixture for every input
     def __init__(self, num_heads: int,              # attention heads: one mixture per head
                  branches=BRANCHES,                  # active branches (a mask for ablations)
                  tau_init: float = 5.0):             # initial softmax temperature
@@ -37,8 +38,23 @@ class StaticRouter(nn.Module):
         return torch.softmax(self.logits / self.tau, dim=0)
 
 
+class UniformRouter(nn.Module):
+    "No router: the fixed weight `1/K` for each of the `K` active branches, per head; no parameters."
+    input_dependent = False
+    def __init__(self, num_heads: int, branches=BRANCHES):
+        super().__init__()
+        self.branches = _check_branches(branches)
+        equal = torch.full((len(self.branches), num_heads), 1.0 / len(self.branches))
+        self.register_buffer("weights", equal, persistent=False)   # follows .to()/.double(); not in the state dict
+
+    def forward(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        "Weights (`branches, heads`), all `1/K`; `tokens` are ignored."
+        return self.weights
+
+
 class InputRouter(nn.Module):
     "Input-dependent mixture weights: mean patch token -> linear -> `softmax(P / tau)`, per sample and head."
+    input_dependent = True                           # one mixture per sample
     def __init__(self, embed_dim: int, num_heads: int, branches=BRANCHES, tau_init: float = 5.0):
         super().__init__()
         self.branches = _check_branches(branches)

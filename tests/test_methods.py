@@ -1,6 +1,8 @@
 """One table of invariants over every registered method and the compositions the experiments use."""
 import copy
 import inspect
+import subprocess
+import sys
 from dataclasses import dataclass
 from functools import partial
 
@@ -58,6 +60,7 @@ VARIANTS = {
     "coeff-random": ({"coeff": {"parameterisation": "random"}}, False, False),
     "moppa-residual": ({"moppa": {"residual": True}}, False, False),   # X + filter(X): not the identity either
     "moppa-both": ({"moppa": {"placement": "both"}}, False, False),
+    "moppa-uniform": ({"moppa": {"router": "uniform"}}, False, False),   # no router: fixed weights 1/3
     "rlrr-public-init": ({"rlrr": {"init": "public"}}, False, True),   # the public code's kaiming-uniform scales
     "moppa+rlrr+ssf-public": ({"moppa": {}, "rlrr": {}, "ssf": {"targets": ["patch_embed", "norm2", "final_norm"], "init_std": 0.02}},
                               False, False),                          # MoPPA with SSF where and as the public code puts it
@@ -102,10 +105,24 @@ def test_the_table_covers_every_registered_method_and_one_registered_here():
     assert {name: CASES[name][1] for name in expected} == expected               # what the methods declare
 
 
+BUILT_IN = {"linear", "full", "bitfit", "vpt", "adapter", "adaptformer", "lora", "ssf", "fact", "nola", "coeff", "moppa",
+            "rlrr", "dora", "bi_adapter", "bi_lora", "spt"}
+
+
 def test_every_method_is_registered():
-    expected = {"linear", "full", "bitfit", "vpt", "adapter", "adaptformer", "lora", "ssf", "fact", "nola", "coeff", "moppa",
-                "rlrr", "dora", "bi_adapter", "bi_lora", "spt"}
-    assert expected <= set(list_methods())
+    assert BUILT_IN <= set(list_methods())
+
+
+@pytest.mark.parametrize("lookup, expected", [
+    ("from moppa_nb.registry import list_methods; print(*list_methods())", sorted(BUILT_IN)),
+    ("from moppa_nb.registry import get_method; print(get_method('lora').__module__)", ["moppa_nb.weight_space"]),
+    ("import moppa_nb.adapt; from moppa_nb import list_methods; print(*list_methods())", sorted(BUILT_IN)),
+    ("import moppa_nb.coeff; from moppa_nb.registry import list_methods; print(*list_methods())", sorted(BUILT_IN))])
+def test_a_fresh_interpreter_s_registry_holds_every_built_in_method(lookup, expected):
+    """`import moppa_nb` imports no method module: the registry imports the built-in ones before its first lookup."""
+    done = subprocess.run([sys.executable, "-c", lookup], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == expected
 
 
 @pytest.mark.parametrize("methods, identity, mergeable", TABLE)

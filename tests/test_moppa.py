@@ -13,7 +13,7 @@ from moppa_nb import PeftError, apply_peft, count_trainable, load_adapter, route
 from moppa_nb.dct import dct2, dct_matrix, idct2, spectral_filter
 from moppa_nb.moppa import MoPPAOperator, MoPPAOptions, SharedPriors, moppa_operators
 from moppa_nb.priors import neumann_laplacian
-from moppa_nb.registry import vit_layout
+from moppa_nb.registry import TrainingProgress, vit_layout
 from moppa_nb.router import entropy_weight
 
 
@@ -129,6 +129,80 @@ def test_route_regularisation_rewards_entropy_and_reaches_router(router):
     for operator in moppa_operators(model):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in operator.router.parameters())
     assert route_regularisation(model, epoch=5, total_epochs=10, scale=0.1).item() == 0
+
+
+def test_extra_loss_checks_the_schedule_once_and_keeps_its_errors():
+    model = apply_peft(small_vit(), "moppa")
+    (method,) = model.peft_methods
+    with pytest.raises(RuntimeError, match="needs a forward pass first"):
+        method.extra_loss(model, TrainingProgress(epoch=0, total_epochs=10, scale=0.1))
+    model(torch.randn(1, 3, 32, 48))
+    with pytest.raises(ValueError, match="total_epochs must be positive, got 0"):
+        method.extra_loss(model, TrainingProgress(epoch=0, total_epochs=0, scale=0.1))
+    assert method.extra_loss(model, TrainingProgress(epoch=5, total_epochs=10, scale=0.1)) is None     # off: no term
+    assert method.extra_loss(model, TrainingProgress(epoch=0, total_epochs=10, scale=0.0)) is None
+    torch.testing.assert_close(method.extra_loss(model, TrainingProgress(epoch=1, total_epochs=10, scale=0.1)),
+                               route_regularisation(model, 1, 10, 0.1))
+
+
+# ---------------------------------------------------------------- the uniform router (no router)
+def branch_filtered(patches: np.ndarray, response: np.ndarray, grid) -> np.ndarray:
+    """One branch's output computed with scipy's DCT: patches (B, H*W, C) filtered by response (H, W, C)."""
+    b, n, c = patches.shape
+    spectrum = scipy.fft.dctn(patches.reshape(b, *grid, c), type=2, axes=(1, 2), norm="ortho")
+    return scipy.fft.idctn(spectrum * response, type=2, axes=(1, 2), norm="ortho").reshape(b, n, c)
+
+
+@pytest.mark.parametrize("branches, form", [(("heat", "wave", "poisson"), "reference"), (("heat", "wave"), "reference"),
+                                            (("wave", "poisson"), "physical")])
+def test_uniform_router_output_is_the_mean_of_the_branch_outputs(branches, form):
+    model = apply_peft(small_vit(), {"moppa": {"router": "uniform", "branches": list(branches), "form": form}})
+    layout = vit_layout(model)
+    p, c = layout.num_prefix_tokens, layout.embed_dim
+    x = torch.randn(2, layout.num_tokens, c)
+    for operator in moppa_operators(model):
+        with torch.no_grad():
+            out = operator(x)
+            responses = {b: np.broadcast_to(r.numpy(), (*layout.grid, c)) for b, r in operator.responses().items()}
+        assert list(responses) == list(branches)
+        expected = np.mean([branch_filtered(x[:, p:].numpy(), r, layout.grid) for r in responses.values()], axis=0)
+        np.testing.assert_allclose(out[:, p:].numpy(), expected, atol=1e-5)
+        assert torch.equal(out[:, :p], x[:, :p])
+
+
+def test_uniform_router_has_no_parameters_and_equal_weights():
+    uniform = apply_peft(small_vit(), {"moppa": {"router": "uniform", "branches": ["heat", "wave"]}})
+    static = apply_peft(small_vit(), {"moppa": {"branches": ["heat", "wave"]}})
+    assert not [name for name, _ in uniform.named_parameters() if ".router." in name]
+    assert not [name for name in uniform.state_dict() if ".router." in name]
+    blocks, heads = 2, 3
+    assert count_trainable(static) - count_trainable(uniform) == blocks * (2 * heads + heads)   # logits + temperatures
+    expected = torch.tensor([0.5, 0.5, 0.0])[None, :, None].expand(blocks, 3, heads)   # heat, wave 1/2 each; poisson masked
+    assert torch.equal(route_weights(uniform), expected)
+    assert torch.equal(route_weights(apply_peft(small_vit(), {"moppa": {"router": "uniform"}})), torch.full((blocks, 3, heads), 1 / 3))
+
+
+def test_uniform_router_has_no_route_regularisation():
+    model = apply_peft(small_vit(), {"moppa": {"router": "uniform"}})
+    model(torch.randn(2, 3, 32, 48))
+    assert route_regularisation(model, epoch=0, total_epochs=10, scale=0.1).item() == 0
+    assert model.peft_methods[0].extra_loss(model, TrainingProgress(epoch=0, total_epochs=10, scale=0.1)) is None
+
+
+def test_uniform_router_adapter_round_trip(tmp_path):
+    source = apply_peft(small_vit(), {"moppa": {"router": "uniform", "branches": ["heat", "poisson"]}})
+    with torch.no_grad():
+        for p in source.parameters():
+            if p.requires_grad: p.add_(0.05 * torch.randn_like(p))
+    save_adapter(source, tmp_path / "adapter")
+    target = small_vit()
+    target.load_state_dict({k: v for k, v in source.state_dict().items() if "peft_" not in k}, strict=False)
+    load_adapter(target, tmp_path / "adapter")
+    assert moppa_operators(target)[0].options.router == "uniform"
+    images = torch.randn(3, 3, 32, 48)
+    assert torch.equal(source.eval()(images), target.eval()(images))
+    with pytest.raises(PeftError, match="Incompatible adapter.*options"):
+        load_adapter(apply_peft(small_vit(), {"moppa": {"branches": ["heat", "poisson"]}}), tmp_path / "adapter")
 
 
 # ---------------------------------------------------------------- installation into timm ViTs

@@ -29,6 +29,7 @@ VARIANTS = {
     "vpt-shallow": ({"vpt": {"deep": False}}, 50 * 768),
     "moppa+ssf": (["moppa", "ssf"], 9_936 + 205_824),
     "moppa-both": ({"moppa": {"placement": "both"}}, 3 * 14 * 14 * 12 + 24 * (3 * 64 + 3 * 12 + 12)),   # 12,816
+    "moppa-uniform": ({"moppa": {"router": "uniform"}}, 3 * 14 * 14 * 12 + 12 * 3 * 64),   # 9,360: no router logits, temperatures
     "fact+coeff": (["fact", "coeff"], 61_440 + 1_728),
     "moppa+rlrr+ssf": (["moppa", "rlrr", "ssf"], 9_936 + 193_536 + 205_824),
     "ssf-moppa-sites": ({"ssf": {"targets": ["patch_embed", "norm2", "final_norm"]}}, 2 * 768 * (1 + 12 + 1)),   # 21,504

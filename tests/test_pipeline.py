@@ -134,6 +134,17 @@ def test_papermill_stages_create_their_output_folder():
 TCP_WARNING = "Kernel is running over TCP without encryption"      # ipykernel's, when started on TCP without CurveZMQ keys
 
 
+def test_papermill_loads_the_ipc_engine_without_importing_torch():
+    """papermill imports its engines' entry points at start-up: ours (moppa_nb.papermill_engine) must not pull in torch.
+    (papermill is imported first, as its CLI does: importing the engine module first re-enters it through the entry point.)"""
+    probe = ("import sys, papermill, moppa_nb.papermill_engine as engine; "
+             "assert papermill.engines.papermill_engines.get_engine('ipc') is engine.IPCEngine; "
+             "print(sorted(m for m in ('torch', 'timm', 'moppa_nb.registry') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_papermill_stages_run_their_kernel_with_the_ipc_engine():
     assert set(papermill_stage_commands()) == {"train", "report"}
     options = papermill_stage_options()

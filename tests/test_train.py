@@ -150,13 +150,14 @@ def test_optimizer_holds_only_trainable_parameters():
 @pytest.mark.parametrize("scale", [0.0, 1e-3])
 def test_route_regularisation_is_added_only_when_scale_is_positive(tmp_path, monkeypatch, scale):
     calls = []
-    original = moppa.route_regularisation
+    original = moppa._route_term
 
     def spy(model, epoch, total_epochs, s):
-        calls.append((epoch, total_epochs, s))
-        return original(model, epoch, total_epochs, s)
+        term = original(model, epoch, total_epochs, s)
+        if term is not None: calls.append((epoch, total_epochs, s))
+        return term
 
-    monkeypatch.setattr(moppa, "route_regularisation", spy)   # reached through MoPPA.extra_loss
+    monkeypatch.setattr(moppa, "_route_term", spy)   # MoPPA.extra_loss's term (route_regularisation's), None while off
     config = replace(CONFIG, epochs=2, route_reg_scale=scale)
     summary = fit(tiny_moppa_vit(), toy_task(), config, tmp_path, progress=False)
     if scale == 0:
