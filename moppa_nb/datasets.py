@@ -30,10 +30,10 @@ from .data import (FGVC_SPLITS, FGVC_TASKS, TASK_INFO, VTAB_CLASSES, VTAB_SPLITS
 # %% auto #0
 __all__ = ['VTAB_SOURCE', 'VPT_SPLITS_SOURCE', 'FGVC_SOURCES', 'ARCHIVE_SUFFIXES', 'VTAB_1K_SIZES', 'MANIFEST', 'FGVC_READERS',
            'FGVC_MARKERS', 'Source', 'SourceUnreachable', 'default_downloads', 'fetch_url', 'fetch_hub', 'fetch',
-           'file_digests', 'verify', 'extract', 'unpack', 'folder_holding', 'move_contents', 'fake_vtab_archive',
-           'fake_fgvc_sources', 'update_manifest', 'find_vtab_task_folders', 'complete_vtab_lists', 'convert_vtab_task',
-           'build_vtab', 'birds_records', 'flowers_records', 'dogs_records', 'cars_records', 'split_records',
-           'vpt_split_folders', 'check_fgvc_folder', 'build_fgvc', 'sources_table', 'main']
+           'file_digests', 'verify', 'member_names', 'extract', 'unpack', 'folder_holding', 'move_contents',
+           'fake_vtab_archive', 'fake_fgvc_sources', 'update_manifest', 'find_vtab_task_folders', 'complete_vtab_lists',
+           'convert_vtab_task', 'build_vtab', 'birds_records', 'flowers_records', 'dogs_records', 'cars_records',
+           'split_records', 'vpt_split_folders', 'check_fgvc_folder', 'build_fgvc', 'sources_table', 'main']
 
 # %% ../nbs/10b_datasets.ipynb #44c985dd
 @dataclass(frozen=True)
@@ -163,6 +163,13 @@ def _safe_member(name: str, archive: Path) -> PurePosixPath:
     if path.is_absolute() or ".." in path.parts or "\\" in name:
         raise ValueError(f"{archive}: member {name!r} would be written outside the target folder; refusing to extract it.")
     return path
+
+
+def member_names(archive: str | Path) -> list[str]:
+    "The names of the members of a zip or tar archive."
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as bundle: return bundle.namelist()
+    with tarfile.open(archive) as bundle: return bundle.getnames()
 
 
 def extract(archive: str | Path, target: str | Path, keep=lambda name: True) -> Path:
@@ -386,7 +393,7 @@ def convert_vtab_task(source: str | Path, root: str | Path, task: str, move: boo
             raise FileNotFoundError(f"Task {task!r}: {list_file} lists {len(missing)} image(s) absent from {target}, "
                                     f"e.g. {missing[:3]}.")
         sizes[split] = len(entries)
-    wrong = {split: n for split, n in (expected_sizes or {}).items() if sizes[split] != n}
+    wrong = {split: sizes[split] for split, n in (expected_sizes or {}).items() if sizes[split] != n}
     if wrong:
         raise ValueError(f"Task {task!r}: split sizes {wrong} differ from VTAB-1K's {expected_sizes}; the copy is incomplete.")
     (target / TASK_INFO).write_text(json.dumps({"name": task, "num_classes": VTAB_CLASSES[task], "group": task_group(task)}, indent=1))
@@ -419,7 +426,9 @@ def build_vtab(root: str | Path,                   # folder of tasks to write, e
             folders = find_vtab_task_folders(extract(archive, staging, wanted_member))
         absent = [task for task in wanted if task not in folders]
         if absent:
-            raise ValueError(f"{archive} holds no folder for task(s) {absent}; it holds {sorted(folders)}.")
+            held = folders if archive.is_dir() else {_vtab_name(part) for name in member_names(archive)
+                                                     for part in PurePosixPath(name).parts[:-1]} - {None}
+            raise ValueError(f"{archive} holds no folder for task(s) {absent}; it holds {sorted(held)}.")
         for task in wanted:
             built[task] = {"source": source, **convert_vtab_task(folders[task], root, task, move=not archive.is_dir(),
                                                                  expected_sizes=expected_sizes)}
