@@ -10,22 +10,22 @@ import functools
 import hashlib
 import json
 import shutil
-import sys
 import tarfile
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from tempfile import TemporaryDirectory
 
 import numpy as np
 from PIL import Image
-from scipy.io import loadmat
+from huggingface_hub import hf_hub_download
+from scipy.io import loadmat, savemat
 
-from .data import (FGVC_SPLITS, FGVC_TASKS, TASK_INFO, VTAB_CLASSES, VTAB_SPLITS, cache_root, canonical_fgvc_task,
-                           canonical_task, read_json_split, read_list_file, task_group, VTAB_TASKS)
+from .data import (FGVC_SPLITS, FGVC_TASKS, TASK_INFO, VTAB_CLASSES, VTAB_SPLITS, VTAB_TASKS, cache_root,
+                           canonical_fgvc_task, canonical_task, read_json_split, read_list_file, task_group, write_vtab_task)
 
 # %% auto #0
 __all__ = ['VTAB_SOURCE', 'VPT_SPLITS_SOURCE', 'FGVC_SOURCES', 'ARCHIVE_SUFFIXES', 'VTAB_1K_SIZES', 'MANIFEST', 'FGVC_READERS',
@@ -115,7 +115,6 @@ def fetch_url(url: str, target: Path, timeout: float = 60, chunk: int = 1 << 20)
 
 def fetch_hub(source: Source, downloads: Path) -> Path:
     "Download a file of a Hugging Face dataset repository (huggingface_hub resumes an interrupted download)."
-    from huggingface_hub import hf_hub_download      # imported when a download runs, never at import
     return Path(hf_hub_download(source.hub_repo, source.filename, repo_type="dataset", revision=source.hub_revision,
                                 local_dir=downloads / source.hub_repo.replace("/", "__")))
 
@@ -243,8 +242,6 @@ def fake_vtab_archive(archive: str | Path,            # .zip or .tar(.gz) to wri
                       drop: tuple[str, ...] = (),     # list files to leave out, e.g. ('train800val200',)
                       ) -> Path:
     "A tiny archive in the NOAH layout (`vtab-1k/<task>/...`), to test the converter offline."
-    from tempfile import TemporaryDirectory
-    from moppa_nb.data import write_vtab_task
     rng, archive = np.random.default_rng(0), Path(archive)
     with TemporaryDirectory() as tmp:
         for folder, task in tasks.items():
@@ -275,8 +272,6 @@ def fake_fgvc_sources(name: str,                # FGVC dataset (or alias)
                       per_class: int = 3,       # images per class (the last one of each class is a test image)
                       ) -> list[Path]:
     "Tiny source files of an FGVC dataset in its official formats, named as `FGVC_SOURCES` names them (tests, offline)."
-    from tempfile import TemporaryDirectory
-    from scipy.io import savemat
     name, folder, rng = canonical_fgvc_task(name), Path(folder), np.random.default_rng(0)
     folder.mkdir(parents=True, exist_ok=True)
     classes = FGVC_TASKS[name].num_classes
@@ -345,12 +340,11 @@ def _vtab_name(folder_name: str) -> str | None:
 
 
 def find_vtab_task_folders(folder: str | Path) -> dict[str, Path]:
-    "Task folders under `folder` (at any depth: folders holding a `test.txt`), keyed by NOAH task name."
+    "Task folders under `folder` (at any depth: folders named after a task, holding a `test.txt`), keyed by NOAH name."
     found = {}
     for test_list in sorted(Path(folder).rglob("test.txt"), key=lambda p: len(p.parts)):
         name = _vtab_name(test_list.parent.name)
-        if name is None:
-            raise ValueError(f"{test_list.parent} holds a VTAB list file but {test_list.parent.name!r} is no VTAB-1K task name.")
+        if name is None: continue                     # not a task folder (another dataset, notes, ...)
         if name in found:
             raise ValueError(f"Task {name!r} appears twice: {found[name]} and {test_list.parent}.")
         found[name] = test_list.parent
@@ -415,6 +409,8 @@ def build_vtab(root: str | Path,                   # folder of tasks to write, e
     else:
         archive = Path(archive)
         if not archive.exists(): raise FileNotFoundError(f"The VTAB-1K archive {archive} does not exist.")
+        if archive.is_dir() and root.resolve().is_relative_to(archive.resolve()):
+            raise ValueError(f"--from-archive {archive} contains the output folder {root}; build into another folder.")
         source = {"from": str(archive.resolve()), **({} if archive.is_dir() else file_digests(archive))}
     root.mkdir(parents=True, exist_ok=True)
     staging, built = root / ".staging", {}

@@ -177,3 +177,12 @@ def test_cli_builds_from_an_archive(tmp_path, capsys):
     main(["vtab", "--root", str(tmp_path / "vtab-1k"), "--tasks", "kitti_distance", "--from-archive", str(archive)])
     assert "kitti: {'train800': 800, 'val200': 200, 'train800val200': 1000, 'test': 3}" in capsys.readouterr().out
     assert load_vtab_task(tmp_path / "vtab-1k", "kitti", Preprocessing(size=6), splits=("test",), cache_dir=False).num_classes == 4
+
+
+def test_a_folder_copy_is_read_in_place_but_never_overwritten(tmp_path):
+    folder = extract(fake_vtab_archive(tmp_path / "noah.zip", {"svhn_cropped": "svhn"}), tmp_path / "copy")
+    (folder / "notes").mkdir(); (folder / "notes" / "test.txt").write_text("not a task\n")   # ignored: no task name
+    build_vtab(tmp_path / "vtab-1k", ["svhn"], folder, expected_sizes=None, log=lambda line: None)
+    assert load_vtab_task(tmp_path / "vtab-1k", "svhn", Preprocessing(size=6), cache_dir=False).num_classes == 10
+    with pytest.raises(ValueError, match="contains the output folder"):
+        build_vtab(folder / "built", ["svhn"], folder, expected_sizes=None)
