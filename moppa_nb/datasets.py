@@ -93,9 +93,18 @@ def default_downloads() -> Path:
     return cache_root() / "downloads"
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    "The innermost exception of a chain (e.g. the DNS failure under huggingface_hub's 'cannot find the file')."
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def _unreachable(source: Source, error: BaseException, downloads: Path, hint: str) -> SourceUnreachable:
     host = urllib.parse.urlparse(source.where).hostname or source.where
-    reason = str(getattr(error, "reason", None) or error).splitlines()[0][:160] or type(error).__name__
+    cause = _root_cause(error)
+    reason = (str(getattr(cause, "reason", None) or cause).splitlines() or [""])[0]
+    reason = (reason if len(reason) <= 160 else reason.split(". ")[0][:240]) or type(cause).__name__
     return SourceUnreachable(f"cannot reach {host}: {reason}; download {source.where} by hand into {downloads} "
                              f"and run again{hint}.")
 

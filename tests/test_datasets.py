@@ -159,7 +159,7 @@ def test_interrupted_download_resumes(tmp_path, ranges):
 
 
 def test_offline_hub_and_manual_sources_give_one_line(tmp_path, capsys):
-    with pytest.raises(SourceUnreachable, match=r"^cannot reach huggingface.co: .*; download https://huggingface.co/"
+    with pytest.raises(SourceUnreachable, match=r"^cannot reach huggingface.co: .*offline mode is enabled; download https://huggingface.co/"
                                                 r"datasets/XiN0919/VTAB-1k/resolve/main/vtab-1k.zip by hand into"):
         fetch(VTAB_SOURCE, tmp_path)                                          # HF_HUB_OFFLINE=1 (conftest)
     with pytest.raises(SystemExit) as stop:
