@@ -24,8 +24,9 @@ from PIL import Image
 from huggingface_hub import hf_hub_download
 from scipy.io import loadmat, savemat
 
-from .data import (FGVC_SPLITS, FGVC_TASKS, TASK_INFO, VTAB_CLASSES, VTAB_SPLITS, VTAB_TASKS, cache_root,
-                           canonical_fgvc_task, canonical_task, read_json_split, read_list_file, task_group, write_vtab_task)
+from .data import (
+    FGVC_SPLITS, FGVC_TASKS, TASK_INFO, VTAB_CLASSES, VTAB_SPLITS, VTAB_TASKS, cache_root, canonical_fgvc_task,
+    canonical_task, read_json_split, read_list_file, task_group, write_vtab_task)
 
 # %% auto #0
 __all__ = ['VTAB_SOURCE', 'VPT_SPLITS_SOURCE', 'FGVC_SOURCES', 'ARCHIVE_SUFFIXES', 'VTAB_1K_SIZES', 'MANIFEST', 'FGVC_READERS',
