@@ -1,0 +1,188 @@
+"""Building VTAB-1K and FGVC from their sources, offline: tiny fakes in each source format, converted and read back."""
+import dataclasses
+import http.server
+import io
+import json
+import tarfile
+import threading
+import zipfile
+
+import pytest
+
+from moppa_nb.data import FGVC_TASKS, VTAB_CLASSES, Preprocessing, load_fgvc_task, load_vtab_task
+from moppa_nb.datasets import (FGVC_SOURCES, MANIFEST, VTAB_SOURCE, Source, SourceUnreachable, build_fgvc, build_vtab,
+                               extract, fake_fgvc_sources, fake_vtab_archive, fetch, file_digests, main, verify)
+
+UNCHECKED = {name: tuple(dataclasses.replace(s, sha256=None, md5=None, size=None) for s in files)
+             for name, files in FGVC_SOURCES.items()}     # the fakes are not the published files
+
+
+def read_back(root, name):
+    return load_fgvc_task(root, name, Preprocessing(size=6), cache_dir=False)
+
+
+@pytest.mark.parametrize("name", list(FGVC_TASKS))
+def test_fgvc_official_splits_from_fake_sources(tmp_path, name):
+    fake_fgvc_sources(name, tmp_path / "downloads")
+    built = build_fgvc(tmp_path / "fgvc", [name], "official", downloads=tmp_path / "downloads", sources=UNCHECKED,
+                       log=lambda line: None)
+    classes = FGVC_TASKS[name].num_classes
+    task = read_back(tmp_path / "fgvc", name)
+    # three images per class: one test image; Flowers' official val, else one of the two training images held out
+    assert task.num_classes == classes
+    assert task.record()["split_sizes"] == {"train": classes, "val": classes, "test": classes}
+    assert sorted(set(task["train"][1].tolist())) == list(range(classes))
+    assert (tmp_path / "fgvc" / FGVC_TASKS[name].folders[0]).is_dir()
+    manifest = json.loads((tmp_path / "fgvc" / MANIFEST).read_text())
+    assert manifest[name]["split_sizes"] == built[name]["split_sizes"]
+    assert [f["sha256"] for f in manifest[name]["sources"]] == [
+        file_digests(tmp_path / "downloads" / s.filename)["sha256"] for s in FGVC_SOURCES[name]]
+
+
+def test_fgvc_vpt_splits_are_installed_as_given(tmp_path):
+    fake_fgvc_sources("cub", tmp_path / "downloads")
+    build_fgvc(tmp_path / "first", ["cub"], "official", downloads=tmp_path / "downloads", sources=UNCHECKED, seed=3)
+    official = {split: json.loads((tmp_path / "first" / "cub" / f"{split}.json").read_text()) for split in ("train", "val", "test")}
+    with zipfile.ZipFile(tmp_path / "json.zip", "w") as bundle:       # VPT's naming: CUB_200_2011/<split>.json
+        for split, content in official.items():
+            bundle.writestr(f"json/CUB_200_2011/{split}.json", json.dumps(content))
+    built = build_fgvc(tmp_path / "fgvc", ["cub"], "vpt", split_archive=tmp_path / "json.zip",
+                       downloads=tmp_path / "downloads", sources=UNCHECKED)
+    assert built["cub"]["splits"] == "vpt"
+    for split, content in official.items():
+        assert json.loads((tmp_path / "fgvc" / "cub" / f"{split}.json").read_text()) == content
+    assert read_back(tmp_path / "fgvc", "cub").num_classes == 200
+
+
+def test_fgvc_split_keys_that_name_no_image_are_refused(tmp_path):
+    fake_fgvc_sources("flowers", tmp_path / "downloads")
+    split_folder = tmp_path / "splits" / "OxfordFlower"
+    split_folder.mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        (split_folder / f"{split}.json").write_text(json.dumps({f"image_{i:05d}.jpg": i for i in range(1, 103)}))
+    with pytest.raises(FileNotFoundError, match=r"train.json lists 102 image\(s\) absent from .*image_00001.jpg"):
+        build_fgvc(tmp_path / "fgvc", ["flowers"], "vpt", split_archive=tmp_path / "splits",
+                   downloads=tmp_path / "downloads", sources=UNCHECKED)
+    with pytest.raises(ValueError, match=r"holds no json splits for 'stanford_cars'; it holds \['oxford_flowers'\]"):
+        fake_fgvc_sources("cars", tmp_path / "downloads")
+        build_fgvc(tmp_path / "fgvc", ["cars"], "vpt", split_archive=tmp_path / "splits",
+                   downloads=tmp_path / "downloads", sources=UNCHECKED)
+
+
+def test_published_checksums_refuse_other_files(tmp_path):
+    fake_fgvc_sources("dogs", tmp_path / "downloads")
+    with pytest.raises(ValueError, match=r"images.tar: size \d+ differs from the published 793579520"):
+        build_fgvc(tmp_path / "fgvc", ["dogs"], "official", downloads=tmp_path / "downloads")
+    assert not (tmp_path / "fgvc").exists()                     # checked before anything is written
+    path = tmp_path / "downloads" / "lists.tar"
+    assert verify(path, Source("lists.tar", url="u", sha256=file_digests(path)["sha256"]))["checked_against"] == "sha256"
+
+
+@pytest.mark.parametrize("suffix", ["zip", "tar.gz"])
+def test_vtab_noah_archive_is_converted(tmp_path, suffix):
+    archive = fake_vtab_archive(tmp_path / f"vtab-1k.{suffix}", {"cifar100": "cifar", "smallnorb_ele": "smallnorb_ele"},
+                                sizes=(6, 3, 4), drop=("train800val200",))
+    built = build_vtab(tmp_path / "vtab-1k", ["cifar", "smallnorb_ele"], archive, expected_sizes=None, log=lambda line: None)
+    for task in ("cifar", "smallnorb_ele"):
+        data = load_vtab_task(tmp_path / "vtab-1k", task, Preprocessing(size=6), cache_dir=False)
+        assert data.num_classes == VTAB_CLASSES[task]
+        assert data.record()["split_sizes"] == {"train800": 6, "val200": 3, "train800val200": 9, "test": 4}
+        assert data["train800val200"][1].tolist() == data["train800"][1].tolist() + data["val200"][1].tolist()
+        assert built[task]["derived_lists"] == ["train800val200"]
+    assert not (tmp_path / "vtab-1k" / ".staging").exists()
+    assert json.loads((tmp_path / "vtab-1k" / MANIFEST).read_text())["cifar"]["source"]["sha256"] == file_digests(archive)["sha256"]
+
+
+def test_vtab_copy_with_train800val200_only_is_split_800_200(tmp_path):
+    archive = fake_vtab_archive(tmp_path / "noah.zip", {"eurosat": "eurosat"}, sizes=(800, 200, 2), drop=("train800", "val200"))
+    build_vtab(tmp_path / "vtab-1k", ["eurosat"], archive, log=lambda line: None)
+    data = load_vtab_task(tmp_path / "vtab-1k", "eurosat", Preprocessing(size=6), cache_dir=False)
+    assert data.record()["split_sizes"] == {"train800": 800, "val200": 200, "train800val200": 1000, "test": 2}
+    assert data["val200"][1].tolist() == [i % 10 for i in range(200)]
+
+
+def test_vtab_errors_name_the_problem(tmp_path):
+    archive = fake_vtab_archive(tmp_path / "noah.zip", {"dtd": "dtd"})
+    with pytest.raises(ValueError, match=r"split sizes \{'train800': 8, 'val200': 4, 'train800val200': 12\} differ"):
+        build_vtab(tmp_path / "a", ["dtd"], archive)
+    with pytest.raises(ValueError, match=r"holds no folder for task\(s\) \['svhn'\]; it holds \['dtd'\]"):
+        build_vtab(tmp_path / "b", ["svhn"], archive, expected_sizes=None)
+    folder = tmp_path / "copy"
+    extract(archive, folder)
+    test_list = folder / "vtab-1k" / "dtd" / "test.txt"
+    test_list.write_text(test_list.read_text().replace(" 4\n", " 47\n"))    # a label beyond dtd's 47 classes
+    with pytest.raises(ValueError, match=r"test.txt:5: label 47 outside \[0, 47\)"):
+        build_vtab(tmp_path / "c", ["dtd"], folder, expected_sizes=None)
+    test_list.write_text("images/test/missing.jpg 0\n")
+    with pytest.raises(FileNotFoundError, match=r"lists 1 image\(s\) absent .*missing.jpg"):
+        build_vtab(tmp_path / "d", ["dtd"], folder, expected_sizes=None)
+    assert (folder / "vtab-1k" / "dtd" / "train800.txt").is_file()      # a folder given by the user is copied, not moved
+
+
+def test_unsafe_archive_members_are_refused(tmp_path):
+    with tarfile.open(tmp_path / "evil.tar", "w") as bundle:
+        info = tarfile.TarInfo("../outside.txt"); info.size = 1
+        bundle.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(ValueError, match="outside the target folder"):
+        extract(tmp_path / "evil.tar", tmp_path / "out")
+    assert not (tmp_path / "outside.txt").exists()
+
+
+class _Server(http.server.BaseHTTPRequestHandler):
+    "Serves `payload`, honouring 'Range: bytes=N-' only if `ranges`; records the Range headers it saw."
+    payload, ranges, seen = bytes(range(256)) * 4, True, []
+
+    def do_GET(self):
+        asked = self.headers.get("Range")
+        type(self).seen.append(asked)
+        start = int(asked.removeprefix("bytes=").rstrip("-")) if asked and self.ranges else 0
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(self.payload) - start)); self.end_headers()
+        self.wfile.write(self.payload[start:])
+
+    def log_message(self, *args): pass
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_interrupted_download_resumes(tmp_path, ranges):
+    _Server.ranges, _Server.seen = ranges, []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "file.bin.part").write_bytes(_Server.payload[:100])        # left by an interrupted run
+        source = Source("file.bin", url=f"http://127.0.0.1:{server.server_port}/file.bin")
+        path = fetch(source, tmp_path)
+    finally:
+        server.shutdown()
+    assert path.read_bytes() == _Server.payload and not (tmp_path / "file.bin.part").exists()
+    assert _Server.seen == ["bytes=100-"]
+
+
+def test_offline_hub_and_manual_sources_give_one_line(tmp_path, capsys):
+    with pytest.raises(SourceUnreachable, match=r"^cannot reach huggingface.co: .*offline mode is enabled; download https://huggingface.co/"
+                                                r"datasets/XiN0919/VTAB-1k/resolve/main/vtab-1k.zip by hand into"):
+        fetch(VTAB_SOURCE, tmp_path)                                          # HF_HUB_OFFLINE=1 (conftest)
+    with pytest.raises(SystemExit) as stop:
+        main(["vtab", "--root", str(tmp_path / "vtab-1k"), "--downloads", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert stop.value.code == 2 and error.startswith("error: cannot reach huggingface.co") and error.count("\n") == 1
+    assert "--from-archive PATH" in error
+    with pytest.raises(SystemExit):
+        main(["fgvc", "--root", str(tmp_path / "fgvc"), "--datasets", "nabirds", "--downloads", str(tmp_path)])
+    assert "download it from https://dl.allaboutbirds.org/nabirds" in capsys.readouterr().err
+
+
+def test_cli_builds_from_an_archive(tmp_path, capsys):
+    archive = fake_vtab_archive(tmp_path / "noah.tar", {"kitti": "kitti"}, sizes=(800, 200, 3))
+    main(["vtab", "--root", str(tmp_path / "vtab-1k"), "--tasks", "kitti_distance", "--from-archive", str(archive)])
+    assert "kitti: {'train800': 800, 'val200': 200, 'train800val200': 1000, 'test': 3}" in capsys.readouterr().out
+    assert load_vtab_task(tmp_path / "vtab-1k", "kitti", Preprocessing(size=6), splits=("test",), cache_dir=False).num_classes == 4
+
+
+def test_a_folder_copy_is_read_in_place_but_never_overwritten(tmp_path):
+    folder = extract(fake_vtab_archive(tmp_path / "noah.zip", {"svhn_cropped": "svhn"}), tmp_path / "copy")
+    (folder / "notes").mkdir(); (folder / "notes" / "test.txt").write_text("not a task\n")   # ignored: no task name
+    build_vtab(tmp_path / "vtab-1k", ["svhn"], folder, expected_sizes=None, log=lambda line: None)
+    assert load_vtab_task(tmp_path / "vtab-1k", "svhn", Preprocessing(size=6), cache_dir=False).num_classes == 10
+    with pytest.raises(ValueError, match="contains the output folder"):
+        build_vtab(folder / "built", ["svhn"], folder, expected_sizes=None)
