@@ -186,3 +186,37 @@ def test_a_folder_copy_is_read_in_place_but_never_overwritten(tmp_path):
     assert load_vtab_task(tmp_path / "vtab-1k", "svhn", Preprocessing(size=6), cache_dir=False).num_classes == 10
     with pytest.raises(ValueError, match="contains the output folder"):
         build_vtab(folder / "built", ["svhn"], folder, expected_sizes=None)
+
+
+ROOT = __import__("pathlib").Path(__file__).parent.parent
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "dvc").is_file(), reason="needs the project's .venv (scripts/setup.sh)")
+def test_data_walkthrough_of_data_readme_on_fake_vtab(tmp_path):
+    """data/README.md's steps in a clone of this repository: build, `dvc add`, a remote, `dvc push`; a second clone pulls
+    the same data, reads it, and `dvc status` of the data reports nothing missing; the pipeline still parses."""
+    import subprocess
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "LANG": "C.UTF-8",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    def run(*command, cwd):
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{command}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+        return done.stdout + done.stderr
+    first, second, remote = tmp_path / "first", tmp_path / "second", tmp_path / "remote"
+    run("git", "clone", "-q", str(ROOT), str(first), cwd=tmp_path)
+    (first / ".venv").symlink_to(ROOT / ".venv")
+    archive = fake_vtab_archive(tmp_path / "noah.zip", {"dtd": "dtd", "kitti": "kitti"}, sizes=(8, 4, 5))
+    run(".venv/bin/python", "-m", "moppa_nb.datasets", "vtab", "--root", "data/vtab-1k", "--tasks", "dtd", "kitti",
+        "--from-archive", str(archive), "--any-size", cwd=first)                                 # 1. fetch and convert
+    run(".venv/bin/dvc", "add", "data/vtab-1k", cwd=first)                                        # 2. register
+    run("git", "add", "data/vtab-1k.dvc", "data/.gitignore", cwd=first)
+    run(".venv/bin/dvc", "remote", "add", "-d", "storage", str(remote), cwd=first)               # 3. a remote
+    run("git", "add", ".dvc/config", cwd=first); run("git", "commit", "-qm", "Register VTAB-1K", cwd=first)
+    run(".venv/bin/dvc", "push", cwd=first)                                                       # 4. push
+    run("git", "clone", "-q", str(first), str(second), cwd=tmp_path)
+    (second / ".venv").symlink_to(ROOT / ".venv")
+    run(".venv/bin/dvc", "pull", "data/vtab-1k.dvc", cwd=second)
+    assert "up to date" in run(".venv/bin/dvc", "status", "data/vtab-1k.dvc", cwd=second)
+    assert "prepare" in run(".venv/bin/dvc", "stage", "list", cwd=second)     # a dep on data/ beside data/vtab-1k.dvc parses
+    data = load_vtab_task(second / "data" / "vtab-1k", "kitti", Preprocessing(size=6), cache_dir=False)
+    assert data.num_classes == VTAB_CLASSES["kitti"] and len(data["test"][1]) == 5
