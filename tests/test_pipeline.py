@@ -414,3 +414,20 @@ def test_persisted_runs_are_reused_only_for_the_same_settings(tmp_path):
     params["profiles"]["paper"]["method_train"]["lora"]["lr"] = 0.01
     changed = run_method("lora", params, tmp_path / "runs")["runs"][0]
     assert changed["summary"]["resumed_from_epoch"] == 0 and changed["settings"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("profile", sorted(yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]))
+def test_every_profile_of_params_yaml_passes_its_checks(profile):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert check_profile(params, profile)["name"] == profile
+
+
+def test_training_stages_depend_on_their_experiment_and_every_profile_wide_key():
+    """One `train@<experiment>` stage per experiment; its params are the experiment's own settings and every profile-wide key
+    (`PROFILE_KEYS` but the experiments), so editing one experiment re-runs its stage only and no profile setting goes unseen."""
+    from moppa_nb.experiment import PROFILE_KEYS
+    train = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]
+    assert train["foreach"] == "${experiments}"
+    expected = {"profile", "experiments.${key}", "profiles.${profile}.experiments.${key}",
+                *(f"profiles.${{profile}}.{key}" for key in PROFILE_KEYS if key != "experiments")}
+    assert set(train["do"]["params"]) == expected
