@@ -191,8 +191,10 @@ def extract(archive: str | Path, target: str | Path, keep=lambda name: True) -> 
             bundle.extractall(target, members)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as bundle:
-            members = [m for m in bundle.getmembers() if keep(m.name) and _safe_member(m.name, archive)]
-            bundle.extractall(target, members, filter="data")
+            members = [m for m in bundle.getmembers()                  # files and folders only: no links, no devices
+                       if keep(m.name) and _safe_member(m.name, archive) and (m.isfile() or m.isdir())]
+            if hasattr(tarfile, "data_filter"): bundle.extractall(target, members, filter="data")   # Python >= 3.11.4
+            else: bundle.extractall(target, members)      # older Pythons have no filters: the selection above is the guard
     else:
         raise ValueError(f"{archive} is neither a zip nor a tar archive; is it the right file (or an HTML error page)?")
     return target
