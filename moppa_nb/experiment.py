@@ -23,22 +23,23 @@ import yaml
 from torch import nn
 
 from .adapt import apply_peft, count_trainable, method_names, parse_methods, save_adapter
-from .backbones import create_backbone, file_sha256
-from .data import Preprocessing, VTAB_SPLITS, load_vtab_task, read_list_file, task_folder
+from .backbones import create_backbone, file_sha256, normalization_name
+from .data import NORMALIZATIONS, Preprocessing, VTAB_SPLITS, load_vtab_task, read_list_file, task_folder
 from .mini_vtab import build_mini_vtab
 from .moppa import moppa_operators, route_weights
-from .pretrain import (BACKBONE_WEIGHTS, PretrainConfig, build_backbone, fit_linear, linear_probe_accuracy,
+from .pretrain import (BACKBONE_CONFIG, BACKBONE_WEIGHTS, INPUT_NORMALIZATION, PretrainConfig, build_backbone, fit_linear, linear_probe_accuracy,
                                load_backbone, pixel_features, pretrain_backbone, task_features, vit_features)
 from .registry import PeftError, build_options, get_method
 from .train import PROTOCOLS, TrainConfig, fit, timeless
 
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'DATA_KEYS', 'VARIANT_NAME', 'MERGED_KEYS', 'PROFILE_KEYS', 'EXPERIMENT_KEYS', 'GROUP_NAME',
-           'RUN_IDENTITY', 'WRITER_LOCK', 'load_params', 'profile_settings', 'experiment_settings', 'variant_spec',
-           'run_settings', 'train_config', 'peft_spec', 'experiment_methods', 'SettingsError', 'check_profile',
-           'load_task', 'build_model', 'backbone_identity', 'probe_head', 'initialise_head', 'RunLocked', 'writer_lock',
-           'data_fingerprint', 'code_fingerprint', 'run_method', 'summary_metrics', 'write_metrics', 'DataMissing',
-           'prepare_data', 'backbone_probes', 'prepare_backbone', 'main']
+           'RUN_IDENTITY', 'WRITER_LOCK', 'NOT_TRAINING_CODE', 'load_params', 'profile_settings', 'experiment_settings',
+           'variant_spec', 'run_settings', 'train_config', 'peft_spec', 'experiment_methods', 'SettingsError',
+           'check_profile', 'backbone_normalization', 'preprocessing_of', 'load_task', 'build_model',
+           'backbone_identity', 'probe_head', 'initialise_head', 'RunLocked', 'writer_lock', 'data_fingerprint',
+           'code_fingerprint', 'run_method', 'summary_metrics', 'write_metrics', 'DataMissing', 'prepare_data',
+           'backbone_probes', 'prepare_backbone', 'prepare_backbones', 'main']
 
 # %% ../nbs/16_experiment.ipynb #1a0794ca
 MODEL_KEYS, DATA_KEYS = ("drop_path", "head_init"), ("flip",)   # settings for the model and the data, not TrainConfig
@@ -66,14 +67,16 @@ def experiment_settings(params: dict, profile: str | None = None, experiment: st
     "The settings of `experiment` in `profile`: the profile's, with the experiment's keys on top (`MERGED_KEYS` merged). None: the profile's own."
     settings = profile_settings(params, profile)
     experiments = settings.pop("experiments", None) or {}
-    if experiment is None: return {**settings, "experiment": None}
+    if experiment is None: return {**settings, "backbone_name": "default", "experiment": None}
     if experiment not in experiments:
         raise ValueError(f"Unknown experiment {experiment!r}; profile {settings['name']!r} defines {sorted(experiments)}")
     own = experiments[experiment]
     merged = {key: {**settings.get(key, {}), **own[key]} for key in MERGED_KEYS if key in own}
     if "tasks" in own:                                   # a subset of the profile's tasks, which `prepare` made ready
         merged["tasks"] = {task: settings["tasks"].get(task) for task in own["tasks"]}
-    return {**settings, **own, **merged, "experiment": experiment}
+    if "backbone" in own:                                # one of the profile's named backbones
+        merged["backbone"] = settings.get("backbones", {}).get(own["backbone"])
+    return {**settings, **own, **merged, "backbone_name": own.get("backbone", "default"), "experiment": experiment}
 
 
 def variant_spec(name: str) -> str:
@@ -92,7 +95,8 @@ def run_settings(profile: dict, method: str, task: str) -> dict:
     for part in dict.fromkeys([*(name for name, _ in parse_methods(spec)), spec]):      # 'moppa+ssf' may override what 'moppa' sets
         settings.update(profile.get("method_train", {}).get(part, {}))
     settings.update(profile.get("variants", {}).get(method, {}).get("train", {}))
-    settings.update(profile.get("task_train", {}).get(method, profile.get("task_train", {}).get(spec, {})).get(task, {}))
+    task_train = profile.get("task_train", {})
+    settings.update(task_train.get(method, task_train.get(spec, {})).get(task, {}))     # a variant's own entry, else its spec's
     return settings
 
 
@@ -118,9 +122,9 @@ def experiment_methods(settings: dict) -> list[str]:
 
 
 # %% ../nbs/16_experiment.ipynb #9b3f6e10
-PROFILE_KEYS = ("data", "tasks", "backbone", "preprocessing", "seeds", "train", "method_train", "method_options", "task_train",
-                "experiments")                   # what a profile sets; every one is required, since dvc.yaml's stages depend on them
-EXPERIMENT_KEYS = ("methods", "variants", "tasks", "seeds", *MERGED_KEYS)   # what an experiment may set
+PROFILE_KEYS = ("data", "tasks", "backbone", "backbones", "preprocessing", "seeds", "train", "method_train", "method_options",
+                "task_train", "experiments")     # what a profile sets; every one is required, since dvc.yaml's stages depend on them
+EXPERIMENT_KEYS = ("methods", "variants", "tasks", "seeds", "backbone", *MERGED_KEYS)   # what an experiment may set
 GROUP_NAME = re.compile(r"[A-Za-z0-9_]+")                # experiment and group names go into dvc.yaml's shell commands
 
 
@@ -205,6 +209,30 @@ def _check_task_train(at: str, settings: dict, tasks: dict) -> None:
             _check_training_keys(f"{at}.task_train.{method}.{task}", overrides)
 
 
+def _check_backbone(at: str, backbone) -> None:
+    "A backbone entry: `kind: local` with a `path` (and its `pretrain` recipe), or `kind: timm` with a model `name` (and `file`)."
+    if not isinstance(backbone, dict): raise SettingsError(f"{at}: expected a mapping with `kind` 'local' or 'timm', got {backbone!r}")
+    if backbone.get("kind") == "local":
+        if not isinstance(backbone.get("path"), str): raise SettingsError(f"{at}.path: a local backbone needs the folder it is saved in")
+        try: PretrainConfig(**backbone.get("pretrain", {}))
+        except (TypeError, ValueError) as error: raise SettingsError(f"{at}.pretrain: {error}") from None
+    elif backbone.get("kind") == "timm":
+        if not isinstance(backbone.get("name"), str): raise SettingsError(f"{at}.name: a timm backbone needs its timm model name")
+    else: raise SettingsError(f"{at}.kind: expected 'local' or 'timm', got {backbone.get('kind')!r}")
+
+
+def _check_backbones(at: str, settings: dict) -> None:
+    _check_backbone(f"{at}.backbone", settings["backbone"])
+    if not isinstance(settings["backbones"], dict): raise SettingsError(f"{at}.backbones: expected a mapping name -> backbone (`{{}}` for none)")
+    for name, backbone in settings["backbones"].items():
+        if not isinstance(name, str) or not GROUP_NAME.fullmatch(name) or name == "default":
+            raise SettingsError(f"{at}.backbones: name {name!r} must be letters, digits and underscores, and not 'default' (the profile's `backbone`)")
+        _check_backbone(f"{at}.backbones.{name}", backbone)
+    normalization = settings["preprocessing"].get("normalization", "imagenet") if isinstance(settings["preprocessing"], dict) else None
+    if normalization not in (*NORMALIZATIONS, "backbone"):
+        raise SettingsError(f"{at}.preprocessing.normalization: expected 'backbone' (the backbone's own) or one of {list(NORMALIZATIONS)}, got {normalization!r}")
+
+
 def _check_resolved_runs(at: str, settings: dict) -> None:
     seeds, tasks = settings.get("seeds", [0]), settings["tasks"]
     for name in experiment_methods(settings):
@@ -238,6 +266,8 @@ def _check_experiment(params: dict, profile: dict, name: str) -> None:
     if not isinstance(own, dict): raise SettingsError(f"{at}: expected a mapping of settings, got {own!r}")
     for key in own:
         if key not in EXPERIMENT_KEYS: raise SettingsError(f"{at}.{key}: unknown key; expected one of {list(EXPERIMENT_KEYS)}")
+    if "backbone" in own and own["backbone"] not in profile["backbones"]:
+        raise SettingsError(f"{at}.backbone: {own['backbone']!r} is not one of the profile's named backbones {list(profile['backbones'])}")
     for task in own.get("tasks", []):
         if task not in profile["tasks"]: raise SettingsError(f"{at}.tasks: {task!r} is not one of the profile's tasks {list(profile['tasks'])}")
     if "tasks" in own and (not isinstance(own["tasks"], list) or not own["tasks"]):
@@ -263,6 +293,7 @@ def check_profile(params: dict, profile: str | None = None) -> dict:
         if key not in settings:
             raise SettingsError(f"{at}.{key}: missing; dvc.yaml's stages depend on every key of {list(PROFILE_KEYS)} (`{{}}` for none)")
     _check_seeds_and_tasks(at, settings)                 # the profile's own keys first, so that an error names them
+    _check_backbones(at, settings)
     _check_training_keys(f"{at}.train", settings["train"])
     _check_method_train(at, settings)
     _check_method_options(at, settings)
@@ -272,9 +303,35 @@ def check_profile(params: dict, profile: str | None = None) -> dict:
 
 
 # %% ../nbs/16_experiment.ipynb #b5605899
+_NORMALIZATION_OF: dict = {}     # timm backbone with a file -> normalisation name, per process (reading the file takes seconds)
+
+
+def backbone_normalization(backbone: dict) -> str:
+    "The `Preprocessing.normalization` a backbone was pre-trained with: its backbone.json, timm's pretrained config, or its checkpoint's layout."
+    if backbone["kind"] == "local":
+        config = Path(backbone["path"]) / BACKBONE_CONFIG
+        return json.loads(config.read_text()).get("input_normalization", INPUT_NORMALIZATION) if config.is_file() else INPUT_NORMALIZATION
+    if backbone.get("file") is None:                     # the model name's pretrained config, no weights needed
+        import timm
+        cfg = timm.models.get_pretrained_cfg(backbone["name"])
+        if cfg is None: raise ValueError(f"timm knows no pretrained config {backbone['name']!r}")
+        return normalization_name({"name": backbone["name"], "mean": cfg.mean, "std": cfg.std, "normalization_source": "pretrained_cfg"})
+    key = json.dumps(backbone, sort_keys=True)
+    if key not in _NORMALIZATION_OF:                     # a checkpoint layout (MoCo v3, MAE) may fix its own statistics
+        _NORMALIZATION_OF[key] = normalization_name(create_backbone(backbone["name"], backbone["file"], **backbone.get("kwargs", {}))[1])
+    return _NORMALIZATION_OF[key]
+
+
+def preprocessing_of(profile: dict) -> dict:
+    "The profile's `preprocessing`, with `normalization: backbone` resolved to its backbone's own."
+    preprocessing = dict(profile["preprocessing"])
+    if preprocessing.get("normalization") == "backbone": preprocessing["normalization"] = backbone_normalization(profile["backbone"])
+    return preprocessing
+
+
 def load_task(profile: dict, task: str, flip: bool = False, splits: tuple[str, ...] | None = None):
     "The profile's `task` as `TaskData` (decoded once, then cached on disk), with only `splits` if given."
-    preprocessing = Preprocessing(**{**profile["preprocessing"], "flip": bool(flip)})
+    preprocessing = Preprocessing(**{**preprocessing_of(profile), "flip": bool(flip)})
     return load_vtab_task(profile["data"]["root"], task, preprocessing, splits=tuple(splits or VTAB_SPLITS))
 
 
@@ -406,11 +463,19 @@ def data_fingerprint(data) -> str:
     return digest.hexdigest()[:16]
 
 
-def code_fingerprint() -> str:
-    "SHA-256 (first 16 hex digits) of moppa_nb's modules: a run resumes only under the code that started it."
+NOT_TRAINING_CODE = ("_modidx.py", "bench.py", "datasets.py", "papermill_engine.py", "report.py", "testing.py",
+                     "mini_vtab.py")      # the last one builds the default's data, which runs identify by its hash
+# dvc.yaml's train stages depend on exactly the other modules (tests/test_pipeline.py checks), so a change to the report or
+# the benchmark re-runs neither the training stages nor any run
+
+
+def code_fingerprint(package: str | Path | None = None) -> str:
+    "SHA-256 (first 16 hex digits) of the modules a training run executes: a run resumes only under the code that started it."
     import moppa_nb
     digest = hashlib.sha256()
-    for path in sorted(Path(moppa_nb.__file__).parent.glob("*.py")): digest.update(path.name.encode()); digest.update(path.read_bytes())
+    for path in sorted(Path(package or Path(moppa_nb.__file__).parent).glob("*.py")):
+        if path.name in NOT_TRAINING_CODE: continue
+        digest.update(path.name.encode()); digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -478,7 +543,7 @@ def _run_method(method, params, output_dir, profile, experiment, progress, on_ru
     for task, group in settings_of["tasks"].items():
         settings = run_settings(settings_of, method, task)
         data = _task_data(settings_of, task, settings)
-        data_identity = {**settings_of["data"], "preprocessing": settings_of["preprocessing"], "sha256": data_fingerprint(data)}
+        data_identity = {**settings_of["data"], "preprocessing": preprocessing_of(settings_of), "sha256": data_fingerprint(data)}
         _prune(output_dir / task, {f"seed{seed}" for seed in seeds})
         for seed in seeds:
             identity = {"method": method, "peft_spec": spec, "task": task, "seed": seed, "settings": settings,
@@ -554,11 +619,12 @@ def backbone_probes(profile: dict, backbone_dir: str | Path, seed: int = 0) -> d
 
 
 def prepare_backbone(profile: dict, output_dir: str | Path) -> dict:
-    "Pre-train the default profile's backbone into `output_dir`, or check and record the paper profile's timm backbone."
+    "Pre-train the profile's local backbone into `output_dir` and probe it, or check and record its timm backbone there."
     output_dir, backbone = Path(output_dir), profile["backbone"]
     output_dir.mkdir(parents=True, exist_ok=True)
     if backbone["kind"] == "local":
-        print("backbone: distilling the default ViT (about 3-4 minutes on 2 CPU cores)", flush=True)
+        objective = PretrainConfig(**backbone.get("pretrain", {})).objective
+        print(f"backbone {output_dir.name}: pre-training the ViT ({objective}, about 3-4 minutes on 2 CPU cores)", flush=True)
         record = pretrain_backbone(output_dir, PretrainConfig(**backbone.get("pretrain", {})), progress=True)
         print("backbone: linear probes of its features on every task", flush=True)
         probes = backbone_probes(profile, output_dir)
@@ -570,6 +636,19 @@ def prepare_backbone(profile: dict, output_dir: str | Path) -> dict:
               "parameters": sum(p.numel() for p in model.parameters())}
     (output_dir / "backbone.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def prepare_backbones(profile: dict, output_dir: str | Path) -> dict[str, dict]:
+    "Every backbone of the profile (`backbone` as 'default', then `backbones`), each in `output_dir`/<name>; a local one must be saved there."
+    output_dir, records = Path(output_dir), {}
+    for name, backbone in {"default": profile["backbone"], **profile.get("backbones", {})}.items():
+        folder = output_dir / name
+        if backbone["kind"] == "local" and Path(backbone["path"]) != folder:
+            raise SettingsError(f"profiles.{profile['name']}: backbone {name!r} has path {backbone['path']!r}; the backbone stage "
+                                f"writes it to {folder} (set path: {folder})")
+        records[name] = prepare_backbone({**profile, "backbone": backbone}, folder)
+    for stale in sorted(p for p in output_dir.iterdir() if p.is_dir() and p.name not in records): shutil.rmtree(stale)
+    return records
 
 # %% ../nbs/16_experiment.ipynb #e37cd2d4
 def main(argv: list[str] | None = None) -> None:
@@ -587,7 +666,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "prepare":
         try: prepare_data(profile, args.output)
         except DataMissing as error: raise SystemExit(f"prepare: {error}") from None    # one line, no traceback
-    elif args.stage == "backbone": prepare_backbone(profile, args.output)
+    elif args.stage == "backbone": prepare_backbones(profile, args.output)
     else:
         if not args.method: parser.error("train needs a METHOD")
         run_method(args.method, params, args.output, profile=profile["name"], experiment=args.experiment, progress=True)

@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 
 from moppa_nb.checkpoint import read_checkpoint
 from moppa_nb.data import VTAB_CLASSES, write_vtab_task
-from moppa_nb.experiment import (RunLocked, check_profile, experiment_methods, experiment_settings, main, prepare_backbone,
-                                 prepare_data, profile_settings, run_method, writer_lock)
+from moppa_nb.experiment import (NOT_TRAINING_CODE, RunLocked, check_profile, code_fingerprint, experiment_methods, experiment_settings,
+                                 main, prepare_backbone, prepare_backbones, prepare_data, profile_settings, run_method, writer_lock)
 from moppa_nb.report import ReportContent, accuracy_table, combine_reports, load_results, write_report
 
 ROOT = Path(__file__).parent.parent
@@ -38,9 +38,9 @@ def fake_vtab(root: Path) -> Path:
     return root
 
 
-def local_timm_checkpoint(path: Path) -> Path:
+def local_timm_checkpoint(path: Path, name: str = "vit_tiny_patch16_224") -> Path:
     """A 'pre-trained' timm checkpoint on local disk: the paper profile reads weights from a file, never a hub."""
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    model = timm.create_model(name, pretrained=False, img_size=32, patch_size=8, depth=2)
     save_file(model.state_dict(), str(path))
     return path
 
@@ -52,6 +52,9 @@ def paper_params(tmp_path: Path) -> dict:
     paper["tasks"] = TASKS
     paper["backbone"] = {"kind": "timm", "name": "vit_tiny_patch16_224", "file": str(local_timm_checkpoint(tmp_path / "vit.safetensors")),
                          "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
+    # the MAE experiment's backbone: a second tiny checkpoint whose pretrained config has ImageNet's statistics (the first: 0.5)
+    paper["backbones"] = {"mae": {"kind": "timm", "name": "deit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2},
+                                  "file": str(local_timm_checkpoint(tmp_path / "deit.safetensors", "deit_tiny_patch16_224"))}}
     paper["preprocessing"]["size"] = 32
     paper["train"].update(epochs=2, warmup_epochs=1, cooldown_epochs=1, batch_size=8, checkpoint_every=1, device="cpu")
     paper["task_train"] = {"moppa": {"dtd": {**paper["task_train"]["moppa"]["dtd"], "batch_size": 4}}}
@@ -65,8 +68,8 @@ def test_every_paper_experiment_end_to_end_on_fake_vtab(tmp_path):
     paper = params["profiles"]["paper"]
     paper["tasks"] = {"dtd": "Natural"}
     paper["train"].update(epochs=1, warmup_epochs=0, cooldown_epochs=0)
-    check_profile(params)
-    prepare_backbone(profile_settings(params), tmp_path / "backbone")
+    records = prepare_backbones(check_profile(params), tmp_path / "backbones")
+    assert sorted(records) == ["default", "mae"] and records["mae"]["file"].endswith("deit.safetensors")
     for name, title in params["experiments"].items():
         methods = experiment_methods(experiment_settings(params, experiment=name))
         for method in methods:
@@ -78,6 +81,9 @@ def test_every_paper_experiment_end_to_end_on_fake_vtab(tmp_path):
         heat = json.loads((tmp_path / "runs" / name / methods[1] / "results.json").read_text())
         if name == "moppa_ablation":                                  # the variant's options reached apply_peft
             assert heat["method"] == "moppa[heat]" and heat["peft_spec"] == {"moppa": {"branches": ["heat"]}}
+        run = json.loads((tmp_path / "runs" / name / methods[0] / "dtd" / "seed0" / "identity.json").read_text())
+        assert run["backbone"]["file"].endswith("deit.safetensors" if name == "vtab_mim" else "vit.safetensors"), name
+        assert run["data"]["preprocessing"]["normalization"] == ("imagenet" if name == "vtab_mim" else "half"), name
     text = combine_reports("paper", params["experiments"], tmp_path / "report").read_text()
     assert [line for line in text.splitlines() if line.startswith("## ")] == [f"## {t}" for t in params["experiments"].values()]
 
@@ -431,3 +437,30 @@ def test_training_stages_depend_on_their_experiment_and_every_profile_wide_key()
     expected = {"profile", "experiments.${key}", "profiles.${profile}.experiments.${key}",
                 *(f"profiles.${{profile}}.{key}" for key in PROFILE_KEYS if key != "experiments")}
     assert set(train["do"]["params"]) == expected
+
+
+def test_training_stages_depend_on_exactly_the_modules_a_run_executes():
+    """dvc.yaml's train deps: every module but `NOT_TRAINING_CODE`, so a report or bench change re-runs no training, and a new
+    module cannot be forgotten (it must be listed here or declared not training code)."""
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]["deps"]
+    modules = {p.name for p in (ROOT / "moppa_nb").glob("*.py")}
+    assert {Path(d).name for d in deps if d.startswith("moppa_nb/")} == modules - set(NOT_TRAINING_CODE)
+
+
+def test_code_fingerprint_follows_training_code_only(tmp_path):
+    package = tmp_path / "moppa_nb"
+    package.mkdir()
+    for path in (ROOT / "moppa_nb").glob("*.py"): (package / path.name).write_bytes(path.read_bytes())
+    before = code_fingerprint(package)
+    assert before == code_fingerprint()
+    (package / "report.py").write_text((package / "report.py").read_text() + "\n# a report change\n")
+    assert code_fingerprint(package) == before
+    (package / "train.py").write_text((package / "train.py").read_text() + "\n# a training change\n")
+    assert code_fingerprint(package) != before
+
+
+def test_backbone_stage_refuses_a_local_backbone_saved_elsewhere(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    profile = check_profile(params, "smoke")
+    with pytest.raises(ValueError, match="backbone 'default' has path 'artifacts/smoke/backbones/default'; the backbone stage writes it to"):
+        prepare_backbones(profile, tmp_path / "elsewhere")
