@@ -185,10 +185,14 @@ def plot_accuracy_vs_params(table: pd.DataFrame, caption: str, score: str = "Avg
     errors = spread[score].reindex(data.method).to_numpy() if spread is not None and score in spread else None
     ax.errorbar(data.x, data[score], yerr=errors, fmt="none", ecolor="0.6", capsize=3, zorder=1)
     sns.scatterplot(data=data, x="x", y=score, hue="method", s=70, ax=ax, legend=False, zorder=2)
-    order = data.sort_values(score).reset_index(drop=True)
-    for i, row in order.iterrows():                                       # alternate label sides, so neighbours do not overlap
+    single = data[data.groupby("x").x.transform("size") == 1].sort_values(score).reset_index(drop=True)
+    for i, row in single.iterrows():                                      # alternate label sides, so neighbours do not overlap
         ax.annotate(row["method"], (row["x"], row[score]), textcoords="offset points",
                     xytext=(6 if i % 2 == 0 else -6, 3), ha="left" if i % 2 == 0 else "right", fontsize=8)
+    for x, shared in data[data.groupby("x").x.transform("size") > 1].groupby("x"):   # variants of equal size: one list
+        lines = [f"{m} {s:.1f}" for m, s in shared.sort_values(score, ascending=False)[["method", score]].itertuples(index=False)]
+        ax.annotate("\n".join(lines), (x, shared[score].max()), textcoords="offset points", xytext=(8, 0), ha="left", va="top",
+                    fontsize=7, bbox={"boxstyle": "round", "fc": "white", "ec": "0.8", "alpha": 0.9})
     ax.set_xscale("log")
     ax.set_xlim(floor / 2, data.x.max() * 4)
     ticks = [t for t in ax.get_xticks() if floor < t <= data.x.max() * 4]
