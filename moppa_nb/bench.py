@@ -9,6 +9,7 @@ import argparse
 import copy
 import csv
 import importlib.util
+import math
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -16,6 +17,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .adapt import apply_peft, count_trainable, is_head_parameter, merge_peft, method_names, parse_methods
@@ -23,22 +25,24 @@ from .registry import get_method, list_methods
 from .train import autocast, autocast_dtype
 
 # %% auto #0
-__all__ = ['COMPOSITIONS', 'EXTERNAL', 'VARIANTS', 'SPT_BENCH_BUDGET', 'RATIOS', 'COLUMNS', 'TABLE_COLUMNS',
+__all__ = ['COMPOSITIONS', 'EXTERNAL', 'OPTIONAL', 'VARIANTS', 'SPT_BENCH_BUDGET', 'RATIOS', 'COLUMNS', 'TABLE_COLUMNS',
            'INTERLEAVED_COLUMNS', 'default_specs', 'peft_available', 'split_variant', 'median_seconds',
-           'fastest_seconds', 'method_options', 'build_benchmark_model', 'benchmark_method', 'stored_adapter_kb',
-           'add_ratios', 'run_benchmark', 'interleaved_times', 'ratio_stats', 'interleaved_ratios', 'with_spread',
-           'write_csv', 'format_table', 'write_report', 'main']
+           'fastest_seconds', 'method_options', 'FusedLoRAQKV', 'ref_fused_lora', 'build_benchmark_model',
+           'benchmark_method', 'stored_adapter_kb', 'add_ratios', 'run_benchmark', 'interleaved_times', 'ratio_stats',
+           'interleaved_ratios', 'with_spread', 'write_csv', 'format_table', 'write_report', 'main']
 
 # %% ../nbs/15_bench.ipynb #118cdcbe
 COMPOSITIONS = ("moppa+ssf", "lora+coeff", "fact+coeff", "moppa+rlrr+ssf", "dora+coeff")
-EXTERNAL = {"hf_peft_lora": "HF peft LoRA, r=8 and alpha=8 on the whole fused qkv (a row only when `peft` is installed)"}
+EXTERNAL = {"hf_peft_lora": "HF peft LoRA, r=8 and alpha=8 on the whole fused qkv (a row only when `peft` is installed)",
+            "ref_fused_lora": "reference LoRA written the simplest fused way: r=8, alpha=8 on Q and V, `qkv(x) + x A^T B^T * alpha/r` (always a row)"}
+OPTIONAL = {"hf_peft_lora": "peft"}                              # external specs that need an optional package
 VARIANTS = {"eager": "every block's attention on timm's eager path (softmax maps materialised), as Coeff-Tuning runs it"}
 
 
 def default_specs() -> list[str]:
-    "Every registered method, the standard compositions whose parts are registered, and `linear@eager`."
+    "Every registered method, the standard compositions whose parts are registered, `linear@eager` and the reference rows."
     available = set(list_methods())
-    external = ["hf_peft_lora"] if peft_available() else []
+    external = ["ref_fused_lora"] + (["hf_peft_lora"] if peft_available() else [])
     return list_methods() + [c for c in COMPOSITIONS if {name for name, _ in parse_methods(c)} <= available] + ["linear@eager"] + external
 
 
@@ -51,7 +55,8 @@ def split_variant(spec: str) -> tuple[str, str]:
     "Split a benchmark spec into its method spec and backbone variant, both checked: 'lora+coeff' -> ('lora+coeff', ''); 'linear@eager' -> ('linear', 'eager')."
     methods, _, variant = spec.partition("@")
     if methods in EXTERNAL:
-        if not peft_available(): raise ValueError(f"Benchmark spec {spec!r} needs the optional package `peft`, which is not installed.")
+        if methods in OPTIONAL and not peft_available():
+            raise ValueError(f"Benchmark spec {spec!r} needs the optional package `{OPTIONAL[methods]}`, which is not installed.")
     else:
         method_names(methods)                                     # unknown names fail before any timing
     if variant and variant not in VARIANTS:
@@ -108,6 +113,29 @@ def method_options(methods: str, model: nn.Module, images: torch.Tensor, labels:
     return options
 
 
+class FusedLoRAQKV(nn.Module):
+    "Reference LoRA on a fused `qkv`, written the simplest way: `qkv(x) + (x A^T B^T) * alpha/r`, B's K rows zero, one add."
+    def __init__(self, qkv: nn.Linear, rank: int = 8, alpha: float = 8.0):
+        super().__init__()
+        self.qkv, self.scale = qkv.requires_grad_(False), alpha / rank
+        bound, n = 1 / math.sqrt(qkv.in_features), qkv.out_features // 3
+        self.a = nn.Parameter(torch.empty(2, rank, qkv.in_features, device=qkv.weight.device).uniform_(-bound, bound))  # A_q, A_v
+        self.b = nn.Parameter(torch.zeros(2, n, rank, device=qkv.weight.device))                                      # B_q, B_v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (b_q, b_v), r = self.b, self.a.shape[1]
+        b = torch.cat([F.pad(b_q, (0, r)), b_q.new_zeros(b_q.shape[0], 2 * r), F.pad(b_v, (r, 0))])   # (3n, 2r): K rows zero
+        return self.qkv(x) + (x @ self.a.flatten(0, 1).T @ b.T) * self.scale
+
+
+def ref_fused_lora(model: nn.Module, rank: int = 8, alpha: float = 8.0) -> nn.Module:
+    "`model` with every block's `attn.qkv` wrapped in a `FusedLoRAQKV`; only the factors and the head train."
+    model.requires_grad_(False)
+    for block in model.blocks: block.attn.qkv = FusedLoRAQKV(block.attn.qkv, rank, alpha)
+    model.get_classifier().requires_grad_(True)
+    return model
+
+
 def build_benchmark_model(spec: str, model_name: str = "vit_base_patch16_224", model_kwargs: dict | None = None,
                           batch_size: int = 8, device: str | torch.device = "cpu"):
     "A randomly initialised timm ViT adapted with `spec` on `device`, a batch of images and labels, and its `train_step`."
@@ -123,6 +151,8 @@ def build_benchmark_model(spec: str, model_name: str = "vit_base_patch16_224", m
     if methods == "hf_peft_lora":                                # optional comparison row, never required
         import peft
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]))
+    elif methods == "ref_fused_lora":
+        ref_fused_lora(model)
     else:
         apply_peft(model, method_options(methods, model, images, labels))
     model.to(device)
@@ -328,13 +358,13 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                         help="instead: time the methods round-robin in one process for ROUNDS rounds and print the ratios")
     parser.add_argument("--calls", type=int, default=1, help="with --interleave: calls per model per round, the fastest counts")
-    parser.add_argument("--from-params", default=None, help="read methods, batch_size, warmup, repeats, interleave from this params.yaml")
+    parser.add_argument("--from-params", default=None, help="read methods, batch_size, warmup, repeats, interleave, calls from this params.yaml")
     parser.add_argument("--params-section", default="bench", help="the section of --from-params to read (default: bench)")
     args = parser.parse_args(argv)
     if args.from_params:
         import yaml
         settings = yaml.safe_load(Path(args.from_params).read_text())[args.params_section]
-        for key in ("methods", "batch_size", "warmup", "repeats", "interleave"):
+        for key in ("methods", "batch_size", "warmup", "repeats", "interleave", "calls"):
             if key in settings: setattr(args, key, settings[key])
     args.batch_size = args.batch_size or (64 if args.device.startswith("cuda") else 4)
     return args

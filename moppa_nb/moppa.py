@@ -9,18 +9,17 @@ import typing
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .dct import spectral_filter
+from .dct import dct_matrix, spectral_filter
 from .priors import heat_response, poisson_response, squared_frequency, wave_response
 from .registry import (POSITIVE, MethodOptions, PeftError, PeftMethod, TrainingProgress, ViTLayout, checked,
                                register_method, subset_of)
 from .router import BRANCHES, InputRouter, StaticRouter, UniformRouter, entropy_weight, full_weights, route_entropy
 
 # %% auto #0
-__all__ = ['MoPPAOptions', 'SharedPriors', 'MoPPAOperator', 'MoPPA', 'moppa_operators', 'operator_route_entropy',
-           'route_regularisation', 'route_weights']
+__all__ = ['MoPPAOptions', 'SharedPriors', 'filter_patch_tokens', 'MoPPAOperator', 'MoPPA', 'moppa_operators',
+           'operator_route_entropy', 'route_regularisation', 'route_weights']
 
 # %% ../nbs/04_moppa.ipynb #400bf1f8
 @dataclass(frozen=True)
@@ -57,6 +56,36 @@ class SharedPriors(nn.Module):
         self.maps = nn.ParameterDict({b: nn.Parameter(torch.ones(shape)) for b in _shared_maps(options)})
 
 # %% ../nbs/04_moppa.ipynb #55489b48
+def _transform(matrix: torch.Tensor, batches: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    "`matrix` (n x n) times each of `batches` (N, n, m): one `bmm`, the matrix broadcast by a stride-0 view, no copy."
+    return torch.bmm(matrix.expand(batches.shape[0], *matrix.shape), batches, out=out)
+
+
+def filter_patch_tokens(prefix_tokens: torch.Tensor,   # (B, prefix, C): passed through
+                        patches: torch.Tensor,         # (B, H*W, C): filtered
+                        response: torch.Tensor,        # (H, W, C) or (B, H, W, C) spectral response
+                        grid: tuple[int, int],
+                        residual: bool = False,        # patches + filter(patches) instead of filter(patches)
+                        ) -> torch.Tensor:
+    "`[prefix_tokens; idct2(response * dct2(patches))]` (plus the patches if `residual`), as (B, prefix + H*W, C)."
+    (b, n, c), (h, w), p = patches.shape, grid, prefix_tokens.shape[1]
+    dh, dw = (dct_matrix(k, patches.device, patches.dtype) for k in grid)
+    rows = patches.reshape(b, h, w * c)                           # a view when the tokens are contiguous: no copy
+    spectrum = _transform(dw, _transform(dh, rows).view(b * h, w, c)).view(b, h, w, c)   # DCT along H, then along W
+    recording = torch.is_grad_enabled()
+    weighted = spectrum * response if recording else spectrum.mul_(response)
+    columns = _transform(dw.T, weighted.view(b * h, w, c)).view(b, h, w * c)          # inverse along W; along H below
+    if recording or columns.dtype != patches.dtype:               # autograd (or autocast's dtype): out-of-place, one cat
+        filtered = _transform(dh.T, columns).view(b, n, c)
+        return torch.cat([prefix_tokens, patches + filtered if residual else filtered], dim=1)
+    out = torch.empty(b, p + n, c, dtype=patches.dtype, device=patches.device)
+    out[:, :p] = prefix_tokens
+    target = out[:, p:].view(b, h, w * c)                         # the last transform writes (or adds) into the output
+    if residual: target.copy_(rows).baddbmm_(dh.T.expand(b, h, h), columns)
+    else: _transform(dh.T, columns, out=target)
+    return out
+
+
 class MoPPAOperator(nn.Module):
     "One block's MoPPA filter: routed mixture of spectral priors applied to the patch tokens."
     def __init__(self, layout: ViTLayout, options: MoPPAOptions, shared: SharedPriors):
@@ -109,10 +138,7 @@ class MoPPAOperator(nn.Module):
         prefix, patches = x.split([p, h * w], dim=1)          # one op: its backward is one cat, not two zero-padded slices
         weights = self.router(patches)
         self.last_route_weights = weights
-        filtered = spectral_filter(patches, self.response_for(weights, x), (h, w))
-        if self.options.residual:                             # x + [0; filter(patches)]: the prefix passes through the add
-            return x + F.pad(filtered, (0, 0, p, 0))
-        return torch.cat([prefix, filtered], dim=1)
+        return filter_patch_tokens(prefix, patches, self.response_for(weights, x), (h, w), self.options.residual)
 
     def _cache_state(self) -> list[torch.Tensor]:
         "The tensors the static mixed response is made of (times, speeds, router, shared maps)."

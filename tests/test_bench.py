@@ -43,3 +43,36 @@ def test_bench_runs_spt_and_bi_lora_on_a_tiny_vit():
     spt, bi_lora = (benchmark_method(spec, **TINY) for spec in ("spt", "bi_lora"))
     assert spt["trainable_params"] > 0 and spt["merged_infer_ms_per_image"] > 0       # allocated, mergeable
     assert bi_lora["stored_kb"] < bi_lora["float32_kb"] / 16                          # 1-bit factors
+
+
+def test_from_params_reads_calls_and_keeps_the_default_without_it(tmp_path):
+    from moppa_nb.bench import _arguments
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"bench_interleaved": {"methods": ["linear", "lora"], "interleave": 4, "calls": 3},
+                                      "bench": {"methods": ["linear"]}}))
+    args = _arguments(["--from-params", str(params), "--params-section", "bench_interleaved", "--device", "cpu"])
+    assert (args.methods, args.interleave, args.calls, args.batch_size) == (["linear", "lora"], 4, 3, 4)
+    assert _arguments(["--from-params", str(params), "--device", "cpu"]).calls == 1          # no `calls` key: the default
+
+
+def test_reference_fused_lora_equals_our_lora_at_the_same_factors():
+    import torch
+    from moppa_nb.bench import build_benchmark_model, default_specs, interleaved_ratios
+    from moppa_nb.adapt import count_trainable
+    small = dict(model_name="vit_tiny_patch16_224", model_kwargs={"img_size": 32, "depth": 2}, batch_size=2)
+    ours, images, _ = build_benchmark_model("lora", **small)
+    ref, _, ref_step = build_benchmark_model("ref_fused_lora", **small)
+    assert count_trainable(ref, exclude_head=True) == count_trainable(ours, exclude_head=True) == 2 * 2 * 2 * 8 * 192
+    assert {n for n, p in ref.named_parameters() if p.requires_grad} == {
+        *(f"blocks.{i}.attn.qkv.{f}" for i in range(2) for f in "ab"), "head.weight", "head.bias"}
+    with torch.no_grad():
+        plain, _, _ = build_benchmark_model("linear", **small)
+        torch.testing.assert_close(ref.eval()(images), plain.eval()(images))             # B = 0: the plain model at init
+        for mine, theirs in zip(ours.blocks, ref.blocks):
+            torch.nn.init.normal_(mine.attn.peft_lora.b)
+            theirs.attn.qkv.a.copy_(mine.attn.peft_lora.a); theirs.attn.qkv.b.copy_(mine.attn.peft_lora.b)
+        torch.testing.assert_close(ref(images), ours.eval()(images), atol=1e-5, rtol=1e-5)
+    ref_step()                                                                           # a training step runs
+    assert "ref_fused_lora" in default_specs() and split_variant("ref_fused_lora") == ("ref_fused_lora", "")
+    rows = interleaved_ratios(["linear", "lora", "ref_fused_lora"], rounds=1, warmup=0, **small)
+    assert rows[2]["method"] == "ref_fused_lora" and rows[2]["step_vs_lora"] > 0

@@ -446,3 +446,38 @@ def test_placement_before_the_mlp(placement):
         torch.testing.assert_close(block(x), expected)
     model.train()(torch.randn(2, 3, 32, 48)).sum().backward()
     assert block.norm2.peft_moppa.times["heat"].grad is not None
+
+
+def test_fast_filter_equals_the_split_cat_filter_on_a_small_model():
+    "The bmm filter (in place without autograd, one cat with it) gives the split + spectral_filter + cat model's outputs and gradients."
+    import copy
+    import timm
+    from moppa_nb import apply_peft
+    from moppa_nb.dct import spectral_filter
+    from moppa_nb.moppa import moppa_operators
+
+    def split_cat(op, x):                                     # the operator's forward before filter_patch_tokens
+        p, (h, w) = op.layout.num_prefix_tokens, op.layout.grid
+        prefix, patches = x.split([p, h * w], dim=1)
+        filtered = spectral_filter(patches, op.mixed_response(op.router(patches)).to(x.dtype), (h, w))
+        return x + torch.nn.functional.pad(filtered, (0, 0, p, 0)) if op.options.residual else torch.cat([prefix, filtered], dim=1)
+
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 32, 32)
+    for options in ({}, {"residual": True}, {"router": "input", "placement": "both"}):
+        model = apply_peft(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=5),
+                           {"moppa": options})
+        reference = copy.deepcopy(model)
+        for op in moppa_operators(reference):
+            op.forward = lambda x, op=op: split_cat(op, x)
+        for net in (model, reference): net.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(images), reference(images), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(model(images), reference(images), atol=1e-5, rtol=1e-5)     # cached response
+        with torch.inference_mode():
+            torch.testing.assert_close(model(images), reference(images), atol=1e-5, rtol=1e-5)
+        for net in (model, reference):
+            net.train(); net.zero_grad(); net(images).square().mean().backward()
+        for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+            if a.grad is not None or b.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
