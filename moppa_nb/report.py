@@ -255,10 +255,14 @@ def plot_spectral_responses(responses: dict[str, np.ndarray], title: str = "MoPP
 
 
 def plot_training_curves(histories: pd.DataFrame, metric: str = "test_acc") -> plt.Figure:
-    "One panel per task: `metric` over epochs, one line per method (histories: method, task, seed, epoch, metric)."
-    grid = sns.relplot(data=histories, x="epoch", y=metric, hue="method", col="task", kind="line",
-                       col_wrap=min(4, histories.task.nunique()), height=2.4, errorbar=None)
-    grid.figure.suptitle(f"Training curves: {metric}", y=1.02)
+    "`metric` over epochs, mean over seeds: a panel per task and a line per method, or with more than 6 methods (an ablation) a panel per method."
+    many = histories.method.nunique() > 6              # a dozen lines in one panel cannot be told apart
+    panel, line = ("method", "task") if many else ("task", "method")
+    grid = sns.relplot(data=histories, x="epoch", y=metric, hue=line, col=panel, kind="line", errorbar=None,
+                       col_wrap=min(4, histories[panel].nunique()), height=2.0 if many else 2.4)
+    grid.set_titles("{col_name}", size=8)
+    grid.figure.suptitle(f"Training curves: {metric} (mean over seeds)", fontsize=10)
+    grid.figure.subplots_adjust(top=1 - 0.45 / grid.figure.get_figheight())      # room for the title above the panels
     return grid.figure
 
 # %% ../nbs/17_report.ipynb #25939f6d
