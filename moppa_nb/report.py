@@ -21,9 +21,9 @@ from .train import PROTOCOLS                 # one protocol table: the rule each
 # %% auto #0
 __all__ = ['COUNT_COLUMNS', 'CONVERGENCE', 'TIMING_COLUMNS', 'load_results', 'accuracy_table', 'to_markdown', 'spread_table',
            'paired_comparisons', 'run_convergence', 'convergence_table', 'protocol_inflation', 'published_vtab',
-           'published_table', 'save_figure', 'plot_accuracy_vs_params', 'plot_per_task', 'plot_router_weights',
-           'plot_router_weights_by_task', 'plot_spectral_responses', 'plot_training_curves', 'plot_cost',
-           'linear_vs_probe', 'ReportContent', 'write_report', 'combine_reports']
+           'published_table', 'published_deltas', 'save_figure', 'plot_accuracy_vs_params', 'plot_per_task',
+           'plot_router_weights', 'plot_router_weights_by_task', 'plot_spectral_responses', 'plot_training_curves',
+           'plot_cost', 'linear_vs_probe', 'ReportContent', 'write_report', 'combine_reports']
 
 # %% ../nbs/17_report.ipynb #c0b9018a
 def load_results(paths: list[str | Path]) -> pd.DataFrame:
@@ -166,6 +166,21 @@ def published_table(groups: dict[str, list[str]]) -> pd.DataFrame:
     long = pub.assign(test_acc=pub["accuracy"] / 100, seed=0, trainable_params=pub["params_m"] * 1e6,
                       protocol="val")   # reuses the table logic; the caption states the published protocol
     return accuracy_table(long, "val", groups).drop(columns="seeds")
+
+
+def published_deltas(long: pd.DataFrame,                  # our results (load_results), on the published backbone and data
+                     groups: dict[str, list[str]],
+                     protocol: str = "best_test",         # ours under this protocol (the one much published code reports)
+                     ) -> pd.DataFrame:
+    "Ours minus published (points) per task, group mean, Avg and Mean, for every method in both (matched by registry key)."
+    published = published_table(groups)
+    ours = accuracy_table(long, protocol, groups)
+    keys = published_vtab().drop_duplicates("method").set_index("method")["registry_key"]
+    rows = {key: published.loc[name] for name, key in keys.items() if key in ours.index}
+    if not rows: return pd.DataFrame()
+    theirs = pd.DataFrame(rows).T
+    columns = [c for c in theirs.columns if c in ours.columns and c not in ("params", "seeds")]
+    return (ours.loc[theirs.index, columns] - theirs[columns]).astype(float)
 
 # %% ../nbs/17_report.ipynb #8fe04cfc
 def save_figure(fig: plt.Figure, path: str | Path) -> Path:
@@ -412,11 +427,17 @@ def _inflation_section(long: pd.DataFrame, methods: list[str] | None, output_dir
                                    "method's tasks x seeds (how much selecting the epoch on test flatters it)", digits=2)]
 
 
-def _published_section(content: ReportContent, output_dir: Path) -> list[str]:
+def _published_section(content: ReportContent, long: pd.DataFrame, output_dir: Path) -> list[str]:
     if not content.published: return []
     pub = published_table(content.groups)
     pub.to_csv(output_dir / "table_published.csv")
-    return [to_markdown(pub, "Published numbers (other papers, supervised IN-21K ViT-B/16; their own protocols, often best test epoch); not ours")]
+    lines = [to_markdown(pub, "Published numbers (other papers, supervised IN-21K ViT-B/16; their own protocols, often best test epoch); not ours")]
+    deltas = published_deltas(long, content.groups) if "best_test" in set(long.protocol) else pd.DataFrame()
+    if not deltas.empty:
+        deltas.to_csv(output_dir / "delta_published.csv")
+        lines.append(to_markdown(deltas, "Ours (`best_test`, the protocol much published code reports) minus published, points: "
+                                         "same backbone and data, protocols alike but not identical", digits=2))
+    return lines
 
 
 def _backbone_probes_section(probes: dict | None, output_dir: Path) -> list[str]:
@@ -466,7 +487,7 @@ def write_report(runs_dir: str | Path,                   # folder with a <method
              *_probe_check_section(long, paths, main_protocol, output_dir),
              *_comparison_sections(long, main_protocol, content.compare, output_dir),
              *_inflation_section(long, content.methods, output_dir),
-             *_published_section(content, output_dir),
+             *_published_section(content, long, output_dir),
              *_backbone_probes_section(content.probes, output_dir)]
     (output_dir / "results.md").write_text("\n".join(lines))
     _figures(long, paths, main_protocol, tables[main_protocol], content, output_dir)

@@ -76,8 +76,12 @@ def test_every_paper_experiment_end_to_end_on_fake_vtab(tmp_path):
             run_method(method, params, tmp_path / "runs" / name / method, experiment=name)
         groups = {"Natural": ["dtd"]}
         tables = write_report(tmp_path / "runs" / name, tmp_path / "report" / name,
-                              ReportContent(groups, methods=methods, profile="paper", title=title, experiment=name))
+                              ReportContent(groups, methods=methods, profile="paper", title=title, experiment=name,
+                                            published=name == "vtab"))
         assert list(tables["val"].index) == methods, name
+        if name == "vtab":                                            # published numbers, and ours minus them for shared methods
+            deltas = (tmp_path / "report" / name / "delta_published.csv").read_text()
+            assert "minus published" in (tmp_path / "report" / name / "results.md").read_text() and "\nlora," in deltas
         heat = json.loads((tmp_path / "runs" / name / methods[1] / "results.json").read_text())
         if name == "moppa_ablation":                                  # the variant's options reached apply_peft
             assert heat["method"] == "moppa[heat]" and heat["peft_spec"] == {"moppa": {"branches": ["heat"]}}
