@@ -36,7 +36,9 @@ COMPOSITIONS = ("moppa+ssf", "lora+coeff", "fact+coeff", "moppa+rlrr+ssf", "dora
 EXTERNAL = {"hf_peft_lora": "HF peft LoRA, r=8 and alpha=8 on the whole fused qkv (a row only when `peft` is installed)",
             "ref_fused_lora": "reference LoRA written the simplest fused way: r=8, alpha=8 on Q and V, `qkv(x) + x A^T B^T * alpha/r` (always a row)"}
 OPTIONAL = {"hf_peft_lora": "peft"}                              # external specs that need an optional package
-VARIANTS = {"eager": "every block's attention on timm's eager path (softmax maps materialised), as Coeff-Tuning runs it"}
+VARIANTS = {"eager": "every block's attention on timm's eager path (softmax maps materialised), as Coeff-Tuning runs it",
+            "compile": "the adapted model through `torch.compile` (`nn.Module.compile`: its forward, and so the training step's "
+                       "backward, compiled; the compile happens in the warm-up calls, untimed; no merged row)"}
 
 
 def default_specs() -> list[str]:
@@ -156,6 +158,7 @@ def build_benchmark_model(spec: str, model_name: str = "vit_base_patch16_224", m
     else:
         apply_peft(model, method_options(methods, model, images, labels))
     model.to(device)
+    if variant == "compile": model.compile()                    # in place: the same module, its calls compiled
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -181,14 +184,14 @@ def benchmark_method(spec: str,                                   # method spec 
     "Time one method: training step, inference (and merged inference), peak memory, trainable parameters."
     if num_threads: torch.set_num_threads(num_threads)
     device = torch.device(device)
-    methods, _ = split_variant(spec)
+    methods, variant = split_variant(spec)
     model, images, train_step = build_benchmark_model(spec, model_name, model_kwargs, batch_size, device)
     if device.type == "cuda": torch.cuda.reset_peak_memory_stats(device)
     train_s = median_seconds(train_step, warmup, repeats, device)
     peak = _peak_memory_mb(device)
     infer_s = median_seconds(_inference(model, images), warmup, repeats, device)
     merged_s = None
-    if methods not in EXTERNAL and all(get_method(name).mergeable for name in method_names(methods)):
+    if methods not in EXTERNAL and variant != "compile" and all(get_method(name).mergeable for name in method_names(methods)):
         merged = merge_peft(copy.deepcopy(model))
         merged_s = median_seconds(_inference(merged, images), warmup, repeats, device)
     return {"method": spec, "device": str(device), "model": model_name, "batch_size": batch_size,

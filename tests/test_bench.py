@@ -3,6 +3,7 @@ import csv
 from pathlib import Path
 
 import timm
+import torch
 import yaml
 
 from moppa_nb import apply_peft
@@ -76,3 +77,19 @@ def test_reference_fused_lora_equals_our_lora_at_the_same_factors():
     assert "ref_fused_lora" in default_specs() and split_variant("ref_fused_lora") == ("ref_fused_lora", "")
     rows = interleaved_ratios(["linear", "lora", "ref_fused_lora"], rounds=1, warmup=0, **small)
     assert rows[2]["method"] == "ref_fused_lora" and rows[2]["step_vs_lora"] > 0
+
+
+
+def test_compile_variant_runs_the_same_model_compiled():
+    """`spec@compile`: the adapted model's calls go through torch.compile; a training step and inference run, and the
+    compiled model computes what the eager one does with the same weights."""
+    from moppa_nb.bench import benchmark_method, build_benchmark_model
+    small = dict(model_name="vit_tiny_patch16_224", model_kwargs={"img_size": 32, "depth": 1}, batch_size=2)
+    compiled, images, step = build_benchmark_model("lora@compile", **small)
+    step()                                                        # compiles forward and backward, trains one step
+    eager, _, _ = build_benchmark_model("lora", **small)
+    with torch.no_grad():
+        eager.load_state_dict(compiled.state_dict())              # the same module keys: compiled in place
+        assert torch.allclose(compiled.eval()(images), eager.eval()(images), atol=1e-4)
+    row = benchmark_method("lora@compile", warmup=1, repeats=1, **small)
+    assert row["method"] == "lora@compile" and row["merged_infer_ms_per_image"] is None and row["trainable_params"] > 0
