@@ -158,7 +158,11 @@ def build_benchmark_model(spec: str, model_name: str = "vit_base_patch16_224", m
     else:
         apply_peft(model, method_options(methods, model, images, labels))
     model.to(device)
-    if variant == "compile": model.compile()                    # in place: the same module, its calls compiled
+    if variant == "compile":                                     # in place: the same module, its calls compiled
+        # dynamo's cache would let this model reuse a graph compiled for an earlier one in this process (measured: a compiled
+        # `lora` after a compiled `linear` gave its LoRA factors no gradient); start it clean
+        torch._dynamo.reset()
+        model.compile()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_fn = nn.CrossEntropyLoss()
 
@@ -277,6 +281,10 @@ def interleaved_ratios(specs: list[str],                  # must include `linear
     "Step and inference times measured round-robin in one process; ratios are medians of per-round ratios, with their min and max."
     if num_threads: torch.set_num_threads(num_threads)
     if "linear" not in specs: raise ValueError("interleaved_ratios needs 'linear' (the plain ViT) among the specs.")
+    compiled = [spec for spec in specs if split_variant(spec)[1] == "compile"]
+    if len(compiled) > 1:        # they would share dynamo's cache, and a later one could run an earlier one's graph
+        raise ValueError(f"interleaved_ratios takes at most one '@compile' spec per process, got {compiled}; "
+                         "time the others in runs of their own (or without --interleave: one worker process each).")
     device = torch.device(device)
     runs = {}
     for spec in specs:

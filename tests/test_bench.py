@@ -2,6 +2,7 @@
 import csv
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 import yaml
@@ -93,3 +94,19 @@ def test_compile_variant_runs_the_same_model_compiled():
         assert torch.allclose(compiled.eval()(images), eager.eval()(images), atol=1e-4)
     row = benchmark_method("lora@compile", warmup=1, repeats=1, **small)
     assert row["method"] == "lora@compile" and row["merged_infer_ms_per_image"] is None and row["trainable_params"] > 0
+
+
+def test_a_compiled_model_after_another_in_one_process_still_trains_its_adapter():
+    """dynamo's cache used to hand a later compiled model an earlier one's graph (LoRA factors got no gradient): each
+    `@compile` build starts from a clean cache, and interleaving two compiled models in one process is refused."""
+    from moppa_nb.bench import build_benchmark_model, interleaved_ratios
+    small = dict(model_name="vit_tiny_patch16_224", model_kwargs={"img_size": 32, "depth": 1}, batch_size=2)
+    build_benchmark_model("linear@compile", **small)[2]()           # a first compiled model, run
+    compiled, _, step = build_benchmark_model("lora@compile", **small)
+    eager, _, eager_step = build_benchmark_model("lora", **small)
+    initial = compiled.blocks[0].attn.peft_lora.a.detach().clone()
+    for _ in range(2): step(); eager_step()                        # the second step gives A a gradient (B is 0 at first)
+    assert not torch.equal(compiled.blocks[0].attn.peft_lora.a, initial)
+    assert torch.allclose(compiled.blocks[0].attn.peft_lora.a, eager.blocks[0].attn.peft_lora.a, atol=1e-5)
+    with pytest.raises(ValueError, match="at most one '@compile' spec per process"):
+        interleaved_ratios(["linear", "lora@compile", "moppa@compile"], rounds=1, **small)
