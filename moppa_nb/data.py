@@ -28,7 +28,8 @@ __all__ = ['VTAB_TASKS', 'VTAB_CLASSES', 'VTAB_GROUPS', 'VTAB_SPLITS', 'TASK_ALI
            'TASK_INFO', 'FGVC_TASKS', 'FGVC_ALIASES', 'FGVC_SPLITS', 'canonical_task', 'task_group', 'Preprocessing',
            'write_vtab_task', 'TaskData', 'cache_root', 'default_cache_dir', 'resolve_cache_dir', 'task_folder',
            'check_relative_path', 'read_list_file', 'decode_image', 'decode_images', 'load_vtab_task', 'prune_cache',
-           'main', 'FgvcSpec', 'canonical_fgvc_task', 'read_json_split', 'load_fgvc_task']
+           'main', 'FgvcSpec', 'canonical_fgvc_task', 'read_json_split', 'fgvc_task_spec', 'load_fgvc_task',
+           'write_fgvc_task']
 
 # %% ../nbs/10_data.ipynb #c318df76
 VTAB_TASKS = ("caltech101", "cifar", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397",
@@ -426,15 +427,25 @@ def read_json_split(path: Path, task: str) -> dict[str, object]:
     return anno
 
 
+def fgvc_task_spec(root: str | Path, task: str) -> tuple[str, FgvcSpec]:
+    "Name and spec of a task in VPT's json layout: one of the five (or an alias), or `<root>/<task>/` with the task.json `write_fgvc_task` writes."
+    info = Path(root) / task / TASK_INFO
+    if task not in FGVC_TASKS and info.is_file():
+        meta = json.loads(info.read_text())
+        return task, FgvcSpec((task,), meta.get("image_dir", ""), int(meta["num_classes"]))
+    name = canonical_fgvc_task(task)
+    return name, FGVC_TASKS[name]
+
+
 def load_fgvc_task(root: str | Path,                          # FGVC root holding one folder per dataset
-                   task: str,                                 # 'cub', 'nabirds', 'oxford_flowers', 'stanford_dogs', 'stanford_cars' (or alias)
+                   task: str,                                 # 'cub', 'nabirds', 'oxford_flowers', 'stanford_dogs', 'stanford_cars' (or alias), or a task write_fgvc_task wrote
                    preprocessing: Preprocessing = Preprocessing(),
                    splits: tuple[str, ...] = FGVC_SPLITS,     # json splits to read
                    cache_dir: str | Path | None | bool = True,  # as in load_vtab_task
                    ) -> TaskData:
     "Read an FGVC dataset with VPT's json splits into uint8 tensors."
-    name = canonical_fgvc_task(task)
-    spec, root = FGVC_TASKS[name], Path(root)
+    name, spec = fgvc_task_spec(root, task)
+    root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"Task {name!r}: FGVC root {root} does not exist; expected <root>/{spec.folders[0]}/train.json, ...")
     folder = next((root / f for f in spec.folders if (root / f).is_dir()), None)
@@ -456,3 +467,32 @@ def load_fgvc_task(root: str | Path,                          # FGVC root holdin
     cache = resolve_cache_dir(cache_dir)
     image_root = folder / spec.image_dir if spec.image_dir else folder
     return TaskData(name, spec.num_classes, _load_splits(name, image_root, lists, preprocessing, cache), preprocessing)
+
+# %% ../nbs/10_data.ipynb #f9c1a2b4
+def write_fgvc_task(root: str | Path,                 # FGVC root, e.g. data/fgvc
+                    task: str,                        # folder name of the task
+                    splits: dict,                     # split ('train', 'val', 'test') -> (uint8 images N x H x W (x 3), int labels (N,))
+                    num_classes: int | None = None,   # classes (default: max label + 1); written to task.json
+                    info: dict | None = None,         # extra metadata for task.json (e.g. group, source)
+                    ) -> Path:
+    "Write `splits` as a task in VPT's json layout (PNG images); return the task folder."
+    unknown = sorted(set(splits) - set(FGVC_SPLITS))
+    if unknown: raise ValueError(f"Task {task!r}: splits must be among {FGVC_SPLITS}, got {unknown}.")
+    folder = Path(root) / task
+    all_labels = [int(v) for _, labels in splits.values() for v in np.asarray(labels).ravel()]
+    num_classes = int(num_classes if num_classes is not None else max(all_labels, default=-1) + 1)
+    for split, (images, labels) in splits.items():
+        labels = np.asarray(labels).astype(np.int64).ravel()
+        if len(images) != len(labels):
+            raise ValueError(f"Task {task!r}, split {split!r}: {len(images)} images but {len(labels)} labels.")
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"Task {task!r}, split {split!r}: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}].")
+        (folder / "images" / split).mkdir(parents=True, exist_ok=True)
+        anno = {}
+        for i, (image, label) in enumerate(zip(images, labels)):
+            relative = f"{split}/{i + 1:06d}.png"
+            Image.fromarray(_as_uint8_image(image, f"Task {task!r}, split {split!r}, image {i}")).save(folder / "images" / relative)
+            anno[relative] = int(label)
+        (folder / f"{split}.json").write_text(json.dumps(anno, indent=0))
+    (folder / TASK_INFO).write_text(json.dumps({"name": task, "num_classes": num_classes, "image_dir": "images", **(info or {})}, indent=1))
+    return folder

@@ -15,6 +15,7 @@ import shutil
 import statistics
 import sys
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -24,8 +25,9 @@ from torch import nn
 
 from .adapt import apply_peft, count_trainable, method_names, parse_methods, save_adapter
 from .backbones import create_backbone, file_sha256, normalization_name
-from .data import NORMALIZATIONS, Preprocessing, VTAB_SPLITS, load_vtab_task, read_list_file, task_folder
-from .mini_vtab import build_mini_vtab
+from .data import (FGVC_SPLITS, NORMALIZATIONS, Preprocessing, VTAB_SPLITS, canonical_fgvc_task, canonical_task,
+                           fgvc_task_spec, load_fgvc_task, load_vtab_task, read_json_split, read_list_file, task_folder)
+from .mini_vtab import MINI_FGVC_TASKS, MINI_TASKS, build_mini_fgvc, build_mini_vtab
 from .moppa import moppa_operators, route_weights
 from .pretrain import (BACKBONE_CONFIG, BACKBONE_WEIGHTS, INPUT_NORMALIZATION, PretrainConfig, build_backbone, fit_linear, linear_probe_accuracy,
                                load_backbone, pixel_features, pretrain_backbone, task_features, vit_features)
@@ -33,18 +35,21 @@ from .registry import PeftError, build_options, get_method
 from .train import PROTOCOLS, TrainConfig, fit, timeless
 
 # %% auto #0
-__all__ = ['MODEL_KEYS', 'DATA_KEYS', 'VARIANT_NAME', 'MERGED_KEYS', 'PROFILE_KEYS', 'EXPERIMENT_KEYS', 'GROUP_NAME',
-           'RUN_IDENTITY', 'WRITER_LOCK', 'NOT_TRAINING_CODE', 'load_params', 'profile_settings', 'experiment_settings',
-           'variant_spec', 'run_settings', 'train_config', 'peft_spec', 'experiment_methods', 'SettingsError',
-           'check_profile', 'backbone_normalization', 'preprocessing_of', 'load_task', 'build_model',
-           'backbone_identity', 'probe_head', 'initialise_head', 'RunLocked', 'writer_lock', 'data_fingerprint',
-           'code_fingerprint', 'run_method', 'summary_metrics', 'write_metrics', 'DataMissing', 'prepare_data',
-           'backbone_probes', 'prepare_backbone', 'prepare_backbones', 'main']
+__all__ = ['MODEL_KEYS', 'DATA_KEYS', 'VARIANT_NAME', 'MERGED_KEYS', 'DATA_LAYOUTS', 'LAYOUT_SPLITS', 'PROFILE_KEYS',
+           'EXPERIMENT_KEYS', 'GROUP_NAME', 'RUN_IDENTITY', 'WRITER_LOCK', 'NOT_TRAINING_CODE', 'DATA_MISSING',
+           'load_params', 'profile_settings', 'experiment_settings', 'variant_spec', 'run_settings', 'train_config',
+           'peft_spec', 'experiment_methods', 'SettingsError', 'check_profile', 'timm_backbone_record',
+           'backbone_normalization', 'preprocessing_of', 'data_layout', 'load_task', 'build_model', 'backbone_identity',
+           'probe_head', 'initialise_head', 'RunLocked', 'writer_lock', 'data_fingerprint', 'code_fingerprint',
+           'run_method', 'summary_metrics', 'write_metrics', 'DataMissing', 'prepare_data', 'backbone_probes',
+           'prepare_backbone', 'BackboneMissing', 'prepare_backbones', 'main']
 
 # %% ../nbs/16_experiment.ipynb #1a0794ca
 MODEL_KEYS, DATA_KEYS = ("drop_path", "head_init"), ("flip",)   # settings for the model and the data, not TrainConfig
 VARIANT_NAME = re.compile(r"(?P<spec>[A-Za-z0-9_+]+)(?:\[(?P<label>[A-Za-z0-9_,.=-]+)\])?")   # 'moppa[heat]': spec 'moppa', label 'heat'
 MERGED_KEYS = ("train", "method_train", "method_options", "task_train")   # an experiment updates these profile mappings key by key
+DATA_LAYOUTS = {"vtab": "vtab", "mini_vtab": "vtab", "fgvc": "fgvc", "mini_fgvc": "fgvc"}   # data kind -> the layout it is read in
+LAYOUT_SPLITS = {"vtab": VTAB_SPLITS, "fgvc": FGVC_SPLITS}
 
 
 def load_params(path: str | Path = "params.yaml") -> dict:
@@ -67,16 +72,20 @@ def experiment_settings(params: dict, profile: str | None = None, experiment: st
     "The settings of `experiment` in `profile`: the profile's, with the experiment's keys on top (`MERGED_KEYS` merged). None: the profile's own."
     settings = profile_settings(params, profile)
     experiments = settings.pop("experiments", None) or {}
-    if experiment is None: return {**settings, "backbone_name": "default", "experiment": None}
+    if experiment is None: return {**settings, "backbone_name": "default", "dataset_name": "default", "experiment": None}
     if experiment not in experiments:
         raise ValueError(f"Unknown experiment {experiment!r}; profile {settings['name']!r} defines {sorted(experiments)}")
     own = experiments[experiment]
     merged = {key: {**settings.get(key, {}), **own[key]} for key in MERGED_KEYS if key in own}
-    if "tasks" in own:                                   # a subset of the profile's tasks, which `prepare` made ready
-        merged["tasks"] = {task: settings["tasks"].get(task) for task in own["tasks"]}
+    if "dataset" in own:                                 # one of the profile's named datasets: its data and its tasks
+        dataset = dict(settings.get("datasets", {}).get(own["dataset"]) or {})
+        merged["tasks"], merged["data"] = dataset.pop("tasks", {}), dataset
+    if "tasks" in own:                                   # a subset of the dataset's tasks, which `prepare` made ready
+        merged["tasks"] = {task: merged.get("tasks", settings["tasks"]).get(task) for task in own["tasks"]}
     if "backbone" in own:                                # one of the profile's named backbones
         merged["backbone"] = settings.get("backbones", {}).get(own["backbone"])
-    return {**settings, **own, **merged, "backbone_name": own.get("backbone", "default"), "experiment": experiment}
+    return {**settings, **own, **merged, "backbone_name": own.get("backbone", "default"), "dataset_name": own.get("dataset", "default"),
+            "experiment": experiment}
 
 
 def variant_spec(name: str) -> str:
@@ -122,9 +131,9 @@ def experiment_methods(settings: dict) -> list[str]:
 
 
 # %% ../nbs/16_experiment.ipynb #9b3f6e10
-PROFILE_KEYS = ("data", "tasks", "backbone", "backbones", "preprocessing", "seeds", "train", "method_train", "method_options",
-                "task_train", "experiments")     # what a profile sets; every one is required, since dvc.yaml's stages depend on them
-EXPERIMENT_KEYS = ("methods", "variants", "tasks", "seeds", "backbone", *MERGED_KEYS)   # what an experiment may set
+PROFILE_KEYS = ("data", "tasks", "datasets", "backbone", "backbones", "preprocessing", "seeds", "train", "method_train",
+                "method_options", "task_train", "experiments")   # what a profile sets; all required: dvc.yaml's stages depend on them
+EXPERIMENT_KEYS = ("methods", "variants", "tasks", "seeds", "backbone", "dataset", "published", *MERGED_KEYS)   # what an experiment may set
 GROUP_NAME = re.compile(r"[A-Za-z0-9_]+")                # experiment and group names go into dvc.yaml's shell commands
 
 
@@ -221,6 +230,40 @@ def _check_backbone(at: str, backbone) -> None:
     else: raise SettingsError(f"{at}.kind: expected 'local' or 'timm', got {backbone.get('kind')!r}")
 
 
+def _known_task(kind: str, task: str) -> bool:
+    if kind == "mini_vtab": return task in MINI_TASKS
+    if kind == "mini_fgvc": return task in MINI_FGVC_TASKS
+    try: (canonical_task if kind == "vtab" else canonical_fgvc_task)(task); return True
+    except ValueError: return False
+
+
+def _check_data(at: str, data, tasks: dict) -> None:
+    "A dataset: `kind` (one of `DATA_LAYOUTS`), the `root` folder of its tasks, and task names that kind knows."
+    if not isinstance(data, dict) or data.get("kind") not in DATA_LAYOUTS:
+        raise SettingsError(f"{at}.kind: expected one of {list(DATA_LAYOUTS)}, got {data.get('kind') if isinstance(data, dict) else data!r}")
+    if not isinstance(data.get("root"), str): raise SettingsError(f"{at}.root: expected the folder of its tasks, got {data.get('root')!r}")
+    for task in tasks:
+        if not _known_task(data["kind"], task): raise SettingsError(f"{at}: task {task!r} is not a {data['kind']} task")
+
+
+def _check_datasets(at: str, settings: dict) -> None:
+    _check_data(f"{at}.data", settings["data"], settings["tasks"])
+    if not isinstance(settings["datasets"], dict): raise SettingsError(f"{at}.datasets: expected a mapping name -> dataset (`{{}}` for none)")
+    for name, dataset in settings["datasets"].items():
+        if not isinstance(name, str) or not GROUP_NAME.fullmatch(name) or name == "default":
+            raise SettingsError(f"{at}.datasets: name {name!r} must be letters, digits and underscores, and not 'default' (the profile's `data`)")
+        tasks = dataset.get("tasks") if isinstance(dataset, dict) else None
+        if not isinstance(tasks, dict) or not tasks: raise SettingsError(f"{at}.datasets.{name}.tasks: expected a non-empty mapping task -> group")
+        _check_data(f"{at}.datasets.{name}", {k: v for k, v in dataset.items() if k != "tasks"}, tasks)
+
+
+def _check_published(at: str, name) -> None:
+    "`published`: the name of a packaged table of published numbers, moppa_nb/published/<name>.csv."
+    folder = resources.files("moppa_nb").joinpath("published")
+    known = sorted(entry.name[:-4] for entry in folder.iterdir() if entry.name.endswith(".csv"))
+    if name not in known: raise SettingsError(f"{at}.published: {name!r} is not a table of published numbers; moppa_nb/published has {known}")
+
+
 def _check_backbones(at: str, settings: dict) -> None:
     _check_backbone(f"{at}.backbone", settings["backbone"])
     if not isinstance(settings["backbones"], dict): raise SettingsError(f"{at}.backbones: expected a mapping name -> backbone (`{{}}` for none)")
@@ -235,11 +278,16 @@ def _check_backbones(at: str, settings: dict) -> None:
 
 def _check_resolved_runs(at: str, settings: dict) -> None:
     seeds, tasks = settings.get("seeds", [0]), settings["tasks"]
+    splits = LAYOUT_SPLITS[DATA_LAYOUTS[settings["data"]["kind"]]]
     for name in experiment_methods(settings):
         for task in tasks:                               # every run's resolved settings make a valid TrainConfig
             resolved = run_settings(settings, name, task)
             try: train_config(resolved, seeds[0])
             except (TypeError, ValueError) as error: raise SettingsError(f"{at}: settings of ({name}, {task}): {error}") from None
+            for key in ("train_split", "val_split", "test_split"):     # the splits of the dataset's layout
+                split = getattr(train_config(resolved, seeds[0]), key)
+                if split is not None and split not in splits:
+                    raise SettingsError(f"{at}: {key} of ({name}, {task}) is {split!r}; a {settings['data']['kind']} task has splits {list(splits)}")
             if resolved.get("head_init", "random") not in ("random", "probe"):
                 raise SettingsError(f"{at}: head_init of ({name}, {task}) must be 'random' or 'probe', got {resolved['head_init']!r}")
 
@@ -268,17 +316,21 @@ def _check_experiment(params: dict, profile: dict, name: str) -> None:
         if key not in EXPERIMENT_KEYS: raise SettingsError(f"{at}.{key}: unknown key; expected one of {list(EXPERIMENT_KEYS)}")
     if "backbone" in own and own["backbone"] not in profile["backbones"]:
         raise SettingsError(f"{at}.backbone: {own['backbone']!r} is not one of the profile's named backbones {list(profile['backbones'])}")
-    for task in own.get("tasks", []):
-        if task not in profile["tasks"]: raise SettingsError(f"{at}.tasks: {task!r} is not one of the profile's tasks {list(profile['tasks'])}")
+    if "dataset" in own and own["dataset"] not in profile["datasets"]:
+        raise SettingsError(f"{at}.dataset: {own['dataset']!r} is not one of the profile's named datasets {list(profile['datasets'])}")
+    available = profile["datasets"][own["dataset"]]["tasks"] if "dataset" in own else profile["tasks"]
     if "tasks" in own and (not isinstance(own["tasks"], list) or not own["tasks"]):
-        raise SettingsError(f"{at}.tasks: expected a non-empty list of the profile's task names, got {own['tasks']!r}")
+        raise SettingsError(f"{at}.tasks: expected a non-empty list of its dataset's task names, got {own['tasks']!r}")
+    for task in own.get("tasks", []):
+        if task not in available: raise SettingsError(f"{at}.tasks: {task!r} is not one of its dataset's tasks {list(available)}")
+    if "published" in own: _check_published(at, own["published"])
     _check_method_groups(f"{at}.methods", own.get("methods"))
     settings = experiment_settings(params, profile["name"], name)
     _check_seeds_and_tasks(at, settings)
     _check_training_keys(f"{at}.train", settings.get("train", {}))
     _check_method_train(at, settings)
     _check_method_options(at, settings)
-    _check_task_train(at, settings, profile["tasks"])
+    _check_task_train(at, settings, {**profile["tasks"], **available})
     _check_variants(at, settings)
     _check_resolved_runs(at, settings)
 
@@ -293,6 +345,7 @@ def check_profile(params: dict, profile: str | None = None) -> dict:
         if key not in settings:
             raise SettingsError(f"{at}.{key}: missing; dvc.yaml's stages depend on every key of {list(PROFILE_KEYS)} (`{{}}` for none)")
     _check_seeds_and_tasks(at, settings)                 # the profile's own keys first, so that an error names them
+    _check_datasets(at, settings)
     _check_backbones(at, settings)
     _check_training_keys(f"{at}.train", settings["train"])
     _check_method_train(at, settings)
@@ -303,7 +356,16 @@ def check_profile(params: dict, profile: str | None = None) -> dict:
 
 
 # %% ../nbs/16_experiment.ipynb #b5605899
-_NORMALIZATION_OF: dict = {}     # timm backbone with a file -> normalisation name, per process (reading the file takes seconds)
+_TIMM_RECORDS: dict = {}         # timm backbone settings -> create_backbone's record, per process (reading a file takes seconds)
+
+
+def timm_backbone_record(backbone: dict) -> dict:
+    "What `create_backbone` records about a timm backbone (file, SHA-256, layout, mean and std), read once per process."
+    file = Path(backbone["file"]) if backbone.get("file") else None
+    stat = file.stat() if file is not None and file.is_file() else None          # a rewritten file is read again
+    key = (json.dumps(backbone, sort_keys=True), stat and (stat.st_mtime_ns, stat.st_size))
+    if key not in _TIMM_RECORDS: _TIMM_RECORDS[key] = create_backbone(backbone["name"], backbone.get("file"), **backbone.get("kwargs", {}))[1]
+    return _TIMM_RECORDS[key]
 
 
 def backbone_normalization(backbone: dict) -> str:
@@ -316,10 +378,7 @@ def backbone_normalization(backbone: dict) -> str:
         cfg = timm.models.get_pretrained_cfg(backbone["name"])
         if cfg is None: raise ValueError(f"timm knows no pretrained config {backbone['name']!r}")
         return normalization_name({"name": backbone["name"], "mean": cfg.mean, "std": cfg.std, "normalization_source": "pretrained_cfg"})
-    key = json.dumps(backbone, sort_keys=True)
-    if key not in _NORMALIZATION_OF:                     # a checkpoint layout (MoCo v3, MAE) may fix its own statistics
-        _NORMALIZATION_OF[key] = normalization_name(create_backbone(backbone["name"], backbone["file"], **backbone.get("kwargs", {}))[1])
-    return _NORMALIZATION_OF[key]
+    return normalization_name(timm_backbone_record(backbone))   # a checkpoint layout (MoCo v3, MAE) may fix its own statistics
 
 
 def preprocessing_of(profile: dict) -> dict:
@@ -329,10 +388,18 @@ def preprocessing_of(profile: dict) -> dict:
     return preprocessing
 
 
+def data_layout(data: dict) -> str:
+    "The folder layout ('vtab': NOAH's list files, 'fgvc': VPT's json splits) a dataset of `kind` is read in."
+    if data.get("kind") not in DATA_LAYOUTS: raise ValueError(f"data.kind must be one of {list(DATA_LAYOUTS)}, got {data.get('kind')!r}")
+    return DATA_LAYOUTS[data["kind"]]
+
+
 def load_task(profile: dict, task: str, flip: bool = False, splits: tuple[str, ...] | None = None):
-    "The profile's `task` as `TaskData` (decoded once, then cached on disk), with only `splits` if given."
+    "The profile's (or experiment's) `task` of its `data`, VTAB-1K or FGVC layout, as `TaskData` (decoded once, then cached on disk), with only `splits` if given."
     preprocessing = Preprocessing(**{**preprocessing_of(profile), "flip": bool(flip)})
-    return load_vtab_task(profile["data"]["root"], task, preprocessing, splits=tuple(splits or VTAB_SPLITS))
+    layout = data_layout(profile["data"])
+    load = load_vtab_task if layout == "vtab" else load_fgvc_task
+    return load(profile["data"]["root"], task, preprocessing, splits=tuple(splits or LAYOUT_SPLITS[layout]))
 
 
 def build_model(profile: dict, num_classes: int, drop_path: float = 0.0) -> nn.Module:
@@ -353,7 +420,7 @@ def backbone_identity(profile: dict) -> dict:
     if backbone["kind"] == "local":
         path = Path(backbone["path"]) / BACKBONE_WEIGHTS
         return {"kind": "local", "file": str(path), "sha256": file_sha256(path) if path.is_file() else None}
-    _, record = create_backbone(backbone["name"], backbone.get("file"), **backbone.get("kwargs", {}))
+    record = timm_backbone_record(backbone)
     return {"kind": "timm", **{k: record.get(k) for k in ("name", "file", "sha256", "layout", "mean", "std")}}
 
 # %% ../nbs/16_experiment.ipynb #f7c5ffe0
@@ -584,22 +651,45 @@ class DataMissing(FileNotFoundError):
     "A profile's dataset is not where its settings say: the message says how to get it."
 
 
-def prepare_data(profile: dict, output_dir: str | Path) -> dict:
-    "Build (mini_vtab) or check (vtab) the profile's tasks; write and return `index.json` in `output_dir`."
-    output_dir, data = Path(output_dir), profile["data"]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if data["kind"] == "mini_vtab":
-        build_mini_vtab(data["root"], tasks=list(profile["tasks"]), seed=data.get("seed", 0), test_size=data.get("test_size", 1000))
-    elif data["kind"] != "vtab":
-        raise ValueError(f"data.kind must be 'mini_vtab' or 'vtab', got {data['kind']!r}")
-    elif not Path(data["root"]).is_dir():
-        raise DataMissing(f"no VTAB-1K data at {data['root']}: put the 19 tasks there in the NOAH layout "
-                          "(data/README.md), or point profiles.<name>.data.root at them")
+DATA_MISSING = {
+    "vtab": "no VTAB-1K data at {root}: put the 19 tasks there in the NOAH layout (`python -m moppa_nb.datasets vtab --root {root}`, "
+            "data/README.md), or point the profile's data root at them",
+    "fgvc": "no FGVC data at {root}: build it with `python -m moppa_nb.datasets fgvc --root {root}` (data/README.md), "
+            "or point the profile's dataset root at it"}
+
+
+def _fgvc_folder(root: Path, task: str) -> tuple[str, Path, int]:
+    name, spec = fgvc_task_spec(root, task)
+    folder = next((root / f for f in spec.folders if (root / f).is_dir()), None)
+    if folder is None: raise DataMissing(f"no FGVC task {name!r} under {root} (a folder named one of {list(spec.folders)})")
+    return name, folder, spec.num_classes
+
+
+def _dataset_index(data: dict, tasks: dict) -> dict:
+    "Build (mini kinds) or check (vtab, fgvc) one dataset's tasks; task -> group, classes, folder and split sizes."
+    root, layout = Path(data["root"]), data_layout(data)
+    size = dict(seed=data.get("seed", 0), test_size=data.get("test_size", 1000))
+    if data["kind"] == "mini_vtab": build_mini_vtab(root, tasks=list(tasks), **size)
+    elif data["kind"] == "mini_fgvc": build_mini_fgvc(root, tasks=list(tasks), **size)
+    elif not root.is_dir(): raise DataMissing(DATA_MISSING[layout].format(root=root))
     index = {}
-    for task, group in profile["tasks"].items():
-        name, folder, num_classes = task_folder(data["root"], task)
-        sizes = {split.stem: len(read_list_file(split, name, num_classes)) for split in sorted(folder.glob("*.txt"))}
+    for task, group in tasks.items():
+        if layout == "vtab":
+            name, folder, num_classes = task_folder(root, task)
+            sizes = {split.stem: len(read_list_file(split, name, num_classes)) for split in sorted(folder.glob("*.txt"))}
+        else:
+            name, folder, num_classes = _fgvc_folder(root, task)
+            sizes = {split: len(read_json_split(folder / f"{split}.json", name)) for split in FGVC_SPLITS}
         index[task] = {"group": group, "num_classes": num_classes, "folder": str(folder), "split_sizes": sizes}
+    return index
+
+
+def prepare_data(profile: dict, output_dir: str | Path) -> dict:
+    "Build (mini kinds) or check (vtab, fgvc) every dataset of the profile (`data` as 'default', then `datasets`); write and return `index.json`."
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    datasets = {"default": {**profile["data"], "tasks": profile["tasks"]}, **profile.get("datasets", {})}
+    index = {name: _dataset_index({k: v for k, v in dataset.items() if k != "tasks"}, dataset["tasks"]) for name, dataset in datasets.items()}
     (output_dir / "index.json").write_text(json.dumps(index, indent=1))
     return index
 
@@ -638,10 +728,19 @@ def prepare_backbone(profile: dict, output_dir: str | Path) -> dict:
     return record
 
 
+class BackboneMissing(FileNotFoundError):
+    "A timm backbone's weight file is not where its settings say: the message names each missing file and where to put it."
+
+
 def prepare_backbones(profile: dict, output_dir: str | Path) -> dict[str, dict]:
     "Every backbone of the profile (`backbone` as 'default', then `backbones`), each in `output_dir`/<name>; a local one must be saved there."
     output_dir, records = Path(output_dir), {}
-    for name, backbone in {"default": profile["backbone"], **profile.get("backbones", {})}.items():
+    backbones = {"default": profile["backbone"], **profile.get("backbones", {})}
+    missing = [f"{name}: {b['file']}" for name, b in backbones.items() if b["kind"] == "timm" and b.get("file") and not Path(b["file"]).is_file()]
+    if missing:                                          # before any work: every missing file at once
+        raise BackboneMissing(f"no weight file for backbone {'; '.join(missing)}: put each file there (data/README.md, Backbone weights) "
+                              f"or point profiles.{profile['name']}.backbones.<name>.file at it")
+    for name, backbone in backbones.items():
         folder = output_dir / name
         if backbone["kind"] == "local" and Path(backbone["path"]) != folder:
             raise SettingsError(f"profiles.{profile['name']}: backbone {name!r} has path {backbone['path']!r}; the backbone stage "
@@ -666,7 +765,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "prepare":
         try: prepare_data(profile, args.output)
         except DataMissing as error: raise SystemExit(f"prepare: {error}") from None    # one line, no traceback
-    elif args.stage == "backbone": prepare_backbones(profile, args.output)
+    elif args.stage == "backbone":
+        try: prepare_backbones(profile, args.output)
+        except BackboneMissing as error: raise SystemExit(f"backbone: {error}") from None     # one line, no traceback
     else:
         if not args.method: parser.error("train needs a METHOD")
         run_method(args.method, params, args.output, profile=profile["name"], experiment=args.experiment, progress=True)

@@ -19,15 +19,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .registry import did_you_mean
-from .data import cache_root, write_vtab_task
+from .data import cache_root, write_fgvc_task, write_vtab_task
 
 # %% auto #0
 __all__ = ['IMAGE_SIZE', 'TRAIN_SIZE', 'VAL_SIZE', 'TEXTURE_SOURCES', 'BLOCK', 'BLOCK_SHARES', 'SUPERSAMPLE', 'SHAPES',
-           'MINI_TASKS', 'MINI_GROUPS', 'FASHION_MNIST_FILES', 'FASHION_MNIST_PACKAGE', 'split_sizes', 'sample_splits',
-           'image_hashes', 'deduplicate', 'animal_mnist_arrays', 'mnist_arrays', 'resize_all', 'digits_arrays',
-           'texture_images', 'textures_splits', 'shape_polygon', 'draw_shapes', 'location_image', 'orientation_image',
-           'count_image', 'drawn_splits', 'MiniTask', 'task_rng', 'mini_task_splits', 'build_mini_vtab',
-           'fashion_mnist_dir', 'fetch_fashion_mnist', 'read_idx', 'fashion_mnist_arrays']
+           'MINI_TASKS', 'MINI_GROUPS', 'FASHION_MNIST_FILES', 'FASHION_MNIST_PACKAGE', 'FGVC_TRAIN_SIZE',
+           'FGVC_VAL_SIZE', 'MINI_FGVC_TASKS', 'split_sizes', 'sample_splits', 'image_hashes', 'deduplicate',
+           'animal_mnist_arrays', 'mnist_arrays', 'resize_all', 'digits_arrays', 'texture_images', 'textures_splits',
+           'shape_polygon', 'draw_shapes', 'location_image', 'orientation_image', 'count_image', 'drawn_splits',
+           'MiniTask', 'task_rng', 'mini_task_splits', 'build_mini_vtab', 'fashion_mnist_dir', 'fetch_fashion_mnist',
+           'read_idx', 'fashion_mnist_arrays', 'fashion_fgvc_splits', 'build_mini_fgvc']
 
 # %% ../nbs/11_mini_vtab.ipynb #15fc4d2f
 IMAGE_SIZE = 28                                  # side of every mini-VTAB image, px
@@ -237,7 +238,7 @@ def drawn_splits(draw: Callable, rng: np.random.Generator, test_size: int) -> di
 @dataclass(frozen=True)
 class MiniTask:
     "A mini-VTAB task: its group, classes and how to make its splits."
-    group: str                                              # 'Natural', 'Specialized' or 'Structured'
+    group: str                                              # 'Natural', 'Specialized', 'Structured' (or 'FGVC': MINI_FGVC_TASKS)
     num_classes: int                                        # number of classes
     source: str                                             # where its images come from
     make: Callable[[np.random.Generator, int], dict]        # (rng, test_size) -> split -> (images, labels)
@@ -357,3 +358,39 @@ def fashion_mnist_arrays(split: str = "train", folder: str | Path | None = None)
                                 "`python -c 'from moppa_nb.mini_vtab import fetch_fashion_mnist; fetch_fashion_mnist()'`.")
     prefix = "train" if split == "train" else "t10k"
     return read_idx(found / f"{prefix}-images-idx3-ubyte.gz"), read_idx(found / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+
+# %% ../nbs/11_mini_vtab.ipynb #a7f3c9d2
+FGVC_TRAIN_SIZE, FGVC_VAL_SIZE = 1200, 300       # mini-FGVC training / validation images
+
+
+def fashion_fgvc_splits(rng: np.random.Generator, test_size: int) -> dict:
+    "train / val / test of the `fashion` task: Fashion-MNIST's test split (de-duplicated), sampled without replacement."
+    images, labels = deduplicate(*fashion_mnist_arrays("test"))
+    order = rng.permutation(len(labels))
+    sizes, splits, start = {"train": FGVC_TRAIN_SIZE, "val": FGVC_VAL_SIZE, "test": test_size}, {}, 0
+    for split, size in sizes.items():
+        chosen = np.sort(order[start:start + size]); start += size
+        splits[split] = (images[chosen], labels[chosen])
+    return splits
+
+
+MINI_FGVC_TASKS = {
+    "fashion": MiniTask("FGVC", 10, "Debian dataset-fashion-mnist, its test split (the upstream pre-training reads the train split)",
+                        fashion_fgvc_splits),
+}
+
+
+def build_mini_fgvc(root: str | Path,                 # FGVC root to write the tasks under
+                    tasks: list[str] | None = None,   # task names (default: all of MINI_FGVC_TASKS)
+                    seed: int = 0,                    # generation seed
+                    test_size: int = 1000,            # test images per task
+                    ) -> dict[str, Path]:
+    "Write mini-FGVC tasks in VPT's json layout; return task -> folder."
+    folders = {}
+    for task in tasks or list(MINI_FGVC_TASKS):
+        if task not in MINI_FGVC_TASKS:
+            raise ValueError(f"Unknown mini-FGVC task {task!r}.{did_you_mean(task, MINI_FGVC_TASKS)} Known: {list(MINI_FGVC_TASKS)}.")
+        spec = MINI_FGVC_TASKS[task]
+        folders[task] = write_fgvc_task(root, task, spec.make(task_rng(task, seed), test_size), num_classes=spec.num_classes,
+                                        info={"group": spec.group, "source": spec.source, "seed": seed, "test_size": test_size})
+    return folders

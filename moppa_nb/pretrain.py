@@ -5,6 +5,7 @@
 # %% ../nbs/12_pretrain.ipynb #e93b5115
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -28,11 +29,11 @@ from .registry import NON_NEGATIVE, POSITIVE, Rule, at_least, check_fields, chec
 
 # %% auto #0
 __all__ = ['BACKBONE_WEIGHTS', 'BACKBONE_CONFIG', 'INPUT_NORMALIZATION', 'MOBILENET_BLOCK', 'OBJECTIVES', 'OBJECTIVE',
-           'MASK_RATIO', 'MOBILENET_FILE', 'IMAGENET_MEAN', 'IMAGENET_STD', 'PretrainConfig', 'build_backbone',
-           'mobilenet_v2_imagenet', 'teacher_maps', 'distill_backbone', 'patch_pixels', 'random_masks',
-           'masked_features', 'mim_backbone', 'BackboneCorrupted', 'save_backbone', 'load_backbone',
-           'pretrain_backbone', 'vit_features', 'pixel_features', 'task_features', 'fit_linear',
-           'linear_probe_accuracy']
+           'MASK_RATIO', 'UNIT_SHARE', 'MOMENTUM', 'MOBILENET_FILE', 'IMAGENET_MEAN', 'IMAGENET_STD', 'PretrainConfig',
+           'build_backbone', 'mobilenet_v2_imagenet', 'teacher_maps', 'distill_backbone', 'patch_pixels',
+           'random_masks', 'masked_features', 'mim_backbone', 'random_views', 'contrastive_loss',
+           'contrastive_backbone', 'BackboneCorrupted', 'save_backbone', 'load_backbone', 'pretrain_backbone',
+           'vit_features', 'pixel_features', 'task_features', 'fit_linear', 'linear_probe_accuracy']
 
 # %% ../nbs/12_pretrain.ipynb #305897fb
 BACKBONE_WEIGHTS, BACKBONE_CONFIG = "backbone.safetensors", "backbone.json"
@@ -40,9 +41,11 @@ INPUT_NORMALIZATION = "half"           # the backbone's inputs: pixels / 127.5 -
 
 
 MOBILENET_BLOCK = Rule(lambda block: 0 <= block <= 6, "in [0, 6] (MobileNetV2's 7 blocks)")
-OBJECTIVES = ("distill", "mim")        # teacher feature maps per token; masked-image modelling (pixels of masked patches)
+OBJECTIVES = ("distill", "mim", "contrastive")   # teacher maps per token; masked-image modelling; MoCo v3-style contrast of two views
 OBJECTIVE = Rule(lambda objective: objective in OBJECTIVES, f"one of {OBJECTIVES}")
 MASK_RATIO = Rule(lambda ratio: 0 < ratio < 1, "in (0, 1)")
+UNIT_SHARE = Rule(lambda share: 0 < share <= 1, "in (0, 1]")
+MOMENTUM = Rule(lambda momentum: 0 <= momentum < 1, "in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -53,11 +56,14 @@ class PretrainConfig:
     embed_dim: int = checked(128, at_least(1))           # token width
     depth: int = checked(4, at_least(1))                 # transformer blocks
     num_heads: int = checked(4, at_least(1))             # attention heads
-    objective: str = checked("distill", OBJECTIVE)       # 'distill' (teacher maps) or 'mim' (masked-image modelling)
+    objective: str = checked("distill", OBJECTIVE)       # 'distill' (teacher maps), 'mim' (masked-image modelling) or 'contrastive'
     upstream_images: int = checked(20_000, at_least(1))  # Fashion-MNIST training images pre-trained on
     teacher_resolution: int = checked(112, at_least(1))  # distill: side the teacher sees (its block-4 map is then 7 x 7)
     teacher_block: int = checked(4, MOBILENET_BLOCK)     # distill: MobileNetV2 block whose output is the per-token target
     mask_ratio: float = checked(0.5, MASK_RATIO)         # mim: fraction of patch tokens masked in each image
+    temperature: float = checked(0.2, POSITIVE)          # contrastive: softmax temperature (MoCo v3's 0.2)
+    momentum: float = checked(0.99, MOMENTUM)            # contrastive: first momentum of the key encoder, cosine to 1 (MoCo v3's 0.99)
+    crop_scale: float = checked(0.35, UNIT_SHARE)        # contrastive: smallest area share of a view's random crop
     steps: int = checked(600, at_least(1))               # optimiser steps
     batch_size: int = checked(128, at_least(1))          # images per step
     lr: float = checked(1e-3, POSITIVE)                  # peak AdamW learning rate (cosine to 0 after warm-up)
@@ -143,7 +149,9 @@ def _upstream_inputs(images: torch.Tensor, config: PretrainConfig) -> torch.Tens
 def _pretrain(student: VisionTransformer,          # the backbone being pre-trained
               extra: list[nn.Parameter],           # the objective's own parameters (read-out layer, mask token)
               batch_loss: Callable,                # (indices, flips or None, generator) -> the batch's loss
-              num_images: int, config: PretrainConfig, progress: bool) -> list[float]:
+              num_images: int, config: PretrainConfig, progress: bool,
+              after_step: Callable[[int], None] | None = None,   # called with the step after each update (a momentum encoder's)
+              ) -> list[float]:
     "AdamW over `config.steps` random batches, linear warm-up then cosine to 0; the loss of every step."
     optimizer = torch.optim.AdamW([*student.parameters(), *extra], lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
@@ -158,6 +166,7 @@ def _pretrain(student: VisionTransformer,          # the backbone being pre-trai
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None: after_step(step)
         losses.append(loss.item())
         if progress and (step + 1) % 100 == 0: print(f"step {step + 1} of {config.steps}: loss {np.mean(losses[-100:]):.3f}", flush=True)
     student.eval()
@@ -228,6 +237,69 @@ def mim_backbone(images: torch.Tensor,              # uint8 (N, H, W) grey upstr
         return F.mse_loss(decode(features[mask]), patch_pixels(x, config.patch_size)[mask])
 
     return student, _pretrain(student, [mask_token, *decode.parameters()], batch_loss, len(images), config, progress)
+
+
+def random_views(x: torch.Tensor, generator: torch.Generator, crop_scale: float = 0.35, jitter: float = 0.4) -> torch.Tensor:
+    "A random view of each grey image (B, 1, H, W) in [-1, 1]: resized crop (area share in [crop_scale, 1], aspect 3/4 to 4/3), horizontal flip, brightness and contrast jitter."
+    u = torch.rand(len(x), 7, generator=generator)
+    area = crop_scale + (1 - crop_scale) * u[:, 0]
+    aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u[:, 1])
+    width, height = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)   # shares of the image's sides
+    theta = torch.zeros(len(x), 2, 3)                    # output -> input coordinates in [-1, 1]: scale, mirror, shift
+    theta[:, 0, 0] = width * torch.where(u[:, 2] < 0.5, -1.0, 1.0)
+    theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = (1 - width) * (2 * u[:, 3] - 1), height, (1 - height) * (2 * u[:, 4] - 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    view = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    contrast, brightness = 1 + jitter * (2 * u[:, 5] - 1), jitter * (2 * u[:, 6] - 1)
+    return (view * contrast[:, None, None, None] + brightness[:, None, None, None]).clamp(-1, 1)
+
+
+def _mlp(dims: list[int]) -> nn.Sequential:
+    "MoCo v3's projector / predictor: Linear + BatchNorm + ReLU per hidden layer, a last Linear + affine-free BatchNorm."
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        last = i == len(dims) - 2
+        layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out, affine=not last)] + ([] if last else [nn.ReLU()])
+    return nn.Sequential(*layers)
+
+
+def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    "MoCo v3's InfoNCE: each query's positive is the key of the same image, the batch's other keys its negatives; scaled by 2 x temperature."
+    logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / temperature
+    return F.cross_entropy(logits, torch.arange(len(q))) * 2 * temperature
+
+
+def contrastive_backbone(images: torch.Tensor,      # uint8 (N, H, W) grey upstream images, H = W = img_size
+                         config: PretrainConfig = PretrainConfig(objective="contrastive"),
+                         progress: bool = False,
+                         hidden: int = 512, out: int = 128,   # projector / predictor widths (MoCo v3: 4096, 256)
+                         ) -> tuple[VisionTransformer, list[float]]:
+    "MoCo v3 on images alone: two random views; the query encoder (backbone, projector, predictor) predicts the momentum key encoder's projection of the other view."
+    torch.manual_seed(config.seed)
+    student = build_backbone(config.architecture())
+    projector, predictor = _mlp([config.embed_dim, hidden, hidden, out]), _mlp([out, hidden, out])
+    online = nn.ModuleList([student, projector])
+    momentum_encoder = copy.deepcopy(online).requires_grad_(False)
+    inputs = _upstream_inputs(images, config)
+
+    def encode(encoder: nn.ModuleList, views: torch.Tensor) -> torch.Tensor:
+        backbone, project = encoder
+        return project(backbone.forward_head(backbone.forward_features(views.expand(-1, 3, -1, -1)), pre_logits=True))
+
+    def batch_loss(batch, flips, generator):              # flips: each view draws its own
+        x = inputs[batch]
+        views = torch.cat([random_views(x, generator, config.crop_scale), random_views(x, generator, config.crop_scale)])
+        q1, q2 = predictor(encode(online, views)).chunk(2)
+        with torch.no_grad(): k1, k2 = encode(momentum_encoder, views).chunk(2)
+        return contrastive_loss(q1, k2, config.temperature) + contrastive_loss(q2, k1, config.temperature)
+
+    def update_momentum_encoder(step: int) -> None:      # momentum from config.momentum to 1 on a half-cosine
+        m = 1 - (1 - config.momentum) * 0.5 * (1 + math.cos(math.pi * (step + 1) / config.steps))
+        with torch.no_grad():
+            for key, query in zip(momentum_encoder.parameters(), online.parameters()): key.mul_(m).add_(query, alpha=1 - m)
+
+    extra = [*projector.parameters(), *predictor.parameters()]
+    return student, _pretrain(student, extra, batch_loss, len(images), config, progress, after_step=update_momentum_encoder)
 
 
 class BackboneCorrupted(ValueError):
@@ -307,11 +379,17 @@ def pretrain_backbone(output_dir: str | Path,                       # where back
         student, losses = distill_backbone(images, maps, config, progress)
         objective = (f"distillation of ImageNet MobileNetV2 ({MOBILENET_FILE}) block {config.teacher_block} maps "
                      f"at {config.teacher_resolution} px, per token")
-    else:
+    elif config.objective == "mim":
         teacher_s = 0.0
         student, losses = mim_backbone(images, config, progress)
         objective = (f"masked-image modelling: {config.mask_ratio:.0%} of patch tokens masked, their standardised pixels "
                      "predicted by a linear layer (no teacher, no labels)")
+    else:
+        teacher_s = 0.0
+        student, losses = contrastive_backbone(images, config, progress)
+        objective = (f"contrastive (MoCo v3): two random views (crops of {config.crop_scale:.0%} to 100% of the area, flips, "
+                     f"brightness and contrast), InfoNCE at temperature {config.temperature} against a momentum encoder "
+                     f"(momentum {config.momentum} to 1); no teacher, no labels")
     info = {"recipe": dataclasses.asdict(config), "input_normalization": INPUT_NORMALIZATION,
             "upstream": source, "upstream_images": len(images), "objective": objective,
             "final_loss": float(np.mean(losses[-50:]))}

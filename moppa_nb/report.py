@@ -19,11 +19,12 @@ import seaborn as sns
 from .train import PROTOCOLS                 # one protocol table: the rule each name stands for
 
 # %% auto #0
-__all__ = ['COUNT_COLUMNS', 'CONVERGENCE', 'TIMING_COLUMNS', 'load_results', 'accuracy_table', 'to_markdown', 'spread_table',
-           'paired_comparisons', 'run_convergence', 'convergence_table', 'protocol_inflation', 'published_vtab',
-           'published_table', 'published_deltas', 'save_figure', 'plot_accuracy_vs_params', 'plot_per_task',
-           'plot_router_weights', 'plot_router_weights_by_task', 'plot_spectral_responses', 'plot_training_curves',
-           'plot_cost', 'linear_vs_probe', 'ReportContent', 'write_report', 'combine_reports']
+__all__ = ['COUNT_COLUMNS', 'CONVERGENCE', 'PUBLISHED_VTAB', 'PUBLISHED_FGVC', 'TIMING_COLUMNS', 'load_results', 'accuracy_table',
+           'to_markdown', 'spread_table', 'paired_comparisons', 'run_convergence', 'convergence_table',
+           'protocol_inflation', 'published_results', 'published_vtab', 'published_table', 'published_deltas',
+           'save_figure', 'plot_accuracy_vs_params', 'plot_per_task', 'plot_router_weights',
+           'plot_router_weights_by_task', 'plot_spectral_responses', 'plot_training_curves', 'plot_cost',
+           'linear_vs_probe', 'ReportContent', 'write_report', 'combine_reports']
 
 # %% ../nbs/17_report.ipynb #c0b9018a
 def load_results(paths: list[str | Path]) -> pd.DataFrame:
@@ -154,15 +155,26 @@ def protocol_inflation(long: pd.DataFrame, methods: list[str] | None = None) -> 
     return table.loc[order]
 
 # %% ../nbs/17_report.ipynb #93073296
-def published_vtab() -> pd.DataFrame:
-    "Published VTAB-1K accuracies (%): columns method, registry_key, params_m, task, accuracy, source."
-    with resources.files("moppa_nb").joinpath("published/vtab1k_vit_b16_in21k.csv").open() as f:
+PUBLISHED_VTAB = "vtab1k_vit_b16_in21k"      # the packaged tables of published numbers (moppa_nb/published/<name>.csv)
+PUBLISHED_FGVC = "fgvc_vit_b16_in21k"
+
+
+def published_results(name: str = PUBLISHED_VTAB) -> pd.DataFrame:
+    "A packaged table of published accuracies (%): columns method, registry_key, params_m, task, accuracy, source."
+    path = resources.files("moppa_nb").joinpath("published", f"{name}.csv")
+    if not path.is_file(): raise FileNotFoundError(f"No published table {name!r} in moppa_nb/published")
+    with path.open() as f:
         return pd.read_csv(f)
 
 
-def published_table(groups: dict[str, list[str]]) -> pd.DataFrame:
+def published_vtab() -> pd.DataFrame:
+    "Published VTAB-1K accuracies (%) on supervised IN-21K ViT-B/16."
+    return published_results(PUBLISHED_VTAB)
+
+
+def published_table(groups: dict[str, list[str]], name: str = PUBLISHED_VTAB) -> pd.DataFrame:
     "Published accuracies as a method x task table with the same group means, Avg and Mean as ours."
-    pub = published_vtab()
+    pub = published_results(name)
     long = pub.assign(test_acc=pub["accuracy"] / 100, seed=0, trainable_params=pub["params_m"] * 1e6,
                       protocol="val")   # reuses the table logic; the caption states the published protocol
     return accuracy_table(long, "val", groups).drop(columns="seeds")
@@ -171,11 +183,12 @@ def published_table(groups: dict[str, list[str]]) -> pd.DataFrame:
 def published_deltas(long: pd.DataFrame,                  # our results (load_results), on the published backbone and data
                      groups: dict[str, list[str]],
                      protocol: str = "best_test",         # ours under this protocol (the one much published code reports)
+                     name: str = PUBLISHED_VTAB,          # the published table
                      ) -> pd.DataFrame:
     "Ours minus published (points) per task, group mean, Avg and Mean, for every method in both (matched by registry key)."
-    published = published_table(groups)
+    published = published_table(groups, name)
     ours = accuracy_table(long, protocol, groups)
-    keys = published_vtab().drop_duplicates("method").set_index("method")["registry_key"]
+    keys = published_results(name).drop_duplicates("method").set_index("method")["registry_key"]
     rows = {key: published.loc[name] for name, key in keys.items() if key in ours.index}
     if not rows: return pd.DataFrame()
     theirs = pd.DataFrame(rows).T
@@ -366,7 +379,7 @@ def _accuracy_sections(long: pd.DataFrame, convergence: pd.DataFrame, groups: di
 
 def _convergence_section(convergence: pd.DataFrame) -> list[str]:
     bad = convergence[~convergence.converged]
-    lines = [f"**Convergence** (the mean val200 accuracy of the last {CONVERGENCE['window']:.0%} of the epochs, at least 2, "
+    lines = [f"**Convergence** (the mean selection-split accuracy (val200; val on FGVC) of the last {CONVERGENCE['window']:.0%} of the epochs, at least 2, "
              f"at most {CONVERGENCE['val_trend']} point above the {CONVERGENCE['window']:.0%} before: the curve that selects "
              f"the reported epoch no longer rises): {int(convergence.converged.sum())} of {len(convergence)} runs converged. "
              f"Training loss over the last {CONVERGENCE['window']:.0%} of the epochs: median fall "
@@ -388,7 +401,7 @@ class ReportContent:
     title: str = "Results"                             # what the experiment shows, the report's heading
     experiment: str | None = None                      # the experiment's name in params.yaml
     compare: dict[str, list[str]] | None = None        # method -> baselines it is tested against
-    published: bool = False                            # add the published VTAB-1K table (paper profile)
+    published: str | None = None                       # a published table to put beside ours (PUBLISHED_VTAB, PUBLISHED_FGVC), where backbone and data match
     probes: dict | None = None                         # task -> {pretrained, random_init, raw_pixels} linear-probe accuracy
     spectral_responses: dict | None = None             # name -> (H, W) array of a trained MoPPA, for a figure
     bench_csv: str | Path | None = None                # benchmark CSV for the cost figure
@@ -407,7 +420,7 @@ def _probe_check_section(long: pd.DataFrame, paths: list[Path], protocol: str, o
     if not len(probe_check): return []
     probe_check.to_csv(output_dir / "linear_vs_probe.csv")
     return [to_markdown(probe_check, f"The trained `linear` head (protocol `{protocol}`) against the closed-form probe "
-                                     "it started from (fit on train800, weight decay chosen on val200), test %", index_name="task")]
+                                     "it started from (fit on the training split, weight decay chosen on the selection split), test %", index_name="task")]
 
 
 def _comparison_sections(long: pd.DataFrame, protocol: str, compare: dict[str, list[str]] | None, output_dir: Path) -> list[str]:
@@ -429,10 +442,11 @@ def _inflation_section(long: pd.DataFrame, methods: list[str] | None, output_dir
 
 def _published_section(content: ReportContent, long: pd.DataFrame, output_dir: Path) -> list[str]:
     if not content.published: return []
-    pub = published_table(content.groups)
+    pub = published_table(content.groups, content.published)
     pub.to_csv(output_dir / "table_published.csv")
-    lines = [to_markdown(pub, "Published numbers (other papers, supervised IN-21K ViT-B/16; their own protocols, often best test epoch); not ours")]
-    deltas = published_deltas(long, content.groups) if "best_test" in set(long.protocol) else pd.DataFrame()
+    source = published_results(content.published)["source"].iloc[0]
+    lines = [to_markdown(pub, f"Published numbers, not ours ({source}; their own protocols, often the best test epoch)")]
+    deltas = published_deltas(long, content.groups, name=content.published) if "best_test" in set(long.protocol) else pd.DataFrame()
     if not deltas.empty:
         deltas.to_csv(output_dir / "delta_published.csv")
         lines.append(to_markdown(deltas, "Ours (`best_test`, the protocol much published code reports) minus published, points: "

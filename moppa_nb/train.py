@@ -33,7 +33,7 @@ from .registry import (FRACTION, NON_EMPTY, NON_NEGATIVE, POSITIVE, TrainingProg
 __all__ = ['RUNTIME_FIELDS', 'PROTOCOLS', 'RUN_FILES', 'TIMING_FILE', 'TIMING_FIELDS', 'TrainConfig', 'trajectory_config',
            'resolve_device', 'autocast_dtype', 'autocast', 'make_optimizer', 'make_scheduler', 'DeviceSplit',
            'device_split', 'epoch_draws', 'training_batch', 'evaluate', 'protocol_results', 'unavailable_protocols',
-           'train_epoch', 'timeless', 'fit']
+           'train_epoch', 'timeless', 'compiled', 'fit']
 
 # %% ../nbs/13_train.ipynb #bbd30909
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def evaluate(model: nn.Module,                     # the model, or its `torch.co
     return correct.item() / len(labels)
 
 # %% ../nbs/13_train.ipynb #f8492ce5
-PROTOCOLS = {"val": "epoch with the best selection-split (val200) accuracy, earliest on ties; its test accuracy (official VTAB rule)",
+PROTOCOLS = {"val": "epoch with the best selection-split accuracy (val200 on VTAB-1K, val on FGVC), earliest on ties; its test accuracy (official VTAB rule)",
              "final": "test accuracy after the last epoch",
              "best_test": "best test accuracy over epochs (MoPPA's public code; selects on test, optimistic: for comparison only)"}
 
@@ -367,6 +367,12 @@ class _Run:
         return self.run_dir / CHECKPOINT_NAME
 
 
+def compiled(model: nn.Module) -> nn.Module:
+    "`torch.compile(model)` from a clean dynamo cache: a model compiled earlier in the process could otherwise lend it its graph (an adapter then gets no gradient)."
+    torch._dynamo.reset()
+    return torch.compile(model)
+
+
 def _training_device(model: nn.Module, task, config: TrainConfig) -> torch.device:
     "The device `config` asks for, once the model's head is checked against the task's classes."
     device, head = resolve_device(config.device), getattr(model, "num_classes", task.num_classes)
@@ -390,7 +396,7 @@ def _prepare_run(model: nn.Module, task, config: TrainConfig, run_dir: Path) -> 
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)
     state = TrainingState(model, optimizer, scheduler, generator, trajectory_config(config), model_fingerprint(model))
-    return _Run(model=model, forward=torch.compile(model) if config.compile else model, task=task, config=config,
+    return _Run(model=model, forward=compiled(model) if config.compile else model, task=task, config=config,
                 run_dir=run_dir, device=device, dtype=autocast_dtype(config.amp, device), splits=splits,
                 generator=generator, optimizer=optimizer, scheduler=scheduler, state=state,
                 criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing))

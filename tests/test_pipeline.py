@@ -1,4 +1,5 @@
 """The pipeline end to end on tiny data: the paper profile on a fake VTAB-1K folder, and both papermill notebooks."""
+import dataclasses
 import inspect
 import json
 import os
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 
 from moppa_nb.checkpoint import read_checkpoint
 from moppa_nb.data import VTAB_CLASSES, write_vtab_task
+from moppa_nb.datasets import FGVC_SOURCES, build_fgvc, fake_fgvc_sources
 from moppa_nb.experiment import (NOT_TRAINING_CODE, RunLocked, check_profile, code_fingerprint, experiment_methods, experiment_settings,
                                  main, prepare_backbone, prepare_backbones, prepare_data, profile_settings, run_method, writer_lock)
 from moppa_nb.report import ReportContent, accuracy_table, combine_reports, load_results, write_report
@@ -38,10 +40,30 @@ def fake_vtab(root: Path) -> Path:
     return root
 
 
+def fake_fgvc(root: Path, downloads: Path, name: str = "oxford_flowers") -> Path:
+    """A tiny FGVC root built as README's data walkthrough builds the real one: fake source files in Oxford Flowers' official
+    formats (3 images per class), converted by `moppa_nb.datasets.build_fgvc` (official splits)."""
+    fake_fgvc_sources(name, downloads)
+    unchecked = {name: tuple(dataclasses.replace(s, sha256=None, md5=None, size=None) for s in FGVC_SOURCES[name])}  # not the real files
+    build_fgvc(root, [name], "official", downloads=downloads, sources=unchecked, log=lambda line: None)
+    return root
+
+
 def local_timm_checkpoint(path: Path, name: str = "vit_tiny_patch16_224") -> Path:
     """A 'pre-trained' timm checkpoint on local disk: the paper profile reads weights from a file, never a hub."""
     model = timm.create_model(name, pretrained=False, img_size=32, patch_size=8, depth=2)
     save_file(model.state_dict(), str(path))
+    return path
+
+
+def moco_v3_checkpoint(path: Path, name: str = "vit_tiny_patch16_224") -> Path:
+    """A tiny checkpoint in MoCo v3's pre-training layout (`module.base_encoder.*`, momentum encoder, predictor), as its
+    public `vit-b-300ep.pth.tar` stores ViT-B/16."""
+    body = {k: v for k, v in timm.create_model(name, pretrained=False, img_size=32, patch_size=8, depth=2).state_dict().items()
+            if not k.startswith("head.")}
+    state = {f"module.{encoder}.{k}": v for encoder in ("base_encoder", "momentum_encoder") for k, v in body.items()}
+    state |= {"module.predictor.0.weight": torch.randn(16, 192), "module.base_encoder.head.0.weight": torch.randn(16, 192)}
+    torch.save({"epoch": 300, "arch": "vit_base", "state_dict": state}, path)
     return path
 
 
@@ -54,7 +76,10 @@ def paper_params(tmp_path: Path) -> dict:
                          "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2}}
     # the MAE experiment's backbone: a second tiny checkpoint whose pretrained config has ImageNet's statistics (the first: 0.5)
     paper["backbones"] = {"mae": {"kind": "timm", "name": "deit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2},
-                                  "file": str(local_timm_checkpoint(tmp_path / "deit.safetensors", "deit_tiny_patch16_224"))}}
+                                  "file": str(local_timm_checkpoint(tmp_path / "deit.safetensors", "deit_tiny_patch16_224"))},
+                          "mocov3": {"kind": "timm", "name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 8, "depth": 2},
+                                     "file": str(moco_v3_checkpoint(tmp_path / "vit-b-300ep.pth.tar"))}}
+    paper["datasets"]["fgvc"].update(root=str(fake_fgvc(tmp_path / "fgvc", tmp_path / "downloads")), tasks={"oxford_flowers": "FGVC"})
     paper["preprocessing"]["size"] = 32
     paper["train"].update(epochs=2, warmup_epochs=1, cooldown_epochs=1, batch_size=8, checkpoint_every=1, device="cpu")
     paper["task_train"] = {"moppa": {"dtd": {**paper["task_train"]["moppa"]["dtd"], "batch_size": 4}}}
@@ -62,32 +87,45 @@ def paper_params(tmp_path: Path) -> dict:
     return params
 
 
-def test_every_paper_experiment_end_to_end_on_fake_vtab(tmp_path):
-    """Each experiment of the paper profile, every method, one epoch on one task: its report table has exactly its methods."""
+def test_every_paper_experiment_end_to_end_on_fake_vtab_and_fgvc(tmp_path):
+    """Each experiment of the paper profile, every method, one epoch on one task (VTAB-1K's dtd, or FGVC's Oxford Flowers):
+    its report table has exactly its methods and tasks, and the published numbers where the experiment names them."""
     params = paper_params(tmp_path)
     paper = params["profiles"]["paper"]
     paper["tasks"] = {"dtd": "Natural"}
     paper["train"].update(epochs=1, warmup_epochs=0, cooldown_epochs=0)
+    index = prepare_data(check_profile(params), tmp_path / "prepared")
+    assert index["fgvc"]["oxford_flowers"]["split_sizes"] == {"train": 102, "val": 102, "test": 102}
     records = prepare_backbones(check_profile(params), tmp_path / "backbones")
-    assert sorted(records) == ["default", "mae"] and records["mae"]["file"].endswith("deit.safetensors")
+    assert sorted(records) == ["default", "mae", "mocov3"] and records["mae"]["file"].endswith("deit.safetensors")
+    assert records["mocov3"]["layout"] == "moco_v3_pretrain"                  # read in its own layout, every backbone tensor filled
+    assert "fgvc" in params["experiments"]
     for name, title in params["experiments"].items():
-        methods = experiment_methods(experiment_settings(params, experiment=name))
+        settings = experiment_settings(params, experiment=name)
+        methods = experiment_methods(settings)
         for method in methods:
             run_method(method, params, tmp_path / "runs" / name / method, experiment=name)
-        groups = {"Natural": ["dtd"]}
+        groups = {"FGVC": ["oxford_flowers"]} if name == "fgvc" else {"Natural": ["dtd"]}
+        assert list(settings["tasks"]) == [task for tasks in groups.values() for task in tasks], name
         tables = write_report(tmp_path / "runs" / name, tmp_path / "report" / name,
                               ReportContent(groups, methods=methods, profile="paper", title=title, experiment=name,
-                                            published=name == "vtab"))
+                                            published=settings.get("published")))
         assert list(tables["val"].index) == methods, name
-        if name == "vtab":                                            # published numbers, and ours minus them for shared methods
+        assert list(tables["val"].columns[:1]) == groups[next(iter(groups))], name
+        if name in ("vtab", "fgvc"):                                  # published numbers, and ours minus them for shared methods
             deltas = (tmp_path / "report" / name / "delta_published.csv").read_text()
-            assert "minus published" in (tmp_path / "report" / name / "results.md").read_text() and "\nlora," in deltas
+            assert "minus published" in (tmp_path / "report" / name / "results.md").read_text() and "\nlora," in deltas, name
+        else: assert not (tmp_path / "report" / name / "delta_published.csv").exists(), name
         heat = json.loads((tmp_path / "runs" / name / methods[1] / "results.json").read_text())
         if name == "moppa_ablation":                                  # the variant's options reached apply_peft
             assert heat["method"] == "moppa[heat]" and heat["peft_spec"] == {"moppa": {"branches": ["heat"]}}
-        run = json.loads((tmp_path / "runs" / name / methods[0] / "dtd" / "seed0" / "identity.json").read_text())
-        assert run["backbone"]["file"].endswith("deit.safetensors" if name == "vtab_mim" else "vit.safetensors"), name
-        assert run["data"]["preprocessing"]["normalization"] == ("imagenet" if name == "vtab_mim" else "half"), name
+        run = json.loads((tmp_path / "runs" / name / methods[0] / next(iter(settings["tasks"])) / "seed0" / "identity.json").read_text())
+        backbone_file = {"vtab_mim": "deit.safetensors", "vtab_mocov3": "vit-b-300ep.pth.tar"}.get(name, "vit.safetensors")
+        assert run["backbone"]["file"].endswith(backbone_file), name
+        # each backbone's own statistics: DeiT's pretrained config and MoCo v3's layout say ImageNet's, the IN-21K ViT's 0.5
+        assert run["data"]["preprocessing"]["normalization"] == ("imagenet" if name in ("vtab_mim", "vtab_mocov3") else "half"), name
+        assert run["data"]["kind"] == ("fgvc" if name == "fgvc" else "vtab"), name
+        if name == "fgvc": assert run["settings"]["train_split"] == "train" and run["settings"]["val_split"] == "val"
     text = combine_reports("paper", params["experiments"], tmp_path / "report").read_text()
     assert [line for line in text.splitlines() if line.startswith("## ")] == [f"## {t}" for t in params["experiments"].values()]
 
@@ -95,7 +133,7 @@ def test_every_paper_experiment_end_to_end_on_fake_vtab(tmp_path):
 def test_paper_profile_end_to_end_on_fake_vtab(tmp_path):
     params = paper_params(tmp_path)
     profile = profile_settings(params)
-    index = prepare_data(profile, tmp_path / "prepared")
+    index = prepare_data(profile, tmp_path / "prepared")["default"]
     assert index["dtd"]["split_sizes"] == {"test": 8, "train800": 16, "train800val200": 24, "val200": 8}
     record = prepare_backbone(profile, tmp_path / "backbone")
     assert record["file"].endswith("vit.safetensors")
@@ -109,7 +147,7 @@ def test_paper_profile_end_to_end_on_fake_vtab(tmp_path):
     assert moppa_dtd["settings"]["batch_size"] == 4 and moppa_dtd["settings"]["flip"] is True   # MoPPA's per-task setting
     assert moppa_dtd["route_weights"] is not None
     groups = {"Natural": ["dtd"], "Structured": ["smallnorb_ele"]}
-    content = ReportContent(groups, methods=["moppa", "lora+coeff"], profile="paper", published=True)
+    content = ReportContent(groups, methods=["moppa", "lora+coeff"], profile="paper", published="vtab1k_vit_b16_in21k")
     tables = write_report(tmp_path / "runs", tmp_path / "report", content)
     text = (tmp_path / "report" / "results.md").read_text()
     assert "Published numbers" in text and "Protocol `val`" in text

@@ -270,3 +270,16 @@ def test_dvclive_logs_every_epoch_without_touching_dvc_yaml(tmp_path, monkeypatc
     metrics = json.loads((tmp_path / "live" / "metrics.json").read_text())
     assert {"val/test_acc", "final/test_acc", "best_test/test_acc"} <= set(metrics)
     assert not list(tmp_path.rglob("dvc.yaml"))
+
+
+def test_compiled_training_after_another_compiled_run_in_one_process_trains_its_adapter(tmp_path):
+    """`compile: true`: every run compiles from a clean dynamo cache. Without it, a LoRA model compiled after a linear one in
+    the same process (a stage trains many runs) reused the first graph and its factors never moved."""
+    config = replace(CONFIG, epochs=1, warmup_epochs=0, compile=True, route_reg_scale=0.0)
+    fit(apply_peft(toy_vit(0), {"linear": {}}), toy_task(), config, tmp_path / "linear", progress=False)
+    lora = apply_peft(toy_vit(0), {"lora": {}})
+    initial = lora.blocks[0].attn.peft_lora.b.detach().clone()          # B starts at zero: it moves only with a gradient
+    compiled_run = fit(lora, toy_task(), config, tmp_path / "lora", progress=False)
+    assert not torch.equal(lora.blocks[0].attn.peft_lora.b, initial)
+    eager_run = fit(apply_peft(toy_vit(0), {"lora": {}}), toy_task(), replace(config, compile=False), tmp_path / "eager", progress=False)
+    assert compiled_run["history"][0]["train_loss"] == pytest.approx(eager_run["history"][0]["train_loss"], rel=1e-3)
