@@ -167,3 +167,22 @@ def test_tiny_masked_image_modelling_pretrains_without_a_teacher(tmp_path, monke
     student, losses = pretrain.mim_backbone(torch.from_numpy(images), config)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
     assert summary["final_loss"] == pytest.approx(float(np.mean(losses[-50:])))    # deterministic: the same recipe, the same losses
+
+
+def test_tiny_contrastive_pretraining_learns_to_tell_images_apart(tmp_path, monkeypatch):
+    """objective 'contrastive' (MoCo v3): no teacher is built, its recipe is recorded, and on drawn scenes the InfoNCE loss,
+    which starts at that of chance, falls below it as the query encoder learns to find each image's other view."""
+    import moppa_nb.pretrain as pretrain
+    from moppa_nb.mini_vtab import count_image, drawn_splits, task_rng
+    monkeypatch.setattr(pretrain, "mobilenet_v2_imagenet", lambda: pytest.fail("contrastive must not build the teacher"))
+    config = PretrainConfig(objective="contrastive", embed_dim=48, depth=1, num_heads=2, upstream_images=256, steps=100,
+                            batch_size=32, warmup_steps=10, lr=1e-3)
+    images = np.ascontiguousarray(drawn_splits(count_image, task_rng("contrastive", 0), 1)["train800"][0][:256])
+    summary = pretrain_backbone(tmp_path / "moco", config, images=images)
+    saved = json.loads((tmp_path / "moco" / BACKBONE_CONFIG).read_text())
+    assert saved["recipe"]["objective"] == "contrastive" and saved["objective"].startswith("contrastive (MoCo v3)")
+    losses = pretrain.contrastive_backbone(torch.from_numpy(images), config)[1]
+    chance = 2 * 2 * config.temperature * np.log(config.batch_size)             # two symmetric terms, each 2 tau x CE at chance
+    assert np.mean(losses[:5]) == pytest.approx(chance, abs=0.1), (losses[:5], chance)
+    assert np.mean(losses[-20:]) < chance - 0.1 and np.mean(losses[-20:]) < np.mean(losses[:20]) - 0.1, losses
+    assert summary["final_loss"] == pytest.approx(float(np.mean(losses[-50:])))    # deterministic: the same recipe, the same losses

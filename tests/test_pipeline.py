@@ -506,3 +506,28 @@ def test_backbone_stage_refuses_a_local_backbone_saved_elsewhere(tmp_path):
     profile = check_profile(params, "smoke")
     with pytest.raises(ValueError, match="backbone 'default' has path 'artifacts/smoke/backbones/default'; the backbone stage writes it to"):
         prepare_backbones(profile, tmp_path / "elsewhere")
+
+
+def test_cluster_jobs_are_one_train_command_per_experiment_and_method():
+    """scripts/cluster_jobs.py (README's cluster route): one command per (experiment, method) of the profile, each one the
+    experiment CLI's `train` for that method, experiment and profile, writing where the dvc train stage reads it back."""
+    import argparse
+    import shlex
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from cluster_jobs import jobs
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    commands = jobs(params, "paper")
+    expected = [(name, method) for name in params["experiments"]
+                for method in experiment_methods(experiment_settings(params, "paper", name))]
+    assert len(commands) == len(expected) == len(set(commands))
+    for command, (name, method) in zip(commands, expected):
+        words = shlex.split(command.split(" && ", 1)[1])
+        assert words[:4] == ["pipeline/env", "python", "-m", "moppa_nb.experiment"]
+        parser = argparse.ArgumentParser()
+        for option in ("--experiment", "--profile", "--output"): parser.add_argument(option)
+        parser.add_argument("stage"); parser.add_argument("method")
+        args = parser.parse_args(words[4:])
+        assert (args.stage, args.method, args.experiment, args.profile) == ("train", method, name, "paper")
+        assert args.output == f"runs/paper/{name}/{method}"             # dvc.yaml's train stage: runs/${profile}/${key}/<method>
+    with pytest.raises(SystemExit, match="unknown experiment"):
+        jobs(params, "paper", ["vtab", "fgcv"])
