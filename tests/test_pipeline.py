@@ -126,8 +126,13 @@ def test_every_paper_experiment_end_to_end_on_fake_vtab_and_fgvc(tmp_path):
         assert run["data"]["preprocessing"]["normalization"] == ("imagenet" if name in ("vtab_mim", "vtab_mocov3") else "half"), name
         assert run["data"]["kind"] == ("fgvc" if name == "fgvc" else "vtab"), name
         if name == "fgvc": assert run["settings"]["train_split"] == "train" and run["settings"]["val_split"] == "val"
-    text = combine_reports("paper", params["experiments"], tmp_path / "report").read_text()
-    assert [line for line in text.splitlines() if line.startswith("## ")] == [f"## {t}" for t in params["experiments"].values()]
+    for view_name, view in params["report_views"].items():          # a view: some of an experiment's methods, from its runs
+        tables = write_report(tmp_path / "runs" / view["experiment"], tmp_path / "report" / view_name,
+                              ReportContent({"Natural": ["dtd"]}, methods=view["methods"], profile="paper", title=view["title"]))
+        assert list(tables["val"].index) == view["methods"], view_name    # the paper profile runs every method of each view
+    sections = {**params["experiments"], **{name: view["title"] for name, view in params["report_views"].items()}}
+    text = combine_reports("paper", sections, tmp_path / "report").read_text()
+    assert [line for line in text.splitlines() if line.startswith("## ")] == [f"## {t}" for t in sections.values()]
 
 
 def test_paper_profile_end_to_end_on_fake_vtab(tmp_path):
@@ -531,3 +536,15 @@ def test_cluster_jobs_are_one_train_command_per_experiment_and_method():
         assert args.output == f"runs/paper/{name}/{method}"             # dvc.yaml's train stage: runs/${profile}/${key}/<method>
     with pytest.raises(SystemExit, match="unknown experiment"):
         jobs(params, "paper", ["vtab", "fgcv"])
+
+
+def test_report_views_name_an_experiment_and_methods_the_paper_profile_runs():
+    """`report_views` (tables drawn from one experiment's runs, e.g. Coeff-Tuning's VTAB-1K table): each names an experiment,
+    a name of its own, and methods that the paper profile's experiment runs (the default may run fewer; its section says which)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params["report_views"], "Coeff-Tuning's own VTAB-1K table is a view of `vtab`"
+    for name, view in params["report_views"].items():
+        assert name not in params["experiments"] and view["experiment"] in params["experiments"]
+        assert set(view["methods"]) <= set(experiment_methods(experiment_settings(params, "paper", view["experiment"]))), name
+    coeff = params["report_views"]["coeff_vtab"]["methods"]
+    assert coeff == ["linear", "adapter", "vpt", "lora", "coeff", "fact", "fact+coeff", "lora+coeff"]   # Coeff-Tuning's table
