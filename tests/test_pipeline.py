@@ -265,6 +265,7 @@ def test_training_and_report_notebooks_smoke(tmp_path):
                  {"results_dir": "runs", "output_dir": "report", "bench_csv": "none.csv"}, tmp_path)
     assert (tmp_path / "report" / "results.md").read_text().startswith("# Results: paper profile")
     assert (tmp_path / "report" / "vtab" / "spectral_responses.png").is_file()
+    assert not (tmp_path / "report" / "coeff_vtab").exists()    # a view none of whose methods this experiment ran: no section
 
 
 SYSTEM_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1", "LANG": "C.UTF-8"}
