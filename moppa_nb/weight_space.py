@@ -108,8 +108,9 @@ class QVLowRank(nn.Module):
 
 
 def add_product(output: torch.Tensor, h: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    "`output + h @ up.T` over the last axis of `output`; in place (no copy) when autograd records nothing."
+    "`output + h @ up.T` over the last axis of `output`, in its dtype (autocast may have made it lower than `h`'s); in place (no copy) when autograd records nothing."
     flat = output.reshape(-1, output.shape[-1])
+    h, up = h.to(output.dtype), up.to(output.dtype)
     if not torch.is_grad_enabled() and output.is_contiguous():
         flat.addmm_(h, up.T)
         return output

@@ -179,6 +179,23 @@ def test_one_optimiser_step_changes_only_trainable_tensors(methods, identity, me
 
 
 @pytest.mark.parametrize("methods, identity, mergeable", TABLE)
+def test_bf16_autocast_trains_and_evaluates_close_to_float32(methods, identity, mergeable):
+    """Under bf16 autocast (the paper profile's GPU precision; CPU here) every method trains and evaluates, in place or not."""
+    model = perturb_for_testing(apply_peft(tiny_vit(), methods))
+    x = images()
+    with torch.no_grad():
+        reference = model.eval()(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), reference, atol=0.1 * reference.abs().max().item(), rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.train()(images(3)).float().logsumexp(-1).mean()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("methods, identity, mergeable", TABLE)
 def test_deep_copy_is_an_independent_model(methods, identity, mergeable):
     original = perturb_for_testing(apply_peft(tiny_vit(), methods)).eval()
     clone = copy.deepcopy(original)
