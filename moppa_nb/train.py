@@ -19,6 +19,7 @@ from typing import Callable, Literal, Optional
 
 import timm
 import torch
+from timm.layers import DropPath, PatchDropout
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm import tqdm
@@ -32,8 +33,8 @@ from .registry import (FRACTION, NON_EMPTY, NON_NEGATIVE, POSITIVE, TrainingProg
 # %% auto #0
 __all__ = ['RUNTIME_FIELDS', 'PROTOCOLS', 'RUN_FILES', 'TIMING_FILE', 'TIMING_FIELDS', 'TrainConfig', 'trajectory_config',
            'resolve_device', 'autocast_dtype', 'autocast', 'make_optimizer', 'make_scheduler', 'DeviceSplit',
-           'device_split', 'epoch_draws', 'training_batch', 'evaluate', 'protocol_results', 'unavailable_protocols',
-           'train_epoch', 'timeless', 'compiled', 'fit']
+           'device_split', 'epoch_draws', 'training_batch', 'evaluate', 'only_the_head_learns', 'HeadInputs',
+           'head_inputs', 'protocol_results', 'unavailable_protocols', 'train_epoch', 'timeless', 'compiled', 'fit']
 
 # %% ../nbs/13_train.ipynb #bbd30909
 @dataclass(frozen=True)
@@ -201,6 +202,47 @@ def evaluate(model: nn.Module,                     # the model, or its `torch.co
         model.train(was_training)
     return correct.item() / len(labels)
 
+# %% ../nbs/13_train.ipynb #5b0e2c4d
+def _changes_in_training(module: nn.Module) -> bool:
+    "Whether `module` computes differently in training mode: dropout, drop path or patch dropout with p > 0, or batch norm."
+    if isinstance(module, nn.modules.batchnorm._BatchNorm): return True      # updates its running statistics
+    if isinstance(module, nn.modules.dropout._DropoutNd): return module.p > 0
+    if isinstance(module, DropPath): return module.drop_prob > 0
+    if isinstance(module, PatchDropout): return module.prob > 0
+    return False
+
+
+def only_the_head_learns(model: nn.Module, preprocessing) -> bool:
+    "Whether training moves only the classifier, on inputs that never change (no flips, nothing random in training mode)."
+    if not hasattr(model, "forward_head") or not hasattr(model, "get_classifier") or preprocessing.flip:
+        return False
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    head = {id(p) for p in model.get_classifier().parameters()}
+    return bool(trainable) and trainable <= head and not any(map(_changes_in_training, model.modules()))
+
+
+@dataclass(frozen=True)
+class HeadInputs:
+    "Preprocessing of splits that hold the head's inputs: nothing to normalise, nothing to flip."
+    flip: bool = False
+
+    def normalize(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def head_inputs(model: nn.Module, split: DeviceSplit, preprocessing, batch_size: int = 512,
+                dtype: torch.dtype | None = None) -> DeviceSplit:
+    "`split` with each image replaced by what `model`'s classifier receives (its pooled, normalised features), in eval mode."
+    was_training, device = model.training, split.images.device
+    model.eval()
+    try:   # no_grad, not inference mode: the head's backward saves these tensors
+        with torch.no_grad(), autocast(device, dtype):
+            features = torch.cat([model.forward_head(model.forward_features(preprocessing.normalize(split.images[i:i + batch_size])),
+                                                     pre_logits=True) for i in range(0, len(split), batch_size)])
+    finally:
+        model.train(was_training)
+    return DeviceSplit(features, split.labels)
+
 # %% ../nbs/13_train.ipynb #f8492ce5
 PROTOCOLS = {"val": "epoch with the best selection-split accuracy (val200 on VTAB-1K, val on FGVC), earliest on ties; its test accuracy (official VTAB rule)",
              "final": "test accuracy after the last epoch",
@@ -351,6 +393,7 @@ class _Run:
     model: nn.Module
     forward: nn.Module               # what computes the logits: `model` or its `torch.compile` wrapper
     task: typing.Any                 # TaskData-like: name, num_classes, splits, preprocessing
+    preprocessing: typing.Any        # turns a split's tensors into `forward`'s input: the task's, or `HeadInputs`
     config: TrainConfig
     run_dir: Path
     device: torch.device
@@ -391,13 +434,18 @@ def _prepare_run(model: nn.Module, task, config: TrainConfig, run_dir: Path) -> 
         torch.cuda.reset_peak_memory_stats(device)
     model.to(device)
     splits = {split: device_split(task, split, device) for split in (config.train_split, *config.evaluation_splits.values())}
+    dtype, preprocessing, forward = autocast_dtype(config.amp, device), task.preprocessing, None
+    if only_the_head_learns(model, preprocessing):   # the trunk's output never changes: compute it once
+        splits = {name: head_inputs(model, split, preprocessing, config.eval_batch_size, dtype) for name, split in splits.items()}
+        preprocessing, forward = HeadInputs(), model.get_classifier()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)
     state = TrainingState(model, optimizer, scheduler, generator, trajectory_config(config), model_fingerprint(model))
-    return _Run(model=model, forward=compiled(model) if config.compile else model, task=task, config=config,
-                run_dir=run_dir, device=device, dtype=autocast_dtype(config.amp, device), splits=splits,
+    forward = forward or (compiled(model) if config.compile else model)
+    return _Run(model=model, forward=forward, task=task, preprocessing=preprocessing, config=config,
+                run_dir=run_dir, device=device, dtype=dtype, splits=splits,
                 generator=generator, optimizer=optimizer, scheduler=scheduler, state=state,
                 criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing))
 
@@ -421,7 +469,7 @@ def _evaluate_splits(run: _Run) -> dict:
     "Accuracy on each evaluation split (keys `val_acc`, `test_acc`), with the time and images per second."
     started = time.perf_counter()
     accuracies = {f"{role}_acc": evaluate(run.forward, run.splits[split].images, run.splits[split].labels,
-                                          run.task.preprocessing, run.config.eval_batch_size,
+                                          run.preprocessing, run.config.eval_batch_size,
                                           run.splits[split].images.device, "bf16" if run.dtype is not None else "off")
                   for role, split in run.config.evaluation_splits.items()}
     seconds = time.perf_counter() - started
@@ -434,7 +482,7 @@ def _train_and_evaluate(run: _Run, epoch: int, epochs_in_history: int, progress:
     run.scheduler.step(epoch)
     record = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"]}
     try:
-        record.update(train_epoch(run.model, run.forward, run.splits[run.config.train_split], run.task.preprocessing,
+        record.update(train_epoch(run.model, run.forward, run.splits[run.config.train_split], run.preprocessing,
                                   run.optimizer, run.criterion, run.config, epoch, run.generator, run.dtype, progress))
     except FloatingPointError as error:
         raise FloatingPointError(f"{error} The run stopped; the history up to epoch {epochs_in_history} is in "
@@ -469,6 +517,7 @@ def _summary(run: _Run, history: list[dict], resumed_from: int, started: float) 
         "config": dataclasses.asdict(config), "device": str(device), "autocast": str(dtype).removeprefix("torch.") if dtype else "off",
         "preprocessing": dataclasses.asdict(preprocessing) if dataclasses.is_dataclass(preprocessing) else repr(preprocessing),
         "split_sizes": {split: len(task.splits[split][1]) for split in (config.train_split, *config.evaluation_splits.values())},
+        "head_inputs_cached": isinstance(run.preprocessing, HeadInputs),
         "epochs_completed": len(history), "resumed_from_epoch": resumed_from,
         "wall_time_s": time.perf_counter() - started,
         "train_time_s": sum(rates("train_time_s")), "eval_time_s": sum(rates("eval_time_s")),

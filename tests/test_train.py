@@ -283,3 +283,33 @@ def test_compiled_training_after_another_compiled_run_in_one_process_trains_its_
     assert not torch.equal(lora.blocks[0].attn.peft_lora.b, initial)
     eager_run = fit(apply_peft(toy_vit(0), {"lora": {}}), toy_task(), replace(config, compile=False), tmp_path / "eager", progress=False)
     assert compiled_run["history"][0]["train_loss"] == pytest.approx(eager_run["history"][0]["train_loss"], rel=1e-3)
+
+
+def still_task():
+    task = toy_task()
+    task.preprocessing = replace(task.preprocessing, flip=False)
+    return task
+
+
+def test_a_linear_probe_trains_on_features_computed_once_with_the_same_results(tmp_path, monkeypatch):
+    config = replace(CONFIG, route_reg_scale=0.0, lr=3e-2, epochs=5)
+    computed = []
+    record = train.head_inputs
+    monkeypatch.setattr(train, "head_inputs", lambda *args, **kw: computed.append(1) or record(*args, **kw))
+    cached = fit(apply_peft(toy_vit(), "linear"), still_task(), config, tmp_path / "cached", progress=False)
+    assert cached["head_inputs_cached"] and len(computed) == 3          # train, val and test features: once per run
+    monkeypatch.setattr(train, "only_the_head_learns", lambda model, preprocessing: False)
+    whole = fit(apply_peft(toy_vit(), "linear"), still_task(), config, tmp_path / "whole", progress=False)
+    assert not whole["head_inputs_cached"] and len(computed) == 3
+    for a, b in zip(cached["history"], whole["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+        assert (a["val_acc"], a["test_acc"]) == (b["val_acc"], b["test_acc"])
+    assert cached["history"][-1]["train_loss"] < cached["history"][0]["train_loss"]   # it learnt something
+
+
+@pytest.mark.parametrize("change", ["flips", "lora", "drop_path"])
+def test_features_are_recomputed_whenever_they_could_change(tmp_path, change):
+    task = toy_task() if change == "flips" else still_task()
+    model = apply_peft(toy_vit(drop_path_rate=0.1 if change == "drop_path" else 0.0), "lora" if change == "lora" else "linear")
+    summary = fit(model, task, replace(CONFIG, route_reg_scale=0.0, epochs=1, warmup_epochs=0), tmp_path, progress=False)
+    assert not summary["head_inputs_cached"]
