@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .registry import (PeftError, PeftMethod, build_options, check_options_fit, composition_conflicts, get_method,
-                               vit_layout)
+from .registry import (
+    PeftError, PeftMethod, build_options, check_options_fit, composition_conflicts, get_method, vit_layout)
 
 # %% auto #0
 __all__ = ['MethodSpec', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'ADAPTER_FORMAT', 'parse_methods', 'method_names', 'ModelSnapshot',

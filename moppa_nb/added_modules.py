@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .registry import (FRACTION, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, ViTLayout, at_least, checked,
-                               register_method)
+from .registry import (
+    FRACTION, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, ViTLayout, at_least, checked, register_method)
 
 # %% auto #0
 __all__ = ['VPTOptions', 'BlockPrompts', 'prompt_bound', 'VPT', 'AdapterOptions', 'AdaptFormerOptions', 'Bottleneck',

@@ -120,6 +120,31 @@ def _as_uint8_image(image, where: str) -> np.ndarray:
     return image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
 
 
+def _class_count(splits: dict, num_classes: int | None) -> int:
+    "`num_classes`, or the largest label of `splits` + 1."
+    all_labels = [int(v) for _, labels in splits.values() for v in np.asarray(labels).ravel()]
+    return int(num_classes if num_classes is not None else max(all_labels, default=-1) + 1)
+
+
+def _write_split_images(image_root: Path, task: str, split: str, images, labels, num_classes: int,
+                        image_format: str = "png") -> list[tuple[str, int]]:
+    "Check one split's labels and write its images as `image_root/<split>/000001.<format>`, ...; return (path under `image_root`, label) pairs."
+    labels = np.asarray(labels).astype(np.int64).ravel()
+    if len(images) != len(labels):
+        raise ValueError(f"Task {task!r}, split {split!r}: {len(images)} images but {len(labels)} labels.")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"Task {task!r}, split {split!r}: labels must lie in [0, {num_classes}), "
+                         f"got [{labels.min()}, {labels.max()}].")
+    (image_root / split).mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        relative = f"{split}/{i + 1:06d}.{image_format}"
+        Image.fromarray(_as_uint8_image(image, f"Task {task!r}, split {split!r}, image {i}")).save(
+            image_root / relative, **({"quality": 95} if image_format == "jpg" else {}))
+        written.append((relative, int(label)))
+    return written
+
+
 def write_vtab_task(root: str | Path,                 # folder of tasks, e.g. data/vtab-1k
                     task: str,                        # folder name of the task
                     splits: dict,                     # split -> (uint8 images, N x H x W (gray) or N x H x W x 3; int labels (N,))
@@ -132,24 +157,10 @@ def write_vtab_task(root: str | Path,                 # folder of tasks, e.g. da
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}.")
     if "train800val200" in splits:
         raise ValueError("train800val200 is written as train800 followed by val200; pass those two splits.")
-    folder = Path(root) / task
-    all_labels = [int(v) for _, labels in splits.values() for v in np.asarray(labels).ravel()]
-    num_classes = int(num_classes if num_classes is not None else max(all_labels, default=-1) + 1)
-    lines = {}
-    for split, (images, labels) in splits.items():
-        labels = np.asarray(labels).astype(np.int64).ravel()
-        if len(images) != len(labels):
-            raise ValueError(f"Task {task!r}, split {split!r}: {len(images)} images but {len(labels)} labels.")
-        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"Task {task!r}, split {split!r}: labels must lie in [0, {num_classes}), "
-                             f"got [{labels.min()}, {labels.max()}].")
-        (folder / "images" / split).mkdir(parents=True, exist_ok=True)
-        lines[split] = []
-        for i, (image, label) in enumerate(zip(images, labels)):
-            relative = f"images/{split}/{i + 1:06d}.{image_format}"
-            Image.fromarray(_as_uint8_image(image, f"Task {task!r}, split {split!r}, image {i}")).save(
-                folder / relative, **({"quality": 95} if image_format == "jpg" else {}))
-            lines[split].append(f"{relative} {label}\n")
+    folder, num_classes = Path(root) / task, _class_count(splits, num_classes)
+    lines = {split: [f"images/{relative} {label}\n" for relative, label in
+                     _write_split_images(folder / "images", task, split, images, labels, num_classes, image_format)]
+             for split, (images, labels) in splits.items()}
     if "train800" in lines and "val200" in lines:
         lines["train800val200"] = lines["train800"] + lines["val200"]
     for split, content in lines.items():
@@ -478,21 +489,9 @@ def write_fgvc_task(root: str | Path,                 # FGVC root, e.g. data/fgv
     "Write `splits` as a task in VPT's json layout (PNG images); return the task folder."
     unknown = sorted(set(splits) - set(FGVC_SPLITS))
     if unknown: raise ValueError(f"Task {task!r}: splits must be among {FGVC_SPLITS}, got {unknown}.")
-    folder = Path(root) / task
-    all_labels = [int(v) for _, labels in splits.values() for v in np.asarray(labels).ravel()]
-    num_classes = int(num_classes if num_classes is not None else max(all_labels, default=-1) + 1)
+    folder, num_classes = Path(root) / task, _class_count(splits, num_classes)
     for split, (images, labels) in splits.items():
-        labels = np.asarray(labels).astype(np.int64).ravel()
-        if len(images) != len(labels):
-            raise ValueError(f"Task {task!r}, split {split!r}: {len(images)} images but {len(labels)} labels.")
-        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"Task {task!r}, split {split!r}: labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}].")
-        (folder / "images" / split).mkdir(parents=True, exist_ok=True)
-        anno = {}
-        for i, (image, label) in enumerate(zip(images, labels)):
-            relative = f"{split}/{i + 1:06d}.png"
-            Image.fromarray(_as_uint8_image(image, f"Task {task!r}, split {split!r}, image {i}")).save(folder / "images" / relative)
-            anno[relative] = int(label)
+        anno = dict(_write_split_images(folder / "images", task, split, images, labels, num_classes))
         (folder / f"{split}.json").write_text(json.dumps(anno, indent=0))
     (folder / TASK_INFO).write_text(json.dumps({"name": task, "num_classes": num_classes, "image_dir": "images", **(info or {})}, indent=1))
     return folder

@@ -25,12 +25,14 @@ from torch import nn
 
 from .adapt import apply_peft, count_trainable, method_names, parse_methods, save_adapter
 from .backbones import create_backbone, file_sha256, normalization_name
-from .data import (FGVC_SPLITS, NORMALIZATIONS, Preprocessing, VTAB_SPLITS, canonical_fgvc_task, canonical_task,
-                           fgvc_task_spec, load_fgvc_task, load_vtab_task, read_json_split, read_list_file, task_folder)
+from .data import (
+    FGVC_SPLITS, NORMALIZATIONS, Preprocessing, VTAB_SPLITS, canonical_fgvc_task, canonical_task, fgvc_task_spec,
+    load_fgvc_task, load_vtab_task, read_json_split, read_list_file, task_folder)
 from .mini_vtab import MINI_FGVC_TASKS, MINI_TASKS, build_mini_fgvc, build_mini_vtab
 from .moppa import moppa_operators, route_weights
-from .pretrain import (BACKBONE_CONFIG, BACKBONE_WEIGHTS, INPUT_NORMALIZATION, PretrainConfig, build_backbone, fit_linear, linear_probe_accuracy,
-                               load_backbone, pixel_features, pretrain_backbone, task_features, vit_features)
+from .pretrain import (
+    BACKBONE_CONFIG, BACKBONE_WEIGHTS, INPUT_NORMALIZATION, PretrainConfig, build_backbone, fit_linear,
+    linear_probe_accuracy, load_backbone, pixel_features, pretrain_backbone, task_features, vit_features)
 from .registry import PeftError, build_options, get_method
 from .train import PROTOCOLS, TrainConfig, fit, timeless
 
@@ -282,10 +284,10 @@ def _check_resolved_runs(at: str, settings: dict) -> None:
     for name in experiment_methods(settings):
         for task in tasks:                               # every run's resolved settings make a valid TrainConfig
             resolved = run_settings(settings, name, task)
-            try: train_config(resolved, seeds[0])
+            try: config = train_config(resolved, seeds[0])
             except (TypeError, ValueError) as error: raise SettingsError(f"{at}: settings of ({name}, {task}): {error}") from None
             for key in ("train_split", "val_split", "test_split"):     # the splits of the dataset's layout
-                split = getattr(train_config(resolved, seeds[0]), key)
+                split = getattr(config, key)
                 if split is not None and split not in splits:
                     raise SettingsError(f"{at}: {key} of ({name}, {task}) is {split!r}; a {settings['data']['kind']} task has splits {list(splits)}")
             if resolved.get("head_init", "random") not in ("random", "probe"):

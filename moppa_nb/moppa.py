@@ -13,8 +13,9 @@ from torch import nn
 
 from .dct import dct_matrix, spectral_filter
 from .priors import heat_response, poisson_response, squared_frequency, wave_response
-from .registry import (POSITIVE, MethodOptions, PeftError, PeftMethod, TrainingProgress, ViTLayout, checked,
-                               register_method, subset_of)
+from moppa_nb.registry import (
+    POSITIVE, MethodOptions, PeftError, PeftMethod, TrainingProgress, ViTLayout, checked, register_method,
+    subset_of)
 from .router import BRANCHES, InputRouter, StaticRouter, UniformRouter, entropy_weight, full_weights, route_entropy
 
 # %% auto #0
@@ -49,11 +50,19 @@ def _shared_maps(options: MoPPAOptions) -> tuple[str, ...]:
 
 
 class SharedPriors(nn.Module):
-    "The (H, W, heads) spectral maps shared by all blocks (`k_*` in the reference form, the Poisson source in the physical one)."
+    "What all blocks share: the (H, W, heads) spectral maps (`k_*` in the reference form, the Poisson source in the physical one) and the grid's DCT matrices."
     def __init__(self, layout: ViTLayout, options: MoPPAOptions):
         super().__init__()
         shape = (*layout.grid, layout.num_heads)
         self.maps = nn.ParameterDict({b: nn.Parameter(torch.ones(shape)) for b in _shared_maps(options)})
+        # float64 buffers, built once here and cast on use: they follow .to(device), and a compiled forward reads them
+        # instead of tracing their construction
+        for name, n in zip(("dct_rows", "dct_columns"), layout.grid):
+            self.register_buffer(name, dct_matrix(n, dtype=torch.float64).clone(), persistent=False)
+
+    def dct(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        "The DCT matrices along H and W, in `dtype`."
+        return self.dct_rows.to(dtype), self.dct_columns.to(dtype)
 
 # %% ../nbs/04_moppa.ipynb #55489b48
 def _transform(matrix: torch.Tensor, batches: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,10 +75,11 @@ def filter_patch_tokens(prefix_tokens: torch.Tensor,   # (B, prefix, C): passed 
                         response: torch.Tensor,        # (H, W, C) or (B, H, W, C) spectral response
                         grid: tuple[int, int],
                         residual: bool = False,        # patches + filter(patches) instead of filter(patches)
+                        dct: tuple[torch.Tensor, torch.Tensor] | None = None,  # DCT matrices along H, W (`dct_matrix`'s if None)
                         ) -> torch.Tensor:
     "`[prefix_tokens; idct2(response * dct2(patches))]` (plus the patches if `residual`), as (B, prefix + H*W, C)."
     (b, n, c), (h, w), p = patches.shape, grid, prefix_tokens.shape[1]
-    dh, dw = (dct_matrix(k, patches.device, patches.dtype) for k in grid)
+    dh, dw = dct if dct is not None else (dct_matrix(k, patches.device, patches.dtype) for k in grid)
     rows = patches.reshape(b, h, w * c)                           # a view when the tokens are contiguous: no copy
     spectrum = _transform(dw, _transform(dh, rows).view(b * h, w, c)).view(b, h, w, c)   # DCT along H, then along W
     recording = torch.is_grad_enabled()
@@ -138,7 +148,8 @@ class MoPPAOperator(nn.Module):
         prefix, patches = x.split([p, h * w], dim=1)          # one op: its backward is one cat, not two zero-padded slices
         weights = self.router(patches)
         self.last_route_weights = weights
-        return filter_patch_tokens(prefix, patches, self.response_for(weights, x), (h, w), self.options.residual)
+        return filter_patch_tokens(prefix, patches, self.response_for(weights, x), (h, w), self.options.residual,
+                                   self.shared.dct(patches.dtype))
 
     def _cache_state(self) -> list[torch.Tensor]:
         "The tensors the static mixed response is made of (times, speeds, router, shared maps)."

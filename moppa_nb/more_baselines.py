@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from .registry import (FRACTION, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, Rule, ViTLayout, at_least,
-                               checked, register_method, subset_of)
+from .registry import (
+    FRACTION, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, Rule, ViTLayout, at_least, checked,
+    register_method, subset_of)
 from .weight_space import LoRAOptions, LoRAQV, QVLowRank, WeightSpaceMethod, add_product, install_qv
 
 # %% auto #0

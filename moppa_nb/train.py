@@ -25,10 +25,10 @@ from torch import nn
 from tqdm import tqdm
 
 from .adapt import adapted_methods, count_trainable
-from .checkpoint import (CHECKPOINT_NAME, TrainingState, model_fingerprint, resume_checkpoint, save_checkpoint,
-                                 write_json)
-from .registry import (FRACTION, NON_EMPTY, NON_NEGATIVE, POSITIVE, TrainingProgress, at_least, check_fields,
-                               checked)
+from .checkpoint import (
+    CHECKPOINT_NAME, TrainingState, model_fingerprint, resume_checkpoint, save_checkpoint, write_json)
+from .registry import (
+    FRACTION, NON_EMPTY, NON_NEGATIVE, POSITIVE, TrainingProgress, at_least, check_fields, checked)
 
 # %% auto #0
 __all__ = ['RUNTIME_FIELDS', 'PROTOCOLS', 'RUN_FILES', 'TIMING_FILE', 'TIMING_FIELDS', 'TrainConfig', 'trajectory_config',

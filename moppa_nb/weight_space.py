@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import (FRACTION, NON_NEGATIVE, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, ViTLayout,
-                               at_least, checked, register_method, subset_of)
+from .registry import (
+    FRACTION, NON_NEGATIVE, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, ViTLayout, at_least, checked,
+    register_method, subset_of)
 
 # %% auto #0
 __all__ = ['SSF_SITES', 'SSF_MOPPA_SITES', 'BLOCK_SITES', 'remove_method_modules', 'WeightSpaceMethod', 'BackboneSubset',

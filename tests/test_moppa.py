@@ -481,3 +481,18 @@ def test_fast_filter_equals_the_split_cat_filter_on_a_small_model():
         for (name, a), b in zip(model.named_parameters(), reference.parameters()):
             if a.grad is not None or b.grad is not None:
                 torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_dct_matrices_are_buffers_built_once_that_follow_the_model(monkeypatch):
+    import moppa_nb.moppa as moppa_module
+    model = apply_peft(small_vit(), "moppa").eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        expected = model(x)
+    monkeypatch.setattr(moppa_module, "dct_matrix", lambda *args, **kw: pytest.fail("a forward pass built a DCT matrix"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        double = model.double()
+        assert double.peft_moppa.dct_rows.dtype == torch.float64
+        torch.testing.assert_close(double(x.double()), expected.double(), atol=1e-5, rtol=0)
+    assert not any("dct" in key for key in model.state_dict())       # rebuilt, never saved
