@@ -13,9 +13,9 @@ from torch import nn
 
 from .dct import dct_matrix, spectral_filter
 from .priors import heat_response, poisson_response, squared_frequency, wave_response
-from moppa_nb.registry import (
-    POSITIVE, MethodOptions, PeftError, PeftMethod, TrainingProgress, ViTLayout, checked, register_method,
-    subset_of)
+from .registry import (
+    POSITIVE, MethodOptions, PeftError, PeftMethod, TrainingProgress,
+    ViTLayout, checked, register_method, subset_of)   # a long last line: nbdev 2.4 makes the import relative only then
 from .router import BRANCHES, InputRouter, StaticRouter, UniformRouter, entropy_weight, full_weights, route_entropy
 
 # %% auto #0

@@ -143,3 +143,11 @@ def test_other_failures_inside_a_write_are_not_disguised(tmp_path):
     with pytest.raises(RuntimeError, match="a bug in the writer"):
         atomic_write(tmp_path / "file.bin", bug)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_exported_package_imports_itself_relatively():
+    """nbdev rewrites `from moppa_nb.x import` as `from .x import`, but skips a multi-line import whose last line is short."""
+    package = Path(__file__).parent.parent / "moppa_nb"
+    absolute = [f"{path.name}:{number}" for path in sorted(package.glob("*.py"))
+                for number, line in enumerate(path.read_text().splitlines(), 1) if line.startswith("from moppa_nb")]
+    assert not absolute, f"absolute imports of the package in its own modules: {absolute}"
