@@ -443,7 +443,8 @@ def _prepare_run(model: nn.Module, task, config: TrainConfig, run_dir: Path) -> 
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)
     state = TrainingState(model, optimizer, scheduler, generator, trajectory_config(config), model_fingerprint(model))
-    forward = forward or (compiled(model) if config.compile else model)
+    if forward is None:                              # a module's truth is its length for containers: test for None
+        forward = compiled(model) if config.compile else model
     return _Run(model=model, forward=forward, task=task, preprocessing=preprocessing, config=config,
                 run_dir=run_dir, device=device, dtype=dtype, splits=splits,
                 generator=generator, optimizer=optimizer, scheduler=scheduler, state=state,
