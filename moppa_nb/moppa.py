@@ -5,6 +5,7 @@
 # %% ../nbs/04_moppa.ipynb #85690507
 from __future__ import annotations
 
+import contextlib
 import typing
 from dataclasses import dataclass
 
@@ -70,30 +71,71 @@ def _transform(matrix: torch.Tensor, batches: torch.Tensor, out: torch.Tensor | 
     return torch.bmm(matrix.expand(batches.shape[0], *matrix.shape), batches, out=out)
 
 
-def filter_patch_tokens(prefix_tokens: torch.Tensor,   # (B, prefix, C): passed through
-                        patches: torch.Tensor,         # (B, H*W, C): filtered
+def _spectrum(dh: torch.Tensor, dw: torch.Tensor, rows: torch.Tensor, c: int) -> torch.Tensor:
+    "2-D DCT of patch rows (B, H, W*C) as (B, H, W, C): along H, then along W."
+    (b, h, _), w = rows.shape, dw.shape[0]
+    return _transform(dw, _transform(dh, rows).view(b * h, w, c)).view(b, h, w, c)
+
+
+def _inverse_into(out: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor, spectrum: torch.Tensor,
+                  rows: torch.Tensor, residual: bool) -> None:
+    "Write the inverse 2-D DCT of `spectrum` (B, H, W, C) into `out` (B, H, W*C), added to `rows` if `residual`."
+    b, h, w, c = spectrum.shape
+    columns = _transform(dw.T, spectrum.view(b * h, w, c)).view(b, h, w * c)     # along W; along H into `out` below
+    if residual: out.copy_(rows).baddbmm_(dh.T.expand(b, h, h), columns)
+    else: _transform(dh.T, columns, out=out)
+
+
+class _SpectralFilter(torch.autograd.Function):
+    "`filter_patch_tokens` with its own backward, writing each result once: no full-sequence `cat` or slice either way."
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, response: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor, residual: bool):
+        (b, t, c), n = tokens.shape, dh.shape[0] * dw.shape[0]
+        rows = tokens[:, t - n:].reshape(b, dh.shape[0], -1)    # a view of contiguous tokens: no copy
+        spectrum = _spectrum(dh, dw, rows, c)
+        keep = ctx.needs_input_grad[1]                           # the response's gradient needs the unweighted spectrum
+        weighted = spectrum * response if keep else spectrum.mul_(response)
+        out = torch.empty(b, t, c, dtype=tokens.dtype, device=tokens.device)
+        out[:, :t - n] = tokens[:, :t - n]
+        _inverse_into(out[:, t - n:].view_as(rows), dh, dw, weighted, rows, residual)
+        ctx.save_for_backward(spectrum if keep else None, response, dh, dw)
+        ctx.residual = residual
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        # the filter D^T diag(response) D is symmetric (D orthonormal): the tokens' gradient is the same filter applied to
+        # the output's gradient, and the response's is the output gradient's spectrum times the input's spectrum
+        spectrum, response, dh, dw = ctx.saved_tensors
+        (b, t, c), n = grad.shape, dh.shape[0] * dw.shape[0]
+        grad = grad.contiguous()
+        rows = grad[:, t - n:].reshape(b, dh.shape[0], -1)
+        grad_spectrum = _spectrum(dh, dw, rows, c)
+        grad_response = (grad_spectrum * spectrum).sum_to_size(response.shape) if ctx.needs_input_grad[1] else None
+        grad_tokens = None
+        if ctx.needs_input_grad[0]:
+            grad_tokens = torch.empty_like(grad)
+            grad_tokens[:, :t - n] = grad[:, :t - n]
+            _inverse_into(grad_tokens[:, t - n:].view_as(rows), dh, dw, grad_spectrum.mul_(response), rows, ctx.residual)
+        return grad_tokens, grad_response, None, None, None
+
+
+def filter_patch_tokens(tokens: torch.Tensor,          # (B, prefix + H*W, C): the prefix tokens pass through
                         response: torch.Tensor,        # (H, W, C) or (B, H, W, C) spectral response
                         grid: tuple[int, int],
                         residual: bool = False,        # patches + filter(patches) instead of filter(patches)
                         dct: tuple[torch.Tensor, torch.Tensor] | None = None,  # DCT matrices along H, W (`dct_matrix`'s if None)
                         ) -> torch.Tensor:
-    "`[prefix_tokens; idct2(response * dct2(patches))]` (plus the patches if `residual`), as (B, prefix + H*W, C)."
-    (b, n, c), (h, w), p = patches.shape, grid, prefix_tokens.shape[1]
-    dh, dw = dct if dct is not None else (dct_matrix(k, patches.device, patches.dtype) for k in grid)
-    rows = patches.reshape(b, h, w * c)                           # a view when the tokens are contiguous: no copy
-    spectrum = _transform(dw, _transform(dh, rows).view(b * h, w, c)).view(b, h, w, c)   # DCT along H, then along W
-    recording = torch.is_grad_enabled()
-    weighted = spectrum * response if recording else spectrum.mul_(response)
-    columns = _transform(dw.T, weighted.view(b * h, w, c)).view(b, h, w * c)          # inverse along W; along H below
-    if recording or columns.dtype != patches.dtype:               # autograd (or autocast's dtype): out-of-place, one cat
-        filtered = _transform(dh.T, columns).view(b, n, c)
-        return torch.cat([prefix_tokens, patches + filtered if residual else filtered], dim=1)
-    out = torch.empty(b, p + n, c, dtype=patches.dtype, device=patches.device)
-    out[:, :p] = prefix_tokens
-    target = out[:, p:].view(b, h, w * c)                         # the last transform writes (or adds) into the output
-    if residual: target.copy_(rows).baddbmm_(dh.T.expand(b, h, h), columns)
-    else: _transform(dh.T, columns, out=target)
-    return out
+    "`[prefix; idct2(response * dct2(patches))]` (plus the patches if `residual`), shaped as `tokens` and in their dtype, under autocast too."
+    (h, w), dtype = grid, tokens.dtype
+    if tokens.dim() != 3 or tokens.shape[1] < h * w:
+        raise ValueError(f"filter_patch_tokens expects (B, prefix + {h}x{w}, C) tokens, got shape {tuple(tokens.shape)}")
+    dh, dw = dct if dct is not None else (dct_matrix(k, tokens.device, dtype) for k in grid)
+    device = tokens.device.type
+    no_autocast = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+    with no_autocast:                                  # the tokens' dtype throughout (the output is written in place)
+        return _SpectralFilter.apply(tokens, response.to(dtype), dh.to(dtype), dw.to(dtype), residual)
 
 
 class MoPPAOperator(nn.Module):
@@ -133,10 +175,11 @@ class MoPPAOperator(nn.Module):
         "Router-weighted sum of the responses: (H, W, C) for static weights (branches, heads), (B, H, W, C) for (B, branches, heads)."
         d = self.layout.head_dim
         per_channel = weights.repeat_interleave(d, dim=-1)             # (..., branches, C)
-        mixed = 0
+        mixed = None
         for i, response in enumerate(self.responses().values()):
             w = per_channel[..., i, :]
-            mixed = mixed + (w[:, None, None, :] if w.dim() == 2 else w) * response
+            w = w[:, None, None, :] if w.dim() == 2 else w
+            mixed = w * response if mixed is None else torch.addcmul(mixed, w, response)   # multiply and add in one pass
         return mixed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,11 +188,9 @@ class MoPPAOperator(nn.Module):
         if x.shape[1] != p + h * w:
             raise PeftError(f"MoPPA expects {p} prefix + {h}x{w} patch tokens = {p + h * w}, got {x.shape[1]} tokens; "
                             "the token count must match the model's grid.")
-        prefix, patches = x.split([p, h * w], dim=1)          # one op: its backward is one cat, not two zero-padded slices
-        weights = self.router(patches)
+        weights = self.router(x[:, p:])
         self.last_route_weights = weights
-        return filter_patch_tokens(prefix, patches, self.response_for(weights, x), (h, w), self.options.residual,
-                                   self.shared.dct(patches.dtype))
+        return filter_patch_tokens(x, self.response_for(weights, x), (h, w), self.options.residual, self.shared.dct(x.dtype))
 
     def _cache_state(self) -> list[torch.Tensor]:
         "The tensors the static mixed response is made of (times, speeds, router, shared maps)."

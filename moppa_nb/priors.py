@@ -54,6 +54,6 @@ def wave_response(squared: torch.Tensor, ct: torch.Tensor, form: str = "physical
 
 def poisson_response(squared: torch.Tensor, source: torch.Tensor, form: str = "physical", eps: float = 0.0) -> torch.Tensor:
     "Poisson equilibrium: `source / (|w|^2 + eps)` with the zero frequency passed at gain `source` (physical), or `relu(source)` (reference)."
-    if form == "reference": return torch.relu(source) * torch.ones_like(squared)
+    if form == "reference": return torch.relu(source).expand(torch.broadcast_shapes(source.shape, squared.shape))   # a view
     is_mean = squared == 0
     return source / torch.where(is_mean, torch.ones_like(squared), squared + eps)

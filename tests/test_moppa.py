@@ -449,7 +449,7 @@ def test_placement_before_the_mlp(placement):
 
 
 def test_fast_filter_equals_the_split_cat_filter_on_a_small_model():
-    "The bmm filter (in place without autograd, one cat with it) gives the split + spectral_filter + cat model's outputs and gradients."
+    "The bmm filter (in place without autograd, its own backward with it) gives the split + spectral_filter + cat model's outputs and gradients."
     import copy
     import timm
     from moppa_nb import apply_peft
@@ -496,3 +496,50 @@ def test_the_dct_matrices_are_buffers_built_once_that_follow_the_model(monkeypat
         assert double.peft_moppa.dct_rows.dtype == torch.float64
         torch.testing.assert_close(double(x.double()), expected.double(), atol=1e-5, rtol=0)
     assert not any("dct" in key for key in model.state_dict())       # rebuilt, never saved
+
+
+# ---------------------------------------------------------------- the filter's own backward
+@pytest.mark.parametrize("prefix", [0, 1, 3])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_filter_patch_tokens_gradients_match_finite_differences(prefix, residual, per_sample):
+    "The hand-written backward (the filter is symmetric) against torch.autograd.gradcheck's numerical Jacobian, in float64."
+    from moppa_nb.moppa import filter_patch_tokens
+    torch.manual_seed(0)
+    grid, c = (3, 4), 5
+    tokens = torch.randn(2, prefix + 12, c, dtype=torch.float64, requires_grad=True)
+    response = torch.randn(*((2,) if per_sample else ()), *grid, c, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, r: filter_patch_tokens(t, r, grid, residual), (tokens, response))
+
+
+def test_filter_patch_tokens_equals_spectral_filter_and_keeps_the_tokens_dtype_under_autocast():
+    from moppa_nb.moppa import filter_patch_tokens
+    torch.manual_seed(0)
+    tokens, response = torch.randn(2, 1 + 12, 8), torch.rand(3, 4, 8)
+    expected = torch.cat([tokens[:, :1], spectral_filter(tokens[:, 1:], response, (3, 4))], dim=1)
+    torch.testing.assert_close(filter_patch_tokens(tokens, response, (3, 4)), expected)
+    with torch.no_grad():                                              # the in-place path: the input is left as it was
+        before = tokens.clone()
+        torch.testing.assert_close(filter_patch_tokens(tokens, response, (3, 4), residual=True),
+                                   expected + torch.nn.functional.pad(tokens[:, 1:], (0, 0, 1, 0)))
+        torch.testing.assert_close(tokens, before, rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):                  # transforms in the tokens' dtype, not bf16
+        filtered = filter_patch_tokens(tokens, response, (3, 4))
+    assert filtered.dtype == torch.float32
+    torch.testing.assert_close(filtered, expected)
+    with pytest.raises(ValueError, match="3x4"):
+        filter_patch_tokens(tokens[:, :10], response, (3, 4))
+
+
+def test_a_compiled_moppa_model_trains_and_matches_the_eager_one():
+    "torch.compile traces the filter's autograd Function: one training step gives the eager model's gradients."
+    torch.manual_seed(0)
+    eager = apply_peft(small_vit(), "moppa")
+    compiled = copy.deepcopy(eager)
+    compiled.compile()
+    x = torch.randn(2, 3, 32, 48)
+    for model in (eager, compiled):
+        model.train()(x).square().mean().backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
