@@ -38,28 +38,32 @@ def idct2(x: torch.Tensor) -> torch.Tensor:
     return dct_matrix(h, x.device, x.dtype).T @ x @ dct_matrix(w, x.device, x.dtype)
 
 # %% ../nbs/01_dct.ipynb #fffa343a
-def _along_rows(matrix: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    "Apply `matrix` (`H x H`) along the H axis of `grid` (`B, H, W, C`)."
-    b, h, w, c = grid.shape
-    return (matrix @ grid.reshape(b, h, w * c)).reshape(b, h, w, c)
+def _apply(matrix: torch.Tensor, batches: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    "`matrix` (`n x n`) times each of `batches` (`N, n, m`): one `bmm`, the matrix broadcast by a stride-0 view (no copy)."
+    return torch.bmm(matrix.expand(batches.shape[0], *matrix.shape), batches, out=out)
 
 
-def _along_columns(matrix: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    "Apply `matrix` (`W x W`) along the W axis of `grid` (`B, H, W, C`)."
-    b, h, w, c = grid.shape
-    return (matrix @ grid.reshape(b * h, w, c)).reshape(b, h, w, c)
+def _grid_matrices(grid: torch.Tensor, dct: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return dct if dct is not None else tuple(dct_matrix(n, grid.device, grid.dtype) for n in grid.shape[1:3])
 
 
-def grid_dct2(grid: torch.Tensor) -> torch.Tensor:
-    "2-D DCT of a channels-last token grid (`B, H, W, C`) over H and W."
-    dh, dw = (dct_matrix(n, grid.device, grid.dtype) for n in grid.shape[1:3])
-    return _along_columns(dw, _along_rows(dh, grid))
+def grid_dct2(grid: torch.Tensor,                                   # channels-last token grid (`B, H, W, C`)
+              dct: tuple[torch.Tensor, torch.Tensor] | None = None,  # DCT matrices along H and W (`dct_matrix`'s if None)
+              ) -> torch.Tensor:
+    "2-D DCT of `grid` over H and W: along H on `(B, H, W*C)` rows, then along W on `(B*H, W, C)` blocks, each one `bmm`."
+    (b, h, w, c), (dh, dw) = grid.shape, _grid_matrices(grid, dct)
+    along_h = _apply(dh, grid.reshape(b, h, w * c))             # a view of a contiguous grid: no copy
+    return _apply(dw, along_h.view(b * h, w, c)).view(b, h, w, c)
 
 
-def grid_idct2(spectrum: torch.Tensor) -> torch.Tensor:
-    "Inverse of `grid_dct2`."
-    dh, dw = (dct_matrix(n, spectrum.device, spectrum.dtype) for n in spectrum.shape[1:3])
-    return _along_columns(dw.T, _along_rows(dh.T, spectrum))
+def grid_idct2(spectrum: torch.Tensor,                             # (`B, H, W, C`)
+               dct: tuple[torch.Tensor, torch.Tensor] | None = None,
+               out: torch.Tensor | None = None,                    # (`B, H, W, C`) to write the result into
+               ) -> torch.Tensor:
+    "Inverse of `grid_dct2`: along W, then along H (into `out` if given)."
+    (b, h, w, c), (dh, dw) = spectrum.shape, _grid_matrices(spectrum, dct)
+    along_w = _apply(dw.T, spectrum.reshape(b * h, w, c)).view(b, h, w * c)
+    return _apply(dh.T, along_w, out=None if out is None else out.view(b, h, w * c)).view(b, h, w, c)
 
 
 def spectral_filter(tokens: torch.Tensor, response: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .dct import dct_matrix, spectral_filter
+from .dct import dct_matrix, grid_dct2, grid_idct2, spectral_filter
 from .priors import heat_response, poisson_response, squared_frequency, wave_response
 from .registry import (
     POSITIVE, MethodOptions, PeftError, PeftMethod, TrainingProgress,
@@ -66,38 +66,20 @@ class SharedPriors(nn.Module):
         return self.dct_rows.to(dtype), self.dct_columns.to(dtype)
 
 # %% ../nbs/04_moppa.ipynb #55489b48
-def _transform(matrix: torch.Tensor, batches: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    "`matrix` (n x n) times each of `batches` (N, n, m): one `bmm`, the matrix broadcast by a stride-0 view, no copy."
-    return torch.bmm(matrix.expand(batches.shape[0], *matrix.shape), batches, out=out)
-
-
-def _spectrum(dh: torch.Tensor, dw: torch.Tensor, rows: torch.Tensor, c: int) -> torch.Tensor:
-    "2-D DCT of patch rows (B, H, W*C) as (B, H, W, C): along H, then along W."
-    (b, h, _), w = rows.shape, dw.shape[0]
-    return _transform(dw, _transform(dh, rows).view(b * h, w, c)).view(b, h, w, c)
-
-
-def _inverse_into(out: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor, spectrum: torch.Tensor,
-                  rows: torch.Tensor, residual: bool) -> None:
-    "Write the inverse 2-D DCT of `spectrum` (B, H, W, C) into `out` (B, H, W*C), added to `rows` if `residual`."
-    b, h, w, c = spectrum.shape
-    columns = _transform(dw.T, spectrum.view(b * h, w, c)).view(b, h, w * c)     # along W; along H into `out` below
-    if residual: out.copy_(rows).baddbmm_(dh.T.expand(b, h, h), columns)
-    else: _transform(dh.T, columns, out=out)
-
-
 class _SpectralFilter(torch.autograd.Function):
     "`filter_patch_tokens` with its own backward, writing each result once: no full-sequence `cat` or slice either way."
     @staticmethod
     def forward(ctx, tokens: torch.Tensor, response: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor, residual: bool):
-        (b, t, c), n = tokens.shape, dh.shape[0] * dw.shape[0]
-        rows = tokens[:, t - n:].reshape(b, dh.shape[0], -1)    # a view of contiguous tokens: no copy
-        spectrum = _spectrum(dh, dw, rows, c)
+        (b, t, c), (h, w) = tokens.shape, (dh.shape[0], dw.shape[0])
+        p = t - h * w
+        patches = tokens[:, p:].reshape(b, h, w, c)              # a view of contiguous tokens: no copy
+        spectrum = grid_dct2(patches, (dh, dw))
         keep = ctx.needs_input_grad[1]                           # the response's gradient needs the unweighted spectrum
         weighted = spectrum * response if keep else spectrum.mul_(response)
         out = torch.empty(b, t, c, dtype=tokens.dtype, device=tokens.device)
-        out[:, :t - n] = tokens[:, :t - n]
-        _inverse_into(out[:, t - n:].view_as(rows), dh, dw, weighted, rows, residual)
+        out[:, :p] = tokens[:, :p]
+        filtered = grid_idct2(weighted, (dh, dw), out=out[:, p:].view(b, h, w, c))
+        if residual: filtered.add_(patches)
         ctx.save_for_backward(spectrum if keep else None, response, dh, dw)
         ctx.residual = residual
         return out
@@ -108,16 +90,17 @@ class _SpectralFilter(torch.autograd.Function):
         # the filter D^T diag(response) D is symmetric (D orthonormal): the tokens' gradient is the same filter applied to
         # the output's gradient, and the response's is the output gradient's spectrum times the input's spectrum
         spectrum, response, dh, dw = ctx.saved_tensors
-        (b, t, c), n = grad.shape, dh.shape[0] * dw.shape[0]
-        grad = grad.contiguous()
-        rows = grad[:, t - n:].reshape(b, dh.shape[0], -1)
-        grad_spectrum = _spectrum(dh, dw, rows, c)
+        (b, t, c), (h, w) = grad.shape, (dh.shape[0], dw.shape[0])
+        p, grad = t - h * w, grad.contiguous()
+        grad_patches = grad[:, p:].reshape(b, h, w, c)
+        grad_spectrum = grid_dct2(grad_patches, (dh, dw))
         grad_response = (grad_spectrum * spectrum).sum_to_size(response.shape) if ctx.needs_input_grad[1] else None
         grad_tokens = None
         if ctx.needs_input_grad[0]:
             grad_tokens = torch.empty_like(grad)
-            grad_tokens[:, :t - n] = grad[:, :t - n]
-            _inverse_into(grad_tokens[:, t - n:].view_as(rows), dh, dw, grad_spectrum.mul_(response), rows, ctx.residual)
+            grad_tokens[:, :p] = grad[:, :p]
+            filtered = grid_idct2(grad_spectrum.mul_(response), (dh, dw), out=grad_tokens[:, p:].view(b, h, w, c))
+            if ctx.residual: filtered.add_(grad_patches)
         return grad_tokens, grad_response, None, None, None
 
 
