@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .dct import dct_matrix, grid_dct2, grid_idct2, spectral_filter
+from .dct import dct_matrix, grid_dct2, grid_idct2
 from .priors import heat_response, poisson_response, squared_frequency, wave_response
 from .registry import (
     POSITIVE, MethodOptions, PeftError, PeftMethod, TrainingProgress,
@@ -35,6 +35,7 @@ class MoPPAOptions(MethodOptions):
     placement: typing.Literal["attn", "mlp", "both"] = "attn"     # filter the input of attention (published), of the MLP, or both
     route_entropy: typing.Literal["mean", "sum"] = "mean"         # entropy averaged over branches (public code) or summed (nats)
     tau_init: float = checked(5.0, POSITIVE)                       # initial router temperature (unused by "uniform")
+    route_reg_horizon: typing.Literal["training", "schedule"] = "training"  # the regulariser decays over `epochs`, or epochs + cool-down (MoPDO's code)
 
     def __post_init__(self):
         super().__post_init__()
@@ -162,7 +163,7 @@ class MoPPAOperator(nn.Module):
         for i, response in enumerate(self.responses().values()):
             w = per_channel[..., i, :]
             w = w[:, None, None, :] if w.dim() == 2 else w
-            mixed = w * response if mixed is None else torch.addcmul(mixed, w, response)   # multiply and add in one pass
+            mixed = w * response if mixed is None else mixed + w * response
         return mixed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +172,7 @@ class MoPPAOperator(nn.Module):
         if x.shape[1] != p + h * w:
             raise PeftError(f"MoPPA expects {p} prefix + {h}x{w} patch tokens = {p + h * w}, got {x.shape[1]} tokens; "
                             "the token count must match the model's grid.")
-        weights = self.router(x[:, p:])
+        weights = self.router(x[:, p:]) if self.router.input_dependent else self.router()   # a static router reads no tokens
         self.last_route_weights = weights
         return filter_patch_tokens(x, self.response_for(weights, x), (h, w), self.options.residual, self.shared.dct(x.dtype))
 
@@ -220,7 +221,14 @@ class MoPPA(PeftMethod):
 
     def extra_loss(self, model: nn.Module, progress: TrainingProgress) -> torch.Tensor | None:
         "The route regularisation (`route_regularisation`, below), or None while it is off (second half of training, scale 0, uniform router)."
-        return _route_term(model, progress.epoch, progress.total_epochs, progress.scale)
+        horizon = progress.total_epochs + (progress.cooldown_epochs if self.options.route_reg_horizon == "schedule" else 0)
+        return _route_term(model, progress.epoch, horizon, progress.scale)
+
+    def run_record(self, model: nn.Module) -> dict:
+        "A static router's weights after training, (blocks, 3, heads) as lists, for the report's figure; nothing for other routers."
+        operators = moppa_operators(model)
+        if not operators or operators[0].options.router != "static": return {}
+        return {"route_weights": route_weights(model).tolist()}
 
 
 def moppa_operators(model: nn.Module) -> list[MoPPAOperator]:

@@ -201,6 +201,7 @@ class TrainingProgress:
     epoch: float            # epochs done, fractional: epoch index + step / steps per epoch
     total_epochs: int       # length of the cosine schedule (cool-down epochs not included)
     scale: float            # the training config's scale of the methods' extra loss terms; 0 disables them
+    cooldown_epochs: int = 0  # epochs of constant learning rate after the cosine schedule (a loss term's horizon may include them)
 
 
 class PeftMethod:
@@ -231,6 +232,10 @@ class PeftMethod:
     def extra_loss(self, model: nn.Module, progress: TrainingProgress) -> torch.Tensor | None:
         "A term the training loop adds to the loss at this step (after the forward pass), or None: most methods add none."
         return None
+
+    def run_record(self, model: nn.Module) -> dict:
+        "What a training run records about this method in the trained model (e.g. MoPPA's router weights): JSON-able, usually nothing."
+        return {}
 
     def merge(self, model: nn.Module) -> None:
         "Fold the method into the backbone weights so inference costs what the plain ViT costs."

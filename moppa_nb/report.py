@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,7 +25,7 @@ __all__ = ['COUNT_COLUMNS', 'CONVERGENCE', 'PUBLISHED_VTAB', 'PUBLISHED_FGVC', '
            'protocol_inflation', 'published_results', 'published_vtab', 'published_table', 'published_deltas',
            'save_figure', 'plot_accuracy_vs_params', 'plot_per_task', 'plot_router_weights',
            'plot_router_weights_by_task', 'plot_spectral_responses', 'plot_training_curves', 'plot_cost',
-           'linear_vs_probe', 'ReportContent', 'write_report', 'combine_reports']
+           'linear_vs_probe', 'ReportContent', 'write_report', 'combine_reports', 'write_profile_report', 'main']
 
 # %% ../nbs/17_report.ipynb #c0b9018a
 def load_results(paths: list[str | Path]) -> pd.DataFrame:
@@ -528,3 +529,105 @@ def combine_reports(profile: str,                        # the profile's name, i
     path = reports_dir / "results.md"
     path.write_text("\n".join(lines))
     return path
+
+# %% ../nbs/17_report.ipynb #6bb86cae
+def _trained_responses(method_dir: Path, experiment: dict) -> dict:
+    "MoPPA's trained responses (branch and mixture, first and last block, mean over channels) from a run's adapter; {} if none."
+    import torch
+    from moppa_nb.adapt import load_adapter
+    from moppa_nb.sources import build_model
+    adapter = method_dir / next(iter(experiment["tasks"])) / f"seed{experiment.get('seeds', [0])[0]}" / "adapter"
+    if not adapter.is_dir(): return {}
+    num_classes = json.loads((adapter / "adapter_config.json").read_text())["num_classes"]
+    model, out = load_adapter(build_model(experiment, num_classes), adapter), {}
+    with torch.no_grad():
+        for label, block in (("first block", model.blocks[0]), ("last block", model.blocks[-1])):
+            operator = block.peft_moppa
+            for branch, response in operator.responses().items():
+                out[f"{branch}, {label}"] = response.expand(*operator.layout.grid, operator.layout.embed_dim).mean(-1).numpy()
+            out[f"mixture, {label}"] = operator.mixed_response(operator.router()).mean(-1).numpy()
+    return out
+
+
+def _backbone_probes(experiment: dict) -> dict | None:
+    "The linear probes of the experiment's backbone on its tasks (a local backbone's probes.json, written by the backbone stage)."
+    backbone = experiment["backbone"]
+    probes_file = Path(backbone["path"]) / "probes.json" if backbone["kind"] == "local" else None
+    if probes_file is None or not probes_file.is_file(): return None
+    probes = {task: probe for task, probe in json.loads(probes_file.read_text()).items() if task in experiment["tasks"]}
+    if not probes: return None                 # probed on the profile's VTAB-1K tasks only
+    return {**probes, "mean": {kind: sum(p[kind] for p in probes.values()) / len(probes) for kind in next(iter(probes.values()))}}
+
+
+def _task_groups(experiment: dict) -> dict[str, list[str]]:
+    groups = {}
+    for task, group in experiment["tasks"].items(): groups.setdefault(group, []).append(task)
+    return groups
+
+
+def _comparisons(methods: list[str], ours: list[str]) -> dict[str, list[str]] | None:
+    "Each of ours against every baseline shown, and a composition `x+y` against its first part `x` too."
+    compare = {m: [b for b in methods if b not in ours] + ([m.split("+")[0]] if "+" in m and m.split("+")[0] not in methods else [])
+               for m in ours}
+    return compare or None
+
+
+def write_profile_report(params: dict,                   # the pipeline's parameters (moppa_nb.settings.load_params)
+                         results_dir: str | Path,        # <experiment>/<method>/results.json
+                         output_dir: str | Path,         # <experiment>/ (and <view>/) per section, and results.md
+                         bench_csv: str | Path | None = None,   # the benchmark's table, for the cost figure
+                         profile: str | None = None,     # profile name (default: params['profile'])
+                         ) -> Path:
+    "Every experiment's report (and its views) of the profile, and `results.md` joining them; the latter's path."
+    from moppa_nb.settings import experiment_methods, experiment_settings, profile_settings
+    name_of_profile, experiments = profile_settings(params, profile)["name"], params["experiments"]
+    views = params.get("report_views") or {}
+    for view_name, view in views.items():
+        if view_name in experiments or view.get("experiment") not in experiments:
+            raise ValueError(f"report_views.{view_name}: a view needs a name of its own and one of the experiments {list(experiments)}")
+    sections, first = {}, next(iter(experiments))
+    for name, title in experiments.items():
+        experiment = experiment_settings(params, name_of_profile, name)
+        methods, ours = experiment_methods(experiment), experiment["methods"].get("ours", [])
+        responses = _trained_responses(Path(results_dir) / name / "moppa", experiment) if "moppa" in methods else {}
+        write_report(Path(results_dir) / name, Path(output_dir) / name, ReportContent(
+            _task_groups(experiment), methods=methods, profile=name_of_profile, title=title, experiment=name,
+            compare=_comparisons(methods, ours), published=experiment.get("published"), probes=_backbone_probes(experiment),
+            bench_csv=bench_csv if name == first else None,
+            spectral_responses={k: v for k, v in responses.items() if "first" in k or "mixture" in k}))
+        sections[name] = title
+        for view_name, view in views.items():
+            if view["experiment"] != name: continue
+            ran = experiment_methods(experiment)
+            shown, missing = [m for m in view["methods"] if m in ran], [m for m in view["methods"] if m not in ran]
+            if not shown: continue                   # a profile whose experiment ran none of the view's methods has no such table
+            note = (f"Drawn from the runs of experiment `{name}` (no training of its own)."
+                    + (f" Not run by this profile's `{name}`, so not shown: {', '.join(f'`{m}`' for m in missing)}." if missing else ""))
+            write_report(Path(results_dir) / name, Path(output_dir) / view_name, ReportContent(
+                _task_groups(experiment), methods=shown, profile=name_of_profile, title=view["title"], experiment=name,
+                compare=_comparisons(shown, [m for m in ours if m in shown]), note=note))
+            sections[view_name] = view["title"]
+    return combine_reports(name_of_profile, sections, output_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    from moppa_nb.settings import SettingsError, check_profile, load_params
+    parser = argparse.ArgumentParser(description="Write a profile's report: tables and figures per experiment (dvc.yaml's report stage).")
+    parser.add_argument("--results", required=True, help="runs/<profile>: <experiment>/<method>/results.json")
+    parser.add_argument("--output", required=True, help="reports/<profile>")
+    parser.add_argument("--bench", default=None, help="the benchmark's CSV (reports/bench/bench.csv), for the cost figure")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--profile", default=None, help="profile name (default: params.yaml's `profile`)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        profile = check_profile(params, args.profile)["name"]
+    except SettingsError as error: raise SystemExit(f"report: {args.params}: {error}") from None
+    combined = write_profile_report(params, args.results, args.output, args.bench, profile)
+    print(f"Report of profile {profile!r}: {combined} (tables of every experiment), figures in {args.output}/<experiment>/; "
+          "`python scripts/update_readme.py` copies the tables into README.md.", file=sys.stderr)
+
+
+if __name__ == "__main__" and "__file__" in globals():   # `python -m moppa_nb.report`, not when the notebook runs
+    main()
