@@ -20,12 +20,13 @@ import seaborn as sns
 from .train import PROTOCOLS                 # one protocol table: the rule each name stands for
 
 # %% auto #0
-__all__ = ['COUNT_COLUMNS', 'CONVERGENCE', 'PUBLISHED_VTAB', 'PUBLISHED_FGVC', 'TIMING_COLUMNS', 'load_results', 'accuracy_table',
-           'to_markdown', 'spread_table', 'paired_comparisons', 'run_convergence', 'convergence_table',
-           'protocol_inflation', 'published_results', 'published_vtab', 'published_table', 'published_deltas',
-           'save_figure', 'plot_accuracy_vs_params', 'plot_per_task', 'plot_router_weights',
+__all__ = ['COUNT_COLUMNS', 'CONVERGENCE', 'PUBLISHED_VTAB', 'PUBLISHED_FGVC', 'TIMING_COLUMNS', 'HEADROOM_NEEDED',
+           'load_results', 'accuracy_table', 'to_markdown', 'spread_table', 'paired_comparisons', 'run_convergence',
+           'convergence_table', 'protocol_inflation', 'published_results', 'published_vtab', 'published_table',
+           'published_deltas', 'save_figure', 'plot_accuracy_vs_params', 'plot_per_task', 'plot_router_weights',
            'plot_router_weights_by_task', 'plot_spectral_responses', 'plot_training_curves', 'plot_cost',
-           'linear_vs_probe', 'ReportContent', 'write_report', 'combine_reports', 'write_profile_report', 'main']
+           'probe_accuracies', 'linear_vs_probe', 'ReportContent', 'headroom_table', 'write_report', 'combine_reports',
+           'write_profile_report', 'main']
 
 # %% ../nbs/17_report.ipynb #c0b9018a
 def load_results(paths: list[str | Path]) -> pd.DataFrame:
@@ -334,13 +335,18 @@ def _route_weights_by_task(paths: list[Path]) -> dict[str, np.ndarray]:
     return {}
 
 
-def linear_vs_probe(long: pd.DataFrame, paths: list[Path], protocol: str = "val") -> pd.DataFrame:
-    "Per task: the trained `linear` method (mean over seeds) against the closed-form probe its head started from (test, %)."
+def probe_accuracies(paths: list[Path]) -> dict[str, float]:
+    "Per task: test accuracy (%) of the closed-form probe the runs' heads started from (`head_init: probe`)."
     probes = {}
     for path in paths:
-        result = json.loads(Path(path).read_text())
-        for run in result["runs"]:
+        for run in json.loads(Path(path).read_text())["runs"]:
             if (run.get("head_init") or {}).get("test_acc") is not None: probes[run["task"]] = 100 * run["head_init"]["test_acc"]
+    return probes
+
+
+def linear_vs_probe(long: pd.DataFrame, paths: list[Path], protocol: str = "val") -> pd.DataFrame:
+    "Per task: the trained `linear` method (mean over seeds) against the closed-form probe its head started from (test, %)."
+    probes = probe_accuracies(paths)
     linear = long[(long.method == "linear") & (long.protocol == protocol)].groupby("task", sort=False)["test_acc"].mean() * 100
     table = pd.DataFrame({"linear": linear, "probe": pd.Series(probes)}).dropna()
     return table.assign(difference=table.linear - table.probe,
@@ -425,6 +431,33 @@ def _probe_check_section(long: pd.DataFrame, paths: list[Path], protocol: str, o
                                      "it started from (fit on the training split, weight decay chosen on the selection split), test %", index_name="task")]
 
 
+HEADROOM_NEEDED = {"Structured": 15.0}     # points full fine-tuning must gain over the probe on a task of the group; 5 elsewhere
+
+
+def headroom_table(long: pd.DataFrame, paths: list[Path], groups: dict[str, list[str]], protocol: str = "val") -> pd.DataFrame:
+    "Per task: full fine-tuning (mean over seeds) against the closed-form probe, test %: does the task leave room to adapt?"
+    probes, rows = probe_accuracies(paths), []
+    full = long[(long.method == "full") & (long.protocol == protocol)].groupby("task")["test_acc"].agg(["mean", "count"])
+    for group, tasks in groups.items():
+        for task in (t for t in tasks if t in full.index and t in probes):
+            gain, needed = 100 * full.loc[task, "mean"] - probes[task], HEADROOM_NEEDED.get(group, 5.0)
+            rows.append({"task": task, "group": group, "probe": probes[task], "full": 100 * full.loc[task, "mean"], "headroom": gain,
+                         "needed": needed, "meets": bool(gain >= needed), "seeds": int(full.loc[task, "count"])})
+    return pd.DataFrame(rows, columns=["task", "group", "probe", "full", "headroom", "needed", "meets", "seeds"])
+
+
+def _headroom_section(long: pd.DataFrame, paths: list[Path], groups: dict, protocol: str, output_dir: Path) -> list[str]:
+    table = headroom_table(long, paths, groups, protocol)
+    if table.empty: return []
+    table.to_csv(output_dir / "headroom.csv", index=False)
+    verdict = ("every task leaves the room it needs" if table.meets.all() else
+               f"{', '.join(table.task[~table.meets])} leave{'s' if (~table.meets).sum() == 1 else ''} less room than needed: there, "
+               "adapting cannot beat the probe by much, so comparisons between methods measure little")
+    return [to_markdown(table.set_index("task"), f"Headroom: full fine-tuning (protocol `{protocol}`, mean over seeds) against the "
+                        "closed-form probe of the frozen backbone, test %; needed: 15 points on a structured task, 5 elsewhere",
+                        index_name="task"), f"Headroom: {verdict}.", ""]
+
+
 def _comparison_sections(long: pd.DataFrame, protocol: str, compare: dict[str, list[str]] | None, output_dir: Path) -> list[str]:
     lines = []
     for method, baselines in (compare or {}).items():
@@ -504,6 +537,7 @@ def write_report(runs_dir: str | Path,                   # folder with a <method
     single = ["One run per cell (one seed): no spread over seeds and no significance test; read differences as single runs.", ""]
     lines = [*_preamble(content), *(single if long.seed.nunique() == 1 else []), *sections, *_convergence_section(convergence),
              *_probe_check_section(long, paths, main_protocol, output_dir),
+             *_headroom_section(long, paths, content.groups, main_protocol, output_dir),
              *_comparison_sections(long, main_protocol, content.compare, output_dir),
              *_inflation_section(long, content.methods, output_dir),
              *_published_section(content, long, output_dir),

@@ -21,8 +21,8 @@ from moppa_nb.experiment import check_profile, experiment_methods, experiment_se
 
 
 def jobs(params: dict, profile: str, experiments: list[str] | None = None) -> list[str]:
-    "One command per (experiment, method) of `profile`, run from the repository root."
-    check_profile(params, profile)
+    "One command per (experiment, method) of `profile`, run from the repository root; names are checked, and quoted."
+    check_profile(params, profile)                       # profile, experiment and group names: identifiers only
     names = experiments or list(params["experiments"])
     unknown = [name for name in names if name not in params["experiments"]]
     if unknown: raise SystemExit(f"unknown experiment(s) {unknown}; params.yaml has {list(params['experiments'])}")
@@ -31,7 +31,7 @@ def jobs(params: dict, profile: str, experiments: list[str] | None = None) -> li
         for method in experiment_methods(experiment_settings(params, profile, name)):
             output = f"runs/{profile}/{name}/{method}"
             commands.append(f"cd {shlex.quote(str(ROOT))} && pipeline/env python -m moppa_nb.experiment train {shlex.quote(method)} "
-                            f"--experiment {name} --profile {profile} --output {shlex.quote(output)}")
+                            f"--experiment {shlex.quote(name)} --profile {shlex.quote(profile)} --output {shlex.quote(output)}")
     return commands
 
 

@@ -3,6 +3,7 @@ import dataclasses
 import inspect
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 from moppa_nb.checkpoint import read_checkpoint
 from moppa_nb.data import VTAB_CLASSES, write_vtab_task
 from moppa_nb.datasets import FGVC_SOURCES, build_fgvc, fake_fgvc_sources
-from moppa_nb.experiment import (NOT_TRAINING_CODE, RunLocked, check_profile, code_fingerprint, experiment_methods, experiment_settings,
+from moppa_nb.experiment import (RunLocked, SettingsError, check_profile, experiment_methods, experiment_settings,
                                  main, prepare_backbone, prepare_backbones, prepare_data, profile_settings, run_method, writer_lock)
 from moppa_nb.report import ReportContent, accuracy_table, combine_reports, load_results, write_report
 
@@ -160,28 +161,15 @@ def test_paper_profile_end_to_end_on_fake_vtab(tmp_path):
     assert (tmp_path / "report" / "router_weights.png").is_file()
 
 
-def papermill_stage_commands() -> dict[str, list[str]]:
-    "dvc.yaml's commands that run papermill, by stage, split into words."
+PAPERMILL_OPTIONS = ["--no-progress-bar", "--engine", "ipc"]    # how README runs the pipeline/ notebooks: the kernel on Unix sockets
+
+
+def test_no_stage_runs_a_notebook():
+    """DVC calls the package's modules (python -m moppa_nb.<module>); the notebooks in pipeline/ are front-ends for people."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    commands = {name: (stage.get("do") or stage)["cmd"].replace("'", "").split() for name, stage in stages.items()}
-    return {name: command for name, command in commands.items() if "papermill" in command}
-
-
-def papermill_stage_options() -> list[str]:
-    "The options dvc.yaml's papermill stages give papermill before the notebooks (e.g. the engine)."
-    options = {name: tuple(command[command.index("papermill") + 1:next(i for i, w in enumerate(command) if w.endswith(".ipynb"))])
-               for name, command in papermill_stage_commands().items()}
-    assert len(set(options.values())) == 1, f"papermill stages with different options: {options}"
-    return list(next(iter(options.values())))
-
-
-def test_papermill_stages_create_their_output_folder():
-    """papermill refuses to write into a missing folder, and dvc deletes a stage's outputs before running it."""
-    for name, command in papermill_stage_commands().items():
-        _, output_notebook = [word for word in command if word.endswith(".ipynb")][:2]      # papermill INPUT OUTPUT
-        output_folder = str(Path(output_notebook).parent)
-        made = command[command.index("mkdir") + 2:command.index("&&")]
-        assert output_folder in made, f"stage {name} does not create {output_folder}"
+    for name, stage in stages.items():
+        command = (stage.get("do") or stage)["cmd"]
+        assert "papermill" not in command and "python -m moppa_nb." in command, name
 
 
 TCP_WARNING = "Kernel is running over TCP without encryption"      # ipykernel's, when started on TCP without CurveZMQ keys
@@ -196,12 +184,6 @@ def test_papermill_loads_the_ipc_engine_without_importing_torch():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
-
-
-def test_papermill_stages_run_their_kernel_with_the_ipc_engine():
-    assert set(papermill_stage_commands()) == {"train", "report"}
-    options = papermill_stage_options()
-    assert "--engine" in options and options[options.index("--engine") + 1] == "ipc", options
 
 
 @pytest.fixture
@@ -219,7 +201,7 @@ def test_papermill_stages_start_the_kernel_over_ipc_without_the_tcp_warning_and_
     probe.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(probe, tmp_path / "probe.ipynb")
     env = {**SYSTEM_ENV, "PATH": f"{Path(sys.executable).parent}:{SYSTEM_ENV['PATH']}", "JUPYTER_RUNTIME_DIR": jupyter_runtime}
-    done = subprocess.run([sys.executable, "-m", "papermill", *papermill_stage_options(), "probe.ipynb", "out.ipynb"],
+    done = subprocess.run([sys.executable, "-m", "papermill", *PAPERMILL_OPTIONS, "probe.ipynb", "out.ipynb"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     left_behind = sorted(p.name for p in Path(jupyter_runtime).iterdir())
     assert done.returncode == 0, done.stderr[-3000:]
@@ -324,16 +306,37 @@ def test_prepare_refuses_a_typo_in_the_settings_naming_the_key(tmp_path):
     assert not (tmp_path / "prepared").exists()
 
 
-def test_writer_lock_refuses_a_live_writer_and_takes_over_a_stale_lock(tmp_path):
-    live = subprocess.Popen(["sleep", "30"])
+def _hold_lock(folder: str, seconds: float, started, results) -> None:
+    started.wait()
     try:
-        (tmp_path / "writer.lock").write_text(f"{live.pid}\n")
-        with pytest.raises(RunLocked, match=f"process {live.pid}"):
+        with writer_lock(folder): results.put("held"); time.sleep(seconds)
+    except RunLocked: results.put("refused")
+
+
+def test_writer_lock_is_held_by_one_of_many_simultaneous_writers_and_released_when_its_holder_dies(tmp_path):
+    """flock on a file kept open: of 24 processes started at once exactly one holds the lock, a live holder (even one whose
+    pid means nothing here) refuses the others naming it, and a holder killed with SIGKILL leaves no stale lock behind."""
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    started, results = context.Event(), context.Queue()
+    contenders = [context.Process(target=_hold_lock, args=(str(tmp_path), 3.0, started, results)) for _ in range(24)]
+    for process in contenders: process.start()
+    started.set()
+    for process in contenders: process.join(60)
+    outcomes = sorted(results.get(timeout=5) for _ in contenders)
+    assert outcomes.count("held") == 1 and outcomes.count("refused") == 23, outcomes
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from moppa_nb.runner import writer_lock\n"
+                               f"with writer_lock({str(tmp_path)!r}): print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLocked, match=f"process {holder.pid} on "):
             with writer_lock(tmp_path): pass
     finally:
-        live.kill(); live.wait()
-    with writer_lock(tmp_path) as lock:                    # its writer is gone: taken over
-        assert lock.read_text().strip() == str(os.getpid())
+        holder.kill(); holder.wait()
+    (tmp_path / "writer.lock").write_text('{"pid": 1, "host": "elsewhere"}')     # left by a killed holder: not a lock
+    with writer_lock(tmp_path) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not (tmp_path / "writer.lock").exists()
 
 
@@ -365,7 +368,7 @@ def test_stopping_dvc_repro_stops_papermill_and_its_kernel(stop, tmp_path, jupyt
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(notebook, tmp_path / "sleep.ipynb")
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleep": {
-        "cmd": f"'{ROOT / 'pipeline' / 'env'}' papermill {' '.join(papermill_stage_options())} sleep.ipynb out.ipynb",   # as the stages run it
+        "cmd": f"'{ROOT / 'pipeline' / 'env'}' papermill {' '.join(PAPERMILL_OPTIONS)} sleep.ipynb out.ipynb",   # as the stages run it
         "outs": ["out.ipynb"]}}}))
     env = {**SYSTEM_ENV, "MOPPA_NB_VENV": str(ROOT / ".venv"), "DVC_NO_ANALYTICS": "1", "JUPYTER_RUNTIME_DIR": jupyter_runtime}
     subprocess.run([str(ROOT / ".venv/bin/dvc"), "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True)
@@ -397,7 +400,7 @@ def test_stopping_dvc_repro_stops_papermill_and_its_kernel(stop, tmp_path, jupyt
 
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "dvc").is_file(), reason="needs the project's .venv (scripts/setup.sh)")
 def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tmp_path, jupyter_runtime):
-    """SIGTERM to `dvc repro` mid-stage stops papermill and its kernel; the rerun resumes the runs (persistent outputs)."""
+    """SIGTERM to `dvc repro` mid-stage stops the runner and its workers; the rerun resumes the runs (persistent outputs)."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     (clone / ".venv").symlink_to(ROOT / ".venv")
@@ -419,7 +422,7 @@ def test_stopped_dvc_repro_stops_its_training_and_resumes_to_the_same_metrics(tm
     while not checkpoint.exists() and first.poll() is None and time.time() < deadline: time.sleep(0.05)
     assert checkpoint.exists(), (tmp_path / "first.log").read_text()[-3000:]
     training = _descendants(first.pid)
-    assert any("ipykernel" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") for pid in training if _alive(pid))
+    assert any("moppa_nb.runner" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace") for pid in training if _alive(pid))
     first.send_signal(signal.SIGTERM); first.wait(timeout=30); log.close()
     assert first.returncode != 0                                   # stopped mid-stage
     deadline = time.time() + 20
@@ -487,24 +490,48 @@ def test_training_stages_depend_on_their_experiment_and_every_profile_wide_key()
     assert set(train["do"]["params"]) == expected
 
 
-def test_training_stages_depend_on_exactly_the_modules_a_run_executes():
-    """dvc.yaml's train deps: every module but `NOT_TRAINING_CODE`, so a report or bench change re-runs no training, and a new
-    module cannot be forgotten (it must be listed here or declared not training code)."""
-    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]["deps"]
-    modules = {p.name for p in (ROOT / "moppa_nb").glob("*.py")}
-    assert {Path(d).name for d in deps if d.startswith("moppa_nb/")} == modules - set(NOT_TRAINING_CODE)
+STAGE_MODULES = {"prepare": ["moppa_nb.prepare"], "backbone": ["moppa_nb.prepare"], "train": ["moppa_nb.runner"],
+                 "bench": ["moppa_nb.bench"], "report": ["moppa_nb.report"]}   # the module each stage's command runs
+RESOLVES_METHODS = {"train", "bench", "report"}      # stages that look methods up: the registry imports every built-in method's module
 
 
-def test_code_fingerprint_follows_training_code_only(tmp_path):
+def test_stage_dependencies_are_the_import_graph_of_their_module():
+    """Each stage depends on exactly the modules its command's module imports (transitively, read from the source), plus
+    every built-in method's module where the stage looks methods up: a report edit re-runs only the report, a bench edit
+    only the bench, and a new import cannot be forgotten."""
+    from moppa_nb.registry import BUILTIN_METHOD_MODULES
+    from moppa_nb.runner import module_closure, module_file
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, entries in STAGE_MODULES.items():
+        stage = stages[name].get("do") or stages[name]
+        assert f"python -m {entries[0]} " in stage["cmd"], name
+        modules = module_closure([*entries, *(BUILTIN_METHOD_MODULES if name in RESOLVES_METHODS else ())])
+        expected = {str(module_file(m).relative_to(ROOT)) for m in modules}
+        listed = {d for d in stage["deps"] if isinstance(d, str) and d.startswith("moppa_nb")}
+        assert listed == expected, f"{name}: dvc.yaml lists {sorted(listed - expected)} too many, misses {sorted(expected - listed)}"
+
+
+def test_a_runs_code_identity_follows_its_own_code_only(tmp_path):
+    """A comment or docstring edit changes no run's identity; a code edit to coeff.py only the identity of runs of coeff."""
+    from moppa_nb.runner import code_identity
     package = tmp_path / "moppa_nb"
-    package.mkdir()
-    for path in (ROOT / "moppa_nb").glob("*.py"): (package / path.name).write_bytes(path.read_bytes())
-    before = code_fingerprint(package)
-    assert before == code_fingerprint()
-    (package / "report.py").write_text((package / "report.py").read_text() + "\n# a report change\n")
-    assert code_fingerprint(package) == before
-    (package / "train.py").write_text((package / "train.py").read_text() + "\n# a training change\n")
-    assert code_fingerprint(package) != before
+    shutil.copytree(ROOT / "moppa_nb", package, ignore=shutil.ignore_patterns("__pycache__"))
+    specs = ["linear", "lora", "adapter", "moppa", "coeff", "lora+coeff", "rlrr"]
+    before = {spec: code_identity(spec, package) for spec in specs}
+    assert before == {spec: code_identity(spec) for spec in specs}
+    for module in package.glob("*.py"):              # a comment and a docstring in every module
+        module.write_text(module.read_text().replace("\ndef ", '\n# a comment\ndef ', 1).replace('"""', '"""An edited docstring. ', 1))
+    assert {spec: code_identity(spec, package) for spec in specs} == before
+    coeff = package / "coeff.py"
+    coeff.write_text(coeff.read_text() + "\nEDITED = 1\n")
+    changed = {spec for spec in specs if code_identity(spec, package) != before[spec]}
+    assert changed == {"coeff", "lora+coeff"}
+    (package / "report.py").write_text((package / "report.py").read_text() + "\nEDITED = 2\n")
+    (package / "bench.py").write_text((package / "bench.py").read_text() + "\nEDITED = 2\n")
+    assert {spec for spec in specs if code_identity(spec, package) != before[spec]} == {"coeff", "lora+coeff"}
+    train = package / "train.py"
+    train.write_text(train.read_text() + "\nEDITED = 3\n")
+    assert all(code_identity(spec, package) != before[spec] for spec in specs)
 
 
 def test_backbone_stage_refuses_a_local_backbone_saved_elsewhere(tmp_path):
@@ -539,6 +566,30 @@ def test_cluster_jobs_are_one_train_command_per_experiment_and_method():
         jobs(params, "paper", ["vtab", "fgcv"])
 
 
+@pytest.mark.parametrize("where, name", [("profile", "x;touch pwn #"), ("profile", "x\ntouch pwn"), ("experiment", "x'$(touch pwn)'"),
+                                         ("experiment", "a b"), ("dataset", "d;ls"), ("backbone", "$(id)")])
+def test_hostile_names_are_refused_before_any_shell_sees_them(tmp_path, where, name):
+    """A name that reaches a command line (dvc.yaml's commands, the cluster job lines) must be an identifier: refused by
+    check_profile, naming the key, whatever the stage; nothing runs (no file appears)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from cluster_jobs import jobs
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    profile = "smoke"
+    if where == "profile":
+        params["profiles"][name] = params["profiles"].pop("smoke"); profile = name
+    elif where == "experiment":
+        params["experiments"][name] = params["experiments"].pop("vtab")
+        params["profiles"]["smoke"]["experiments"][name] = params["profiles"]["smoke"]["experiments"].pop("vtab")
+    else:
+        key = f"{where}s"
+        params["profiles"]["smoke"][key][name] = params["profiles"]["smoke"][key].pop("fgvc" if where == "dataset" else "mim")
+    with pytest.raises(SettingsError, match="must be letters, digits and underscores"):
+        check_profile(params, profile)
+    with pytest.raises(SettingsError, match="must be letters, digits and underscores"):
+        jobs(params, profile)
+    assert not (Path.cwd() / "pwn").exists() and not (ROOT / "pwn").exists()
+
+
 def test_report_views_name_an_experiment_and_methods_the_paper_profile_runs():
     """`report_views` (tables drawn from one experiment's runs, e.g. Coeff-Tuning's VTAB-1K table): each names an experiment,
     a name of its own, and methods that the paper profile's experiment runs (the default may run fewer; its section says which)."""
@@ -549,3 +600,51 @@ def test_report_views_name_an_experiment_and_methods_the_paper_profile_runs():
         assert set(view["methods"]) <= set(experiment_methods(experiment_settings(params, "paper", view["experiment"]))), name
     coeff = params["report_views"]["coeff_vtab"]["methods"]
     assert coeff == ["linear", "adapter", "vpt", "lora", "coeff", "fact", "fact+coeff", "lora+coeff"]   # Coeff-Tuning's table
+
+
+def test_runs_in_worker_processes_compute_what_one_process_computes(tmp_path):
+    """`jobs=2` (spawned workers, one run each at a time) writes the same results as `jobs=1` (this process, in order):
+    every run sets its threads, seeds and data itself; only timings may differ, and they are not in results.json."""
+    from moppa_nb.runner import run_experiment
+    params = paper_params(tmp_path)
+    paper = params["profiles"]["paper"]
+    paper["tasks"] = {"dtd": "Natural", "smallnorb_ele": "Structured"}
+    paper["train"].update(num_threads=1)
+    experiment = {"methods": {"ours": ["lora", "moppa"]}, "seeds": [0, 1]}
+    params["profiles"]["paper"]["experiments"]["vtab"] = experiment
+    one = run_experiment(params, tmp_path / "jobs1", experiment="vtab", jobs=1)
+    two = run_experiment(params, tmp_path / "jobs2", experiment="vtab", jobs=2)
+    assert [run["task"] + str(run["seed"]) for run in two["moppa"]["runs"]] == ["dtd0", "dtd1", "smallnorb_ele0", "smallnorb_ele1"]
+    for method in one:
+        assert json.loads((tmp_path / "jobs1" / method / "results.json").read_text()) == \
+               json.loads((tmp_path / "jobs2" / method / "results.json").read_text())
+
+
+def test_status_names_what_changed_before_anything_trains(tmp_path):
+    """`status` (moppa_nb.experiment) without training: done after a run; a changed setting or module makes the run stale,
+    named; a run whose folder is gone is missing; an interrupted one says it resumes."""
+    from moppa_nb.experiment import print_status
+    from moppa_nb.runner import code_identity, experiment_status, run_experiment
+    params = paper_params(tmp_path)
+    paper = params["profiles"]["paper"]
+    paper["tasks"] = {"dtd": "Natural"}
+    params["experiments"] = {"vtab": "VTAB-1K"}
+    paper["experiments"] = {"vtab": {"methods": {"ours": ["lora", "coeff"]}}}
+    run_experiment(params, tmp_path / "runs" / "vtab", experiment="vtab", jobs=1)
+    states = lambda: {(r["method"], r["state"], r["why"]) for r in experiment_status(params, tmp_path / "runs" / "vtab", experiment="vtab")}
+    assert states() == {("lora", "done", ""), ("coeff", "done", "")}
+    paper["method_train"]["lora"] = {**paper["method_train"].get("lora", {}), "lr": 0.123}
+    identity = tmp_path / "runs/vtab/coeff/dtd/seed0/identity.json"
+    recorded = json.loads(identity.read_text())
+    recorded["code"]["moppa_nb.coeff"] = "0" * 16                  # as if coeff.py's code had changed since the run
+    identity.write_text(json.dumps(recorded))
+    assert states() == {("lora", "stale", "settings.lr"), ("coeff", "stale", "code.moppa_nb.coeff")}
+    shutil.rmtree(tmp_path / "runs/vtab/lora/dtd/seed0")
+    (tmp_path / "runs/vtab/coeff/dtd/seed0/summary.json").unlink()
+    identity.write_text(json.dumps({**recorded, "code": code_identity("coeff")}))
+    assert states() == {("lora", "missing", ""), ("coeff", "interrupted", "resumes from its checkpoint")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    output = subprocess.run([sys.executable, "-m", "moppa_nb.experiment", "status", "--output", str(tmp_path / "runs")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert output.returncode == 0, output.stderr[-2000:]
+    assert "lora" in output.stdout and "missing" in output.stdout and output.stdout.strip().endswith("1 interrupted, 1 missing")
