@@ -300,6 +300,8 @@ class FacTOptions(MethodOptions):
     scale: float = checked(1.0, OUTPUT_SCALE)      # s, multiplies every delta (the paper tunes it per task)
     dropout: float = checked(0.1, FRACTION)        # dropout after the core, as in the public code
     targets: typing.Literal["all", "attention"] = "all"   # qkv, proj, fc1, fc2 (12 slices per block) or qkv and proj (4)
+    tk_layout: typing.Literal["official", "per_slice"] = "official"   # TK cores read as the released fact_tk.py does (MLP slices interleaved) or one Tucker core per slice
+    tt_init: typing.Literal["official", "per_slice"] = "official"     # TT cores drawn as the released nn.Linear layers (fc2's bound 1/sqrt(4r)) or 1/sqrt(r) in every slice
 
     def __post_init__(self):
         super().__post_init__()
@@ -340,9 +342,14 @@ class FacTBlock(nn.Module):
         object.__setattr__(self, "factors", factors)   # owned by the model (shared by all blocks): not a submodule here
         self.slices, self.scale, self.first_slice = slices, options.scale, first_slice
         self.num_slices = sum(o * i for o, i in slices.values())
+        self.official_tk = options.variant == "tk" and options.tk_layout == "official"
         if options.variant == "tt":
             bound = _kaiming_bound(options.rank)
-            self.cores = nn.Parameter(torch.empty(self.num_slices, options.rank, options.rank).uniform_(-bound, bound))
+            cores = torch.empty(self.num_slices, options.rank, options.rank).uniform_(-bound, bound)
+            if options.tt_init == "official":      # a layer with i input slices is one nn.Linear(i r, o r): bound 1/sqrt(i r)
+                fan = torch.cat([torch.full((o * i,), float(i)) for o, i in slices.values()])
+                cores /= fan.sqrt()[:, None, None]
+            self.cores = nn.Parameter(cores)
         self.drop = nn.Dropout(options.dropout)
 
     def slice_cores(self) -> torch.Tensor:
@@ -354,12 +361,31 @@ class FacTBlock(nn.Module):
 
     def layer_cores(self, name: str) -> torch.Tensor:
         "Cores of the layer `name` as (output slices, input slices, r, r)."
+        if self.official_tk:
+            return self.official_layer_cores(name)
         cores, start = self.slice_cores(), 0
         for other, (o, i) in self.slices.items():
             if other == name:
                 return cores[start:start + o * i].view(o, i, *cores.shape[1:])
             start += o * i
         raise KeyError(name)
+
+    def official_layer_cores(self, name: str) -> torch.Tensor:
+        "The cores of `fact_tk.py`: `full = core @ P` is (r_in, r_out, slices); attention reads `u @ full[:, :, k]`, the MLP reshapes four slices to `(r, 4r)`."
+        start = 0
+        for other, (o, i) in self.slices.items():
+            if other == name: break
+            start += o * i
+        else:
+            raise KeyError(name)
+        p = self.factors.p[self.first_slice + start:self.first_slice + start + o * i]
+        full = torch.einsum("abk,sk->abs", self.factors.core, p)                 # fact_tk.py's FacTc[:, :, slices]
+        r = full.shape[0]
+        if name == "fc1":                                                        # u @ reshape(r, o r): output slice m // r, rank m % r
+            return full.reshape(r, o * r).T.reshape(o, r, r)[:, None]
+        if name == "fc2":                                                        # flat u (i r) @ reshape(r, i r).T
+            return full.reshape(r, i, r).permute(1, 0, 2)[None]
+        return full.permute(2, 1, 0).reshape(o, i, r, r)                        # q, k, v, proj: u @ full[:, :, k]
 
     def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         "`s * V Sigma U x` for every slice of layer `name`, concatenated along the output."
