@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
+from .added_modules import ParallelBranch, hook_parallel_branch
 from .registry import (
     FRACTION, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, Rule, ViTLayout, at_least, checked,
     register_method, subset_of)
@@ -22,9 +23,10 @@ from .weight_space import LoRAOptions, LoRAQV, QVLowRank, WeightSpaceMethod, add
 
 # %% auto #0
 __all__ = ['RLRR_TARGETS', 'BIT_WIDTH', 'SPT_EXCLUDED', 'refuse_hooked_layer', 'RLRROptions', 'ResidualRescaling', 'RLRR',
-           'DoRAOptions', 'DoRAQV', 'DoRA', 'normal_levels', 'fake_quantise', 'BiAdapterOptions', 'quantised_weight',
-           'init_bi_projections', 'QuantisedLinear', 'BinaryParallelAdapter', 'BiAdapter', 'BiLoRAOptions',
-           'QuantisedQV', 'BiLoRA', 'spt_sensitivity', 'spt_units', 'spt_allocation', 'SPTOptions', 'SPTDeltas', 'SPT']
+           'DoRAOptions', 'DoRAQV', 'DoRA', 'normal_levels', 'fake_quantise', 'BiOptions', 'BiAdapterOptions',
+           'quantised_weight', 'init_bi_projections', 'QuantisedLinear', 'BinaryParallelAdapter', 'BiAdapter',
+           'BiLoRAOptions', 'QuantisedQV', 'BiLoRA', 'spt_sensitivity', 'spt_units', 'spt_allocation', 'SPTOptions',
+           'SPTDeltas', 'SPT']
 
 # %% ../nbs/09b_more_baselines.ipynb #0038580b
 def refuse_hooked_layer(layer: nn.Module, method: str, where: str) -> None:
@@ -179,12 +181,18 @@ BIT_WIDTH = Rule(lambda bits: 1 <= bits <= 8 or bits == 32, "1 to 8, or 32 (no q
 
 
 @dataclass(frozen=True)
-class BiAdapterOptions(MethodOptions):
-    "Options of the `bi_adapter` method."
+class BiOptions(MethodOptions):
+    "Options shared by `bi_adapter` and `bi_lora`."
     bits: int = checked(1, BIT_WIDTH)              # bits per adapter weight; 32 trains plain float weights
     dim: int = checked(32, at_least(1))            # bottleneck width
     scale: float = checked(1.0, OUTPUT_SCALE)      # s, multiplies the branch (the public configs pick it per task from 0.01 to 10)
-    dropout: float = checked(0.1, FRACTION)        # dropout after the ReLU
+    dropout: float = checked(0.1, FRACTION)        # dropout after the ReLU (Bi-LoRA: see dropout_site)
+
+
+@dataclass(frozen=True)
+class BiAdapterOptions(BiOptions):
+    "Options of the `bi_adapter` method."
+    add_to: typing.Literal["residual", "mlp"] = "residual"   # the branch joins after drop_path2 (released code) or the MLP's output, inside drop path
 
 
 def quantised_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -216,29 +224,17 @@ class QuantisedLinear(nn.Module):
         return self.bits * parameter.numel() + 2 * 32 if quantised else 32 * parameter.numel()
 
 
-class BinaryParallelAdapter(nn.Module):
-    "`s * Up(Dropout(ReLU(Down(x))))` from the block's residual stream `x`, added to the block's MLP output."
+class BinaryParallelAdapter(ParallelBranch):
+    "`s * Up(Dropout(ReLU(Down(x))))` from the block's residual stream `x`, added after drop_path2 or to the MLP's output."
     def __init__(self, dim: int, options: BiAdapterOptions):
         super().__init__()
         self.down = QuantisedLinear(dim, options.dim, options.bits)
         self.up = QuantisedLinear(options.dim, dim, options.bits)
         self.drop, self.scale = nn.Dropout(options.dropout), options.scale
         init_bi_projections(self.down.weight, self.up.weight, options.bits)
-        self.pending: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.drop(torch.relu(self.down(x)))) * self.scale
-
-    def from_norm_input(self, norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        "Forward hook on `norm2`: compute the branch from its input, the residual stream."
-        self.pending = self(args[0])
-
-    def add_to_mlp(self, mlp: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        "Forward hook on `mlp`: add the branch computed from the same block's `norm2` input."
-        if self.pending is None:
-            raise PeftError("Bi-Adapter computes its branch at the block's norm2; the MLP ran without it.")
-        branch, self.pending = self.pending, None
-        return output + branch
 
 
 @register_method("bi_adapter")
@@ -250,13 +246,13 @@ class BiAdapter(PeftMethod):
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         for block in model.blocks:
             block.peft_bi_adapter = BinaryParallelAdapter(layout.embed_dim, self.options).to(block.mlp.fc1.weight.device)
-            block.norm2.register_forward_hook(block.peft_bi_adapter.from_norm_input)
-            block.mlp.register_forward_hook(block.peft_bi_adapter.add_to_mlp)
+            hook_parallel_branch(block, block.peft_bi_adapter, "residual", self.options.add_to)
 
 # %% ../nbs/09b_more_baselines.ipynb #54dd75ff
 @dataclass(frozen=True)
-class BiLoRAOptions(BiAdapterOptions):
+class BiLoRAOptions(BiOptions):
     "Options of the `bi_lora` method."
+    dropout_site: typing.Literal["hidden", "input"] = "hidden"   # after Down, on Q's and V's hidden units apart (released code), or on the input both share
 
 
 class QuantisedQV(QVLowRank):
@@ -268,6 +264,7 @@ class QuantisedQV(QVLowRank):
         for i in range(2):
             init_bi_projections(self.a[i], self.b[i], options.bits)
         self.bits, self.scaling, self.drop = options.bits, options.scale, nn.Dropout(options.dropout)
+        self.dropout_site = options.dropout_site
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(torch.stack([quantised_weight(f[i], self.bits) for i in range(2)]) for f in (self.a, self.b))
@@ -277,9 +274,15 @@ class QuantisedQV(QVLowRank):
         quantised = name in ("a", "b") and self.bits < 32
         return self.bits * parameter.numel() + parameter.shape[0] * 2 * 32 if quantised else 32 * parameter.numel()
 
+    def qkv_update(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "As LoRA's, with dropout on the hidden `s Down(x)` (Q's and V's columns apart) when `dropout_site='hidden'`."
+        h, up = super().qkv_update(x)
+        return (self.drop(h) if self.dropout_site == "hidden" else h), up
+
     def add_to_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        "Forward hook on `qkv`: the Q and V deltas from the dropped-out input."
-        return super().add_to_qkv(module, (self.drop(args[0]), *args[1:]), output)
+        "Forward hook on `qkv`: the Q and V deltas (from the dropped-out input when `dropout_site='input'`)."
+        x = self.drop(args[0]) if self.dropout_site == "input" else args[0]
+        return super().add_to_qkv(module, (x, *args[1:]), output)
 
 
 @register_method("bi_lora")

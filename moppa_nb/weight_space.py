@@ -245,8 +245,9 @@ class ScaleShift(nn.Module):
         return values.view(shape)
 
     def scale_and_shift(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        "Forward hook on the target layer."
-        return output * self._along_channels(self.scale, output.dim()) + self._along_channels(self.shift, output.dim())
+        "Forward hook on the target layer, in the output's dtype (the parameters stay float32 on a half-precision backbone)."
+        scale, shift = self.scale.to(output.dtype), self.shift.to(output.dtype)
+        return output * self._along_channels(scale, output.dim()) + self._along_channels(shift, output.dim())
 
     def fold_into(self, target: nn.Module) -> None:
         "`weight <- scale * weight` along the output channels, `bias <- scale * bias + shift`."

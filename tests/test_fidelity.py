@@ -165,3 +165,134 @@ def test_fact_tt_init_bounds(tt_init, fc2_bound):
     cores = model.blocks[0].peft_fact.cores.detach()
     assert cores[8:].abs().max() <= fc2_bound and cores[8:].abs().max() > 0.9 * fc2_bound
     assert cores[:8].abs().max() <= 1 / 4 and cores[:8].abs().max() > 0.9 / 4
+
+
+# --- AdaptFormer: ShoufaChen/AdaptFormer, models/custom_modules.py (Block.forward) and models/adapter.py -------------
+
+def adapter_formula(x, down_w, down_b, up_w, up_b, scale, act=torch.relu):
+    "models/adapter.py's Adapter.forward with add_residual=False and adapter_layernorm_option='none' (dropout off or 0)."
+    return F.linear(act(F.linear(x, down_w, down_b)), up_w, up_b) * scale
+
+
+def set_official_adaptformer(vit: nn.Module, weights: list, scale: float) -> None:
+    for block, w in zip(vit.blocks, weights):
+        def forward(self, x, attn_mask=None, is_causal=False, w=w):
+            x = x + self.drop_path1(self.attn(self.norm1(x)))
+            adapt_x = adapter_formula(x, *w, scale)
+            residual = x
+            x = self.drop_path2(self.mlp(self.norm2(x)))
+            x = x + adapt_x
+            return residual + x
+        block.forward = types.MethodType(forward, block)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_adaptformer_released_form_matches_custom_modules_block(train):
+    "Default input='residual', add_to='residual'; in training with drop path 0.3 (adapter dropout 0, same seed) too."
+    plain = plain_vit(drop_path_rate=0.3)
+    ours = apply_peft(copy.deepcopy(plain), {"adaptformer": {"scale": 0.1, "dropout": 0.0}}).double()
+    torch.manual_seed(3)
+    perturb_for_testing(ours, scale=0.2)
+    official, pairs, weights = copy.deepcopy(plain), [], []
+    for block in ours.blocks:
+        b = block.peft_adaptformer
+        w = [leaf(b.down.weight), leaf(b.down.bias), leaf(b.up.weight), leaf(b.up.bias)]
+        weights.append(w)
+        pairs += [(p, q, lambda g: g) for p, q in zip((b.down.weight, b.down.bias, b.up.weight, b.up.bias), w)]
+    set_official_adaptformer(official, weights, 0.1)
+    ours.train(train), official.train(train)
+    x = images()
+    if train:   # the same drop-path draws on both sides
+        torch.manual_seed(11); out_ours = ours(x)
+        torch.manual_seed(11); out_official = official(x)
+        assert (out_ours - out_official).abs().max() < TOL
+        with torch.no_grad():
+            torch.manual_seed(11); dropped = ours(x)
+            torch.manual_seed(12); other = ours(x)
+        assert (dropped - other).abs().max() > 1e-6       # drop path is active
+        return
+    compare(ours, official, pairs, x)
+
+
+def test_adaptformer_paper_form_reads_norm2():
+    ours, official = adapted({"adaptformer": {"scale": 0.5, "input": "norm", "add_to": "mlp"}})
+    weights = [[leaf(t) for t in (b.peft_adaptformer.down.weight, b.peft_adaptformer.down.bias,
+                                  b.peft_adaptformer.up.weight, b.peft_adaptformer.up.bias)] for b in ours.blocks]
+    for block, w in zip(official.blocks, weights):      # the paper's equation: mlp(LN2 x') + s f(LN2 x')
+        def forward(self, x, attn_mask=None, is_causal=False, w=w):
+            x = x + self.attn(self.norm1(x))
+            h = self.norm2(x)
+            return x + self.mlp(h) + adapter_formula(h, *w, 0.5)
+        block.forward = types.MethodType(forward, block)
+    pairs = [(getattr(b.peft_adaptformer, n).weight, w[2 * i], lambda g: g) for b, w in zip(ours.blocks, weights)
+             for i, n in enumerate(("down", "up"))]
+    compare(ours, official, pairs)
+
+
+# --- Bi-Adapter / Bi-LoRA: JieShibo/PETL-ViT, binary_adapter/adaptformer.py and lora.py (32-bit: plain linear maps) ---
+
+@pytest.mark.parametrize("add_to, outside", [("residual", True), ("mlp", False)])
+def test_bi_adapter_branch_outside_drop_path(add_to, outside):
+    "forward_block: x + drop_path(mlp(norm2(x))) + adapter_mlp(x) * s; with add_to='mlp' the branch is dropped with the MLP."
+    plain = plain_vit(drop_path_rate=0.5)
+    ours = apply_peft(copy.deepcopy(plain), {"bi_adapter": {"bits": 32, "dropout": 0.0, "scale": 0.5, "add_to": add_to}}).double()
+    torch.manual_seed(3)
+    perturb_for_testing(ours, scale=0.2)
+    official = copy.deepcopy(plain)
+    for block, mine in zip(official.blocks, ours.blocks):
+        down, up = leaf(mine.peft_bi_adapter.down.weight), leaf(mine.peft_bi_adapter.up.weight)
+        def forward(self, x, attn_mask=None, is_causal=False, down=down, up=up):
+            x = x + self.drop_path1(self.attn(self.norm1(x)))
+            return x + self.drop_path2(self.mlp(self.norm2(x))) + F.linear(torch.relu(F.linear(x, down)), up) * 0.5
+        block.forward = types.MethodType(forward, block)
+    ours.train(), official.train()
+    x = images(8)
+    torch.manual_seed(5); out_ours = ours(x)
+    torch.manual_seed(5); out_official = official(x)
+    same = (out_ours - out_official).abs().max().item()
+    assert (same < TOL) == outside, same
+    ours.eval(), official.eval()
+    compare(ours, official, [], x)                       # without drop path the two placements agree
+
+
+class FixedMask(nn.Module):
+    "A deterministic stand-in for dropout: zeroes every third unit of the last axis and rescales, the same on both sides."
+    def forward(self, h):
+        return h * (torch.arange(h.shape[-1]) % 3 != 0).to(h.dtype) * 1.5
+
+
+def test_bi_lora_dropout_after_down_per_branch():
+    "lora.py: q += s Up_q(Dropout(Down_q(x))), v likewise; a fixed mask stands in for the dropout on both sides."
+    ours, official = adapted({"bi_lora": {"bits": 32, "dim": 6, "scale": 0.5}})
+    pairs = []
+    for block, mine in zip(official.blocks, ours.blocks):
+        qv = mine.attn.peft_bi_lora
+        qv.drop = FixedMask()
+        a, b = leaf(qv.a), leaf(qv.b)
+        pairs += [(qv.a, a, lambda g: g), (qv.b, b, lambda g: g)]
+        def forward(self, x, attn_mask=None, is_causal=False, a=a, b=b):
+            C = x.shape[-1]
+            q_delta = F.linear(FixedMask()(F.linear(x, a[0])), b[0]) * 0.5
+            v_delta = F.linear(FixedMask()(F.linear(x, a[1])), b[1]) * 0.5
+            delta = torch.cat([q_delta, torch.zeros_like(q_delta), v_delta], dim=-1)
+            return attention_forward(self, x, lambda z: delta, lambda z: 0)
+        block.attn.forward = types.MethodType(forward, block.attn)
+    compare(ours, official, pairs)
+
+
+# --- half precision: SSF, Adapter, AdaptFormer on a bfloat16 backbone ---------------------------------------------
+
+@pytest.mark.parametrize("method", ["ssf", "adapter", "adaptformer"])
+def test_half_precision_backbone(method):
+    plain = tiny_vit()
+    ours = perturb_for_testing(apply_peft(copy.deepcopy(plain), method))
+    half = copy.deepcopy(plain).to(torch.bfloat16)
+    half = apply_peft(half, method)
+    half.load_state_dict(ours.state_dict())               # the adapter's tensors stay float32; the backbone's are bfloat16
+    x = torch.randn(2, 3, 32, 32)
+    out = half(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(p.grad is not None for n, p in half.named_parameters() if p.requires_grad and "peft_" in n)
+    reference = ours(x)
+    assert (out.float() - reference).abs().max() < 0.1 * reference.abs().max()
