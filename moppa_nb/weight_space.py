@@ -20,8 +20,8 @@ from .registry import (
 # %% auto #0
 __all__ = ['SSF_SITES', 'SSF_MOPPA_SITES', 'BLOCK_SITES', 'remove_method_modules', 'WeightSpaceMethod', 'BackboneSubset',
            'LinearProbe', 'FullFineTuning', 'BitFit', 'QVLowRank', 'add_product', 'install_qv', 'LoRAOptions', 'LoRAQV',
-           'LoRA', 'NOLAOptions', 'RandomBases', 'NOLAQV', 'NOLA', 'SSFOptions', 'ScaleShift', 'ssf_targets', 'SSF',
-           'FacTOptions', 'fact_slices', 'FacTFactors', 'FacTBlock', 'FacT']
+           'LoRA', 'NOLAOptions', 'RandomBases', 'NOLAQV', 'NOLALinear', 'NOLA', 'SSFOptions', 'ScaleShift',
+           'ssf_targets', 'SSF', 'FacTOptions', 'fact_slices', 'FacTFactors', 'FacTBlock', 'FacT']
 
 # %% ../nbs/07_weight_space.ipynb #04ce6379
 def remove_method_modules(model: nn.Module, prefix: str) -> None:
@@ -175,28 +175,32 @@ class NOLAOptions(MethodOptions):
     num_bases: int = checked(1024, at_least(1))    # random bases k for A and for B (the public ViT code's ka = kb = 1024)
     seed: int = 0                                  # seed that regenerates the frozen bases
     scale: float = checked(1.0, OUTPUT_SCALE)      # the deltas are scaled by scale / rank
+    bounds: typing.Literal["per_factor", "official"] = "per_factor"   # bases' uniform bounds 1/sqrt(C_in), 1/sqrt(r), or the released 1/sqrt(C_in r), 1/sqrt(r C_out)
+    init: typing.Literal["identity", "official"] = "identity"         # B's coefficients 0 (starts at the backbone) or 1/k like A's (released)
+    targets: typing.Literal["qv", "mlp"] = "qv"                       # Q and V of the fused qkv, or fc1 and fc2 (the released ViT code)
 
 
 class RandomBases(nn.Module):
     "The frozen random bases shared by every layer: `A_j` (r x C_in) and `B_j` (C_out x r), regenerated from a seed."
-    def __init__(self, num_bases: int, rank: int, dim_in: int, dim_out: int, seed: int):
+    def __init__(self, num_bases: int, rank: int, dim_in: int, dim_out: int, seed: int, bounds: str = "per_factor"):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         def draw(*shape, fan_in):
             bound = _kaiming_bound(fan_in)
             return torch.rand(*shape, generator=generator) * (2 * bound) - bound
-        self.register_buffer("a", draw(num_bases, rank, dim_in, fan_in=dim_in), persistent=False)
-        self.register_buffer("b", draw(num_bases, dim_out, rank, fan_in=rank), persistent=False)
+        official = bounds == "official"      # kaiming_uniform_ on the released (k, C_in, r) and (k, r, C_out) stacks
+        self.register_buffer("a", draw(num_bases, rank, dim_in, fan_in=dim_in * rank if official else dim_in), persistent=False)
+        self.register_buffer("b", draw(num_bases, dim_out, rank, fan_in=rank * dim_out if official else rank), persistent=False)
 
 
 class NOLAQV(QVLowRank):
     "NOLA coefficients for Q and V (index 0 and 1) over shared random bases."
-    def __init__(self, bases: RandomBases, rank: int, scale: float):
+    def __init__(self, bases: RandomBases, rank: int, scale: float, init: str = "identity"):
         super().__init__()
         object.__setattr__(self, "bases", bases)   # owned by the model (shared by all blocks): not a submodule here
         k = bases.a.shape[0]
         self.a_coefficients = nn.Parameter(torch.full((2, k), 1 / k))
-        self.b_coefficients = nn.Parameter(torch.zeros(2, k))
+        self.b_coefficients = nn.Parameter(torch.full((2, k), 1 / k) if init == "official" else torch.zeros(2, k))
         self.scaling = scale / rank
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,16 +208,54 @@ class NOLAQV(QVLowRank):
                 torch.einsum("sk,kor->sor", self.b_coefficients, self.bases.b))
 
 
+class NOLALinear(nn.Module):
+    "NOLA coefficients for one linear layer over the bases of its shape: the delta `scale / r * B A` is added to its output."
+    def __init__(self, bases: RandomBases, rank: int, scale: float, init: str):
+        super().__init__()
+        object.__setattr__(self, "bases", bases)   # owned by the model (shared by the same layer of every block)
+        k = bases.a.shape[0]
+        self.a_coefficients = nn.Parameter(torch.full((k,), 1 / k))
+        self.b_coefficients = nn.Parameter(torch.full((k,), 1 / k) if init == "official" else torch.zeros(k))
+        self.scaling = scale / rank
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        "`A` (r x C_in) and `B` (C_out x r)."
+        return (torch.einsum("k,krc->rc", self.a_coefficients, self.bases.a),
+                torch.einsum("k,kor->or", self.b_coefficients, self.bases.b))
+
+    def add_delta(self, layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        "Forward hook on the layer: `output + scaling * (x A^T) B^T`."
+        a, b = (f.to(args[0].dtype) for f in self.factors())
+        return output + (args[0] @ a.T) @ b.T * self.scaling
+
+    def fold_into(self, layer: nn.Linear) -> None:
+        a, b = self.factors()
+        layer.weight += ((b @ a) * self.scaling).to(layer.weight.dtype)
+
+
 @register_method("nola")
 class NOLA(WeightSpaceMethod):
-    "NOLA (Koohpayegani et al., 2024): Q and V deltas whose factors are trained mixtures of frozen random bases."
+    "NOLA (Koohpayegani et al., 2024): low-rank deltas (Q and V, or fc1 and fc2) whose factors are trained mixtures of frozen random bases."
     Options = NOLAOptions
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         o = self.options
-        qkv = _qkv_of(model.blocks[0], 0)
-        model.peft_nola = RandomBases(o.num_bases, o.rank, qkv.in_features, qkv.out_features // 3, o.seed).to(qkv.weight.device)
-        install_qv(model, self.prefix, lambda qkv: NOLAQV(model.peft_nola, o.rank, o.scale))
+        if o.targets == "qv":
+            qkv = _qkv_of(model.blocks[0], 0)
+            model.peft_nola = RandomBases(o.num_bases, o.rank, qkv.in_features, qkv.out_features // 3, o.seed,
+                                          o.bounds).to(qkv.weight.device)
+            install_qv(model, self.prefix, lambda qkv: NOLAQV(model.peft_nola, o.rank, o.scale, o.init))
+            return
+        layers = [[block.get_submodule(f"mlp.{name}") for name in ("fc1", "fc2")] for block in model.blocks]
+        if not all(isinstance(layer, nn.Linear) for pair in layers for layer in pair):
+            raise PeftError("NOLA with targets='mlp' needs nn.Linear mlp.fc1 and mlp.fc2 in every block.")
+        device = layers[0][0].weight.device
+        model.peft_nola = nn.ModuleDict({name: RandomBases(o.num_bases, o.rank, layer.in_features, layer.out_features, o.seed,
+                                                           o.bounds).to(device) for name, layer in zip(("fc1", "fc2"), layers[0])})
+        for pair in layers:
+            for name, layer in zip(("fc1", "fc2"), pair):
+                setattr(layer, self.prefix, NOLALinear(model.peft_nola[name], o.rank, o.scale, o.init).to(device))
+                layer.register_forward_hook(getattr(layer, self.prefix).add_delta)
 
 # %% ../nbs/07_weight_space.ipynb #a29ab671
 SSF_SITES = ("patch_embed", "norm_pre", "norm1", "qkv", "proj", "norm2", "fc1", "fc2", "final_norm")

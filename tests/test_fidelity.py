@@ -296,3 +296,51 @@ def test_half_precision_backbone(method):
     assert all(p.grad is not None for n, p in half.named_parameters() if p.requires_grad and "peft_" in n)
     reference = ours(x)
     assert (out.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+# --- NOLA: UCDvision/NOLA, vit/NOLA.py (NOLA2) and vit/nola_mlp.py (NOLAmlp_ViT_timm) ---------------------------------
+
+NOLA_RELEASED = {"rank": 4, "num_bases": 16, "bounds": "official", "init": "official", "targets": "mlp"}
+
+
+def set_official_nola(vit: nn.Module, ours: nn.Module, rank: int) -> list:
+    "NOLA_mlp(fc, NOLA2): fc(x) + (1/r) (x @ einsum('b,bdr->dr', alpha, A)) @ einsum('b,bdr->dr', beta, B); returns the pairs to compare."
+    bases = {name: (ours.peft_nola[name].a.transpose(1, 2).double(), ours.peft_nola[name].b.transpose(1, 2).double())
+             for name in ("fc1", "fc2")}                                            # A: (ka, C_in, r), B: (kb, r, C_out)
+    pairs = []
+    for block, mine in zip(vit.blocks, ours.blocks):
+        for name in ("fc1", "fc2"):
+            nola = getattr(mine.mlp, name).peft_nola
+            alpha, beta = leaf(nola.a_coefficients), leaf(nola.b_coefficients)
+            pairs += [(nola.a_coefficients, alpha, lambda g: g), (nola.b_coefficients, beta, lambda g: g)]
+            A, B = bases[name]
+            fc = getattr(block.mlp, name)
+            def forward(self, x, fc=fc, alpha=alpha, beta=beta, A=A, B=B):
+                a = torch.einsum("b,bdr->dr", alpha, A)
+                b = torch.einsum("b,bdr->dr", beta, B)
+                return F.linear(x, fc.weight, fc.bias) + (1.0 / rank) * ((x @ a) @ b)
+            fc.forward = types.MethodType(forward, fc)
+    return pairs
+
+
+def test_nola_released_form_matches_nola2_on_the_mlp():
+    ours, official = adapted({"nola": NOLA_RELEASED})
+    compare(ours, official, set_official_nola(official, ours, 4))
+
+
+def test_nola_released_init_and_bounds():
+    "NOLA2 starts alpha and beta at 1/k and draws A, B with kaiming_uniform_(a=sqrt(5)) on (k, C_in, r) and (k, r, C_out)."
+    plain = plain_vit()
+    ours = apply_peft(copy.deepcopy(plain), {"nola": NOLA_RELEASED}).double().eval()
+    official = copy.deepcopy(plain)
+    pairs = set_official_nola(official, ours, 4)
+    assert all(torch.equal(mine, torch.full_like(mine, 1 / 16)) for mine, _, _ in pairs)
+    with torch.no_grad():
+        x = images()
+        assert (ours(x) - official(x)).abs().max() < TOL and (ours(x) - plain(x)).abs().max() > 0   # not the backbone at init
+    for name, (d_in, d_out) in {"fc1": (192, 768), "fc2": (768, 192)}.items():
+        for ours_stack, shape in ((ours.peft_nola[name].a.transpose(1, 2), (16, d_in, 4)), (ours.peft_nola[name].b.transpose(1, 2), (16, 4, d_out))):
+            reference = nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5))
+            bound = math.sqrt(2 / (1 + 5)) * math.sqrt(3 / (shape[1] * shape[2]))
+            assert reference.abs().max() <= bound
+            assert 0.95 * bound < ours_stack.abs().max() <= bound
