@@ -22,11 +22,11 @@ from .registry import (
 from .weight_space import LoRAOptions, LoRAQV, QVLowRank, WeightSpaceMethod, add_product, install_qv
 
 # %% auto #0
-__all__ = ['RLRR_TARGETS', 'BIT_WIDTH', 'SPT_EXCLUDED', 'refuse_hooked_layer', 'RLRROptions', 'ResidualRescaling', 'RLRR',
-           'DoRAOptions', 'DoRAQV', 'DoRA', 'normal_levels', 'fake_quantise', 'BiOptions', 'BiAdapterOptions',
-           'quantised_weight', 'init_bi_projections', 'QuantisedLinear', 'BinaryParallelAdapter', 'BiAdapter',
-           'BiLoRAOptions', 'QuantisedQV', 'BiLoRA', 'spt_sensitivity', 'spt_units', 'spt_allocation', 'SPTOptions',
-           'SPTDeltas', 'SPT']
+__all__ = ['RLRR_TARGETS', 'RLRR_MOPPA_TARGETS', 'RLRR_RELEASED_SITES', 'RLRR_RELEASED', 'BIT_WIDTH', 'SPT_EXCLUDED',
+           'refuse_hooked_layer', 'RLRROptions', 'ResidualRescaling', 'RescaledParts', 'RLRR', 'DoRAOptions', 'DoRAQV',
+           'DoRA', 'normal_levels', 'fake_quantise', 'BiOptions', 'BiAdapterOptions', 'quantised_weight',
+           'init_bi_projections', 'QuantisedLinear', 'BinaryParallelAdapter', 'BiAdapter', 'BiLoRAOptions',
+           'QuantisedQV', 'BiLoRA', 'spt_sensitivity', 'spt_units', 'spt_allocation', 'SPTOptions', 'SPTDeltas', 'SPT']
 
 # %% ../nbs/09b_more_baselines.ipynb #0038580b
 def refuse_hooked_layer(layer: nn.Module, method: str, where: str) -> None:
@@ -36,15 +36,18 @@ def refuse_hooked_layer(layer: nn.Module, method: str, where: str) -> None:
                         f"list {method!r} before methods that hook or fold into the same layers (e.g. '{method}+ssf').")
 
 # %% ../nbs/09b_more_baselines.ipynb #6673355c
-RLRR_TARGETS = {"value": ("attn.qkv", 2, 3), "proj": ("attn.proj", 0, 1), "fc1": ("mlp.fc1", 0, 1), "fc2": ("mlp.fc2", 0, 1)}
+RLRR_TARGETS = {"query": ("attn.qkv", 0, 3), "key": ("attn.qkv", 1, 3), "value": ("attn.qkv", 2, 3),
+                "proj": ("attn.proj", 0, 1), "fc1": ("mlp.fc1", 0, 1), "fc2": ("mlp.fc2", 0, 1)}
 # target -> (layer path in a timm Block, index of the rescaled part, number of equal parts of the output)
+RLRR_MOPPA_TARGETS = ("value", "proj", "fc1", "fc2")   # the public MoPPA code's four (the default)
+RLRR_RELEASED_SITES = ("patch_embed", "norm1", "norm2", "final_norm")   # where the released RLRR code puts SSF
 
 
 @dataclass(frozen=True)
 class RLRROptions(MethodOptions):
     "Options of the `rlrr` method."
     init: typing.Literal["identity", "public"] = "identity"   # s_out = 0 (starts at the backbone) or both scales kaiming-uniform (public code)
-    targets: tuple[str, ...] = checked(tuple(RLRR_TARGETS), subset_of(RLRR_TARGETS))   # rescaled layers: value part of qkv, attention proj, fc1, fc2
+    targets: tuple[str, ...] = checked(RLRR_MOPPA_TARGETS, subset_of(RLRR_TARGETS))   # rescaled layers: value part of qkv, proj, fc1, fc2; the released RLRR adds query and key
 
     def __post_init__(self):
         super().__post_init__()
@@ -81,6 +84,23 @@ class ResidualRescaling(nn.Module):
         layer.bias[r] += self.shift.to(layer.bias.dtype)
 
 
+class RescaledParts(nn.Module):
+    "Several `ResidualRescaling`s on disjoint output rows of one layer (query, key and value of a fused qkv), each with its own scales."
+    def __init__(self, parts: dict[str, ResidualRescaling]):
+        super().__init__()
+        self.parts = nn.ModuleDict(parts)
+
+    def rescale(self, layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        "Forward hook on the layer: each part adds its rows' delta (each reads the frozen weight and the input)."
+        for part in self.parts.values():
+            output = part.rescale(layer, args, output)
+        return output
+
+    def fold_into(self, layer: nn.Linear) -> None:
+        for part in self.parts.values():      # disjoint rows: each reads only its own, still frozen, rows
+            part.fold_into(layer)
+
+
 @register_method("rlrr")
 class RLRR(WeightSpaceMethod):
     "RLRR (Dong et al., 2024): residual rank-one rescaling of the frozen weights and a bias shift, on value, proj, fc1 and fc2."
@@ -96,10 +116,18 @@ class RLRR(WeightSpaceMethod):
                     raise PeftError(f"RLRR rescales nn.Linear layers; block {index}'s {path} is {type(layer).__name__}.")
                 refuse_hooked_layer(layer, self.name, f"block {index}'s {path}")
                 size = layer.out_features // parts
-                layers.append((layer, slice(part * size, (part + 1) * size)))
-        for layer, rows in layers:
-            layer.peft_rlrr = ResidualRescaling(layer, rows, self.options.init).to(layer.weight.device)
+                layers.append((layer, target, slice(part * size, (part + 1) * size)))
+        by_layer: dict[nn.Module, dict[str, slice]] = {}
+        for layer, target, rows in layers:
+            by_layer.setdefault(layer, {})[target] = rows
+        for layer, parts in by_layer.items():
+            made = {t: ResidualRescaling(layer, rows, self.options.init) for t, rows in parts.items()}
+            layer.peft_rlrr = (next(iter(made.values())) if len(made) == 1 else RescaledParts(made)).to(layer.weight.device)
             layer.register_forward_hook(layer.peft_rlrr.rescale)
+
+# %% ../nbs/09b_more_baselines.ipynb #c0ffee01
+RLRR_RELEASED = {"rlrr": {"targets": tuple(RLRR_TARGETS), "init": "public"},
+                 "ssf": {"targets": RLRR_RELEASED_SITES, "init_std": 0.02}}   # zstarN70/RLRR as released: apply_peft(model, RLRR_RELEASED)
 
 # %% ../nbs/09b_more_baselines.ipynb #faee4032
 @dataclass(frozen=True)

@@ -344,3 +344,68 @@ def test_nola_released_init_and_bounds():
             bound = math.sqrt(2 / (1 + 5)) * math.sqrt(3 / (shape[1] * shape[2]))
             assert reference.abs().max() <= bound
             assert 0.95 * bound < ours_stack.abs().max() <= bound
+
+
+# --- RLRR: zstarN70/RLRR, models/networks.py (RLRRLinear, RLRRBlock, RLRREmbeddings, RLRREncoder) --------------------
+
+def test_rlrr_released_matches_networks_py():
+    from moppa_nb.more_baselines import RLRR_RELEASED
+    ours, official = adapted(RLRR_RELEASED)
+    pairs = []
+
+    def rlrr_params(rescaling):
+        "RLRRLinear's scale_col (1, in), scale_line (out, 1), shift_bias (1, out), from ours."
+        col, line, shift = leaf(rescaling.scale_in[None]), leaf(rescaling.scale_out[:, None]), leaf(rescaling.shift[None])
+        pairs.extend([(rescaling.scale_in, col, lambda g: g[None]), (rescaling.scale_out, line, lambda g: g[:, None]),
+                      (rescaling.shift, shift, lambda g: g[None])])
+        return col, line, shift
+
+    def rlrr_linear(x, weight, bias, col, line, shift):
+        return F.linear(x, (weight * col * line) + weight, bias + shift)     # RLRRLinear.forward
+
+    def ssf(module):
+        scale, shift = leaf(module.peft_ssf.scale), leaf(module.peft_ssf.shift)
+        pairs.extend([(module.peft_ssf.scale, scale, lambda g: g), (module.peft_ssf.shift, shift, lambda g: g)])
+        return scale, shift
+
+    def ssf_ada(x, scale, shift):
+        return x * scale + shift
+
+    for block, mine in zip(official.blocks, ours.blocks):
+        C = block.attn.qkv.in_features
+        W, b = block.attn.qkv.weight, block.attn.qkv.bias
+        q, k, v = (rlrr_params(mine.attn.qkv.peft_rlrr.parts[t]) for t in ("query", "key", "value"))
+        o = rlrr_params(mine.attn.proj.peft_rlrr)
+        f1, f2 = rlrr_params(mine.mlp.fc1.peft_rlrr), rlrr_params(mine.mlp.fc2.peft_rlrr)
+        n1, n2 = ssf(mine.norm1), ssf(mine.norm2)
+
+        def forward(self, x, attn_mask=None, is_causal=False, q=q, k=k, v=v, o=o, f1=f1, f2=f2, n1=n1, n2=n2, W=W, b=b, C=C):
+            h = ssf_ada(self.norm1(x), *n1)
+            heads, d = self.attn.num_heads, C // self.attn.num_heads
+            split = lambda t: t.reshape(*t.shape[:2], heads, d).permute(0, 2, 1, 3)
+            query = split(rlrr_linear(h, W[:C], b[:C], *q))
+            key = split(rlrr_linear(h, W[C:2 * C], b[C:2 * C], *k))
+            value = split(rlrr_linear(h, W[2 * C:], b[2 * C:], *v))
+            probs = (query @ key.transpose(-1, -2) / math.sqrt(d)).softmax(dim=-1)
+            context = (probs @ value).permute(0, 2, 1, 3).reshape(*h.shape)
+            x = x + rlrr_linear(context, self.attn.proj.weight, self.attn.proj.bias, *o)
+            h = ssf_ada(self.norm2(x), *n2)
+            return x + rlrr_linear(self.mlp.act(rlrr_linear(h, self.mlp.fc1.weight, self.mlp.fc1.bias, *f1)),
+                                   self.mlp.fc2.weight, self.mlp.fc2.bias, *f2)
+        block.forward = types.MethodType(forward, block)
+    patch, final = ssf(ours.patch_embed.proj), ssf(ours.norm)
+    embed, norm = official.patch_embed.forward, official.norm.forward
+    official.patch_embed.forward = lambda x: ssf_ada(embed(x), *patch)      # patch tokens, before the class token
+    official.norm.forward = lambda x: ssf_ada(norm(x), *final)              # encoder_norm, then SSF
+    compare(ours, official, pairs)
+
+
+def test_rlrr_released_init():
+    "kaiming_uniform_ on scale_col (1, in): +-sqrt(6/in); on scale_line (out, 1): fan_in 1, +-sqrt(6); shift 0; SSF N(1, .02), N(0, .02)."
+    from moppa_nb.more_baselines import RLRR_RELEASED
+    model = apply_peft(tiny_vit(), RLRR_RELEASED)
+    part = model.blocks[0].attn.qkv.peft_rlrr.parts["key"]
+    assert 0.9 * math.sqrt(6 / 192) < part.scale_in.abs().max() <= math.sqrt(6 / 192)
+    assert 0.9 * math.sqrt(6) < part.scale_out.abs().max() <= math.sqrt(6) and not part.shift.any()
+    scale = model.blocks[0].norm1.peft_ssf.scale
+    assert 0.005 < (scale - 1).std() < 0.04
