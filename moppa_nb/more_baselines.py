@@ -392,6 +392,7 @@ class SPTOptions(MethodOptions):
     dropout: float = checked(0.1, FRACTION)    # dropout on the structured modules' input
     drop_path: float = checked(0.1, FRACTION)  # DropPath on the structured branch (0 turns it off)
     train_cls_token: bool = True               # SPT tunes the CLS token in full in stage 2
+    sparse_norms: typing.Literal["frozen", "train"] = "frozen"   # sparse LayerNorm entries: in the budget but never trained (released code), or trained
 
     def __post_init__(self):
         super().__post_init__()
@@ -471,6 +472,8 @@ class SPT(WeightSpaceMethod):
             entry(parameter)[1].append(rows)
         for unit, index in [*((u, None) for u in o.allocation["full"]), *o.allocation["sparse"].items()]:
             parameter, rows = units[unit]
+            if index is not None and o.sparse_norms == "frozen" and isinstance(model.get_submodule(parameter.rsplit(".", 1)[0]), nn.LayerNorm):
+                continue                                   # the released code counts these entries but never tunes them
             width = math.prod(shapes[parameter][1:])
             local = range((rows.stop - rows.start) * width) if index is None else index
             entry(parameter)[0].setdefault(parameter.rsplit(".", 1)[1], []).extend(rows.start * width + i for i in local)

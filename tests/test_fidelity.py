@@ -409,3 +409,25 @@ def test_rlrr_released_init():
     assert 0.9 * math.sqrt(6) < part.scale_out.abs().max() <= math.sqrt(6) and not part.shift.any()
     scale = model.blocks[0].norm1.peft_ssf.scale
     assert 0.005 < (scale - 1).std() < 0.04
+
+
+# --- SPT: ziplab/SPT counts sparse LayerNorm entries in the budget but tunes sparse entries of linear layers only ------
+
+def test_spt_sparse_norm_entries_are_not_trained():
+    from moppa_nb.more_baselines import spt_allocation, spt_sensitivity
+    torch.manual_seed(0)
+    plain = tiny_vit()
+    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 5, (8,))) for _ in range(2)]
+    sensitivity = spt_sensitivity(copy.deepcopy(plain), batches)
+    allocation = spt_allocation(sensitivity, budget=sum(s.numel() for s in sensitivity.values()) // 50)
+    norm_units = [u for u in allocation["sparse"] if u.split(".")[-2].startswith("norm")]
+    assert norm_units, "the allocation should pick some sparse LayerNorm entries"
+    counts = {}
+    for mode in ("frozen", "train"):
+        model = apply_peft(copy.deepcopy(plain), {"spt": {"allocation": allocation, "sparse_norms": mode}})
+        for unit in norm_units:                              # a LayerNorm tensor with sparse entries: trained or not
+            layer, tensor = unit.rsplit(".", 1)
+            deltas = getattr(model.get_submodule(layer), "peft_spt", None)
+            assert (deltas is not None and tensor in deltas.values) == (mode == "train"), (mode, unit)
+        counts[mode] = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "peft_spt" in n)
+    assert counts["train"] - counts["frozen"] == sum(len(allocation["sparse"][u]) for u in norm_units)
