@@ -18,10 +18,10 @@ from .registry import (
     register_method, subset_of)
 
 # %% auto #0
-__all__ = ['SSF_SITES', 'SSF_MOPPA_SITES', 'BLOCK_SITES', 'remove_method_modules', 'WeightSpaceMethod', 'BackboneSubset',
-           'LinearProbe', 'FullFineTuning', 'BitFit', 'QVLowRank', 'add_product', 'install_qv', 'LoRAOptions', 'LoRAQV',
-           'LoRA', 'NOLAOptions', 'RandomBases', 'NOLAQV', 'NOLALinear', 'NOLA', 'SSFOptions', 'ScaleShift',
-           'ssf_targets', 'SSF', 'FacTOptions', 'fact_slices', 'FacTFactors', 'FacTBlock', 'FacT']
+__all__ = ['SSF_SITES', 'SSF_MOPPA_SITES', 'BLOCK_SITES', 'FACT_VTAB_CONFIGS', 'remove_method_modules', 'WeightSpaceMethod',
+           'BackboneSubset', 'LinearProbe', 'FullFineTuning', 'BitFit', 'QVLowRank', 'add_product', 'install_qv',
+           'LoRAOptions', 'LoRAQV', 'LoRA', 'NOLAOptions', 'RandomBases', 'NOLAQV', 'NOLALinear', 'NOLA', 'SSFOptions',
+           'ScaleShift', 'ssf_targets', 'SSF', 'FacTOptions', 'fact_slices', 'FacTFactors', 'FacTBlock', 'FacT']
 
 # %% ../nbs/07_weight_space.ipynb #04ce6379
 def remove_method_modules(model: nn.Module, prefix: str) -> None:
@@ -470,3 +470,17 @@ class FacT(WeightSpaceMethod):
             first += block.peft_fact.num_slices
             for name in slices:
                 block.get_submodule(_FACT_LAYERS[name]).register_forward_hook(getattr(block.peft_fact, f"add_to_{name}"))
+
+# %% ../nbs/07_weight_space.ipynb #fac7c0f1
+FACT_VTAB_CONFIGS = {   # task -> (rank, scale) of the public FacT VTAB-1K configs (JieShibo/PETL-ViT, FacT/configs/<variant>/<task>.yaml)
+    "tt": {"cifar": (8, 1.0), "caltech101": (16, 10.0), "dtd": (8, 0.01), "oxford_flowers102": (16, 1.0),
+           "oxford_iiit_pet": (8, 1.0), "svhn": (16, 100.0), "sun397": (8, 1.0), "patch_camelyon": (8, 10.0),
+           "eurosat": (8, 100.0), "resisc45": (8, 0.1), "diabetic_retinopathy": (8, 1.0), "clevr_count": (16, 1.0),
+           "clevr_dist": (4, 10.0), "dmlab": (16, 10.0), "kitti": (16, 10.0), "dsprites_loc": (16, 100.0),
+           "dsprites_ori": (16, 1.0), "smallnorb_azi": (16, 100.0), "smallnorb_ele": (8, 10.0)},
+    "tk": {"cifar": (32, 0.1), "caltech101": (32, 10.0), "dtd": (16, 0.01), "oxford_flowers102": (32, 1.0),
+           "oxford_iiit_pet": (16, 10.0), "svhn": (32, 100.0), "sun397": (16, 1.0), "patch_camelyon": (32, 10.0),
+           "eurosat": (32, 100.0), "resisc45": (32, 10.0), "diabetic_retinopathy": (16, 1.0), "clevr_count": (32, 10.0),
+           "clevr_dist": (16, 10.0), "dmlab": (32, 10.0), "kitti": (32, 10.0), "dsprites_loc": (32, 100.0),
+           "dsprites_ori": (32, 1.0), "smallnorb_azi": (32, 100.0), "smallnorb_ele": (16, 10.0)},
+}
