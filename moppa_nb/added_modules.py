@@ -10,14 +10,15 @@ import typing
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .registry import (
     FRACTION, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, ViTLayout, at_least, checked, register_method)
 
 # %% auto #0
-__all__ = ['VPTOptions', 'BlockPrompts', 'prompt_bound', 'VPT', 'AdapterOptions', 'AdaptFormerOptions', 'Bottleneck',
-           'install_bottlenecks', 'Adapter', 'AdaptFormer']
+__all__ = ['VPTOptions', 'BlockPrompts', 'prompt_bound', 'VPT', 'AdapterOptions', 'AdaptFormerOptions', 'ParallelBranch',
+           'hook_parallel_branch', 'Bottleneck', 'install_bottlenecks', 'Adapter', 'AdaptFormer']
 
 # %% ../nbs/08_added_modules.ipynb #9f854667
 @dataclass(frozen=True)
@@ -87,9 +88,42 @@ class AdapterOptions(MethodOptions):
 class AdaptFormerOptions(AdapterOptions):
     "Options of the `adaptformer` method."
     scale: float = checked(0.1, OUTPUT_SCALE)      # s, multiplies the parallel branch
+    input: typing.Literal["residual", "norm"] = "residual"   # the branch reads the residual stream x' (released code) or norm2(x') (paper's equation)
+    add_to: typing.Literal["residual", "mlp"] = "residual"   # the branch joins the residual stream after drop_path2 (released code) or the MLP's output
 
 
-class Bottleneck(nn.Module):
+class ParallelBranch(nn.Module):
+    "A branch `self(z)` beside a block's MLP: `z` is norm2's input (the residual stream) or the MLP's, the result added to the MLP's output or after `drop_path2`."
+    pending: typing.Optional[torch.Tensor] = None
+
+    def beside_mlp(self, mlp: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        "Forward hook on the MLP, parallel: `mlp(x) + f(x)`."
+        return output + self(args[0])
+
+    def from_input(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        "Forward hook on `norm2` (or the MLP): compute the branch from that module's input, for `add_pending`."
+        self.pending = self(args[0])
+
+    def add_pending(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        "Forward hook on the MLP or `drop_path2`: add the branch computed earlier in the same block."
+        if self.pending is None:
+            raise PeftError(f"{type(self).__name__} computes its branch before the MLP's output; this block ran without it.")
+        branch, self.pending = self.pending, None
+        return output + branch
+
+
+def hook_parallel_branch(block: nn.Module, branch: ParallelBranch, input: str, add_to: str) -> None:
+    "Hook `branch` into `block`: reading norm2's input (`input='residual'`) or the MLP's (`'norm'`), added to the MLP's output (`add_to='mlp'`) or after `drop_path2` (`'residual'`)."
+    if add_to == "residual" and not isinstance(getattr(block, "drop_path2", None), nn.Module):
+        raise PeftError(f"add_to='residual' adds the branch after the block's drop_path2, which {type(block).__name__} does not have; use add_to='mlp'.")
+    if input == "norm" and add_to == "mlp":
+        block.mlp.register_forward_hook(branch.beside_mlp)
+        return
+    (block.norm2 if input == "residual" else block.mlp).register_forward_hook(branch.from_input)
+    (block.mlp if add_to == "mlp" else block.drop_path2).register_forward_hook(branch.add_pending)
+
+
+class Bottleneck(ParallelBranch):
     "`scale * up(dropout(act(down(z))))`, `up` zero-initialised, with hooks for the sequential and the parallel placement."
     def __init__(self, dim: int, options: AdapterOptions, act: nn.Module, init_down: typing.Callable[[torch.Tensor], typing.Any]):
         super().__init__()
@@ -101,15 +135,13 @@ class Bottleneck(nn.Module):
             nn.init.zeros_(tensor)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.up(self.drop(self.act(self.down(z)))) * self.scale
+        "In `z`'s dtype: the parameters stay float32 on a half-precision backbone."
+        down = F.linear(z, self.down.weight.to(z.dtype), self.down.bias.to(z.dtype))
+        return F.linear(self.drop(self.act(down)), self.up.weight.to(z.dtype), self.up.bias.to(z.dtype)) * self.scale
 
     def after_mlp(self, mlp: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         "Forward hook on the MLP, sequential: `h + f(h)` with `h = mlp(x)`."
         return output + self(output)
-
-    def beside_mlp(self, mlp: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        "Forward hook on the MLP, parallel: `mlp(x) + f(x)`."
-        return output + self(args[0])
 
 
 def _default_linear_init(weight: torch.Tensor) -> None:
@@ -142,4 +174,8 @@ class AdaptFormer(PeftMethod):
     identity_at_init = True       # the up projection starts at 0
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
-        install_bottlenecks(model, layout, self.prefix, self.options, nn.ReLU, _default_linear_init, "beside_mlp")
+        o = self.options
+        for block in model.blocks:
+            branch = Bottleneck(layout.embed_dim, o, nn.ReLU(), _default_linear_init).to(block.mlp.fc1.weight.device)
+            setattr(block, self.prefix, branch)
+            hook_parallel_branch(block, branch, o.input, o.add_to)

@@ -15,14 +15,16 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
+from .added_modules import ParallelBranch, hook_parallel_branch
 from .registry import (
     FRACTION, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, Rule, ViTLayout, at_least, checked,
     register_method, subset_of)
 from .weight_space import LoRAOptions, LoRAQV, QVLowRank, WeightSpaceMethod, add_product, install_qv
 
 # %% auto #0
-__all__ = ['RLRR_TARGETS', 'BIT_WIDTH', 'SPT_EXCLUDED', 'refuse_hooked_layer', 'RLRROptions', 'ResidualRescaling', 'RLRR',
-           'DoRAOptions', 'DoRAQV', 'DoRA', 'normal_levels', 'fake_quantise', 'BiAdapterOptions', 'quantised_weight',
+__all__ = ['RLRR_TARGETS', 'RLRR_MOPPA_TARGETS', 'RLRR_RELEASED_SITES', 'RLRR_RELEASED', 'BIT_WIDTH', 'SPT_EXCLUDED',
+           'refuse_hooked_layer', 'RLRROptions', 'ResidualRescaling', 'RescaledParts', 'RLRR', 'DoRAOptions', 'DoRAQV',
+           'DoRA', 'normal_levels', 'fake_quantise', 'BiOptions', 'BiAdapterOptions', 'quantised_weight',
            'init_bi_projections', 'QuantisedLinear', 'BinaryParallelAdapter', 'BiAdapter', 'BiLoRAOptions',
            'QuantisedQV', 'BiLoRA', 'spt_sensitivity', 'spt_units', 'spt_allocation', 'SPTOptions', 'SPTDeltas', 'SPT']
 
@@ -34,15 +36,18 @@ def refuse_hooked_layer(layer: nn.Module, method: str, where: str) -> None:
                         f"list {method!r} before methods that hook or fold into the same layers (e.g. '{method}+ssf').")
 
 # %% ../nbs/09b_more_baselines.ipynb #6673355c
-RLRR_TARGETS = {"value": ("attn.qkv", 2, 3), "proj": ("attn.proj", 0, 1), "fc1": ("mlp.fc1", 0, 1), "fc2": ("mlp.fc2", 0, 1)}
+RLRR_TARGETS = {"query": ("attn.qkv", 0, 3), "key": ("attn.qkv", 1, 3), "value": ("attn.qkv", 2, 3),
+                "proj": ("attn.proj", 0, 1), "fc1": ("mlp.fc1", 0, 1), "fc2": ("mlp.fc2", 0, 1)}
 # target -> (layer path in a timm Block, index of the rescaled part, number of equal parts of the output)
+RLRR_MOPPA_TARGETS = ("value", "proj", "fc1", "fc2")   # the public MoPPA code's four (the default)
+RLRR_RELEASED_SITES = ("patch_embed", "norm1", "norm2", "final_norm")   # where the released RLRR code puts SSF
 
 
 @dataclass(frozen=True)
 class RLRROptions(MethodOptions):
     "Options of the `rlrr` method."
     init: typing.Literal["identity", "public"] = "identity"   # s_out = 0 (starts at the backbone) or both scales kaiming-uniform (public code)
-    targets: tuple[str, ...] = checked(tuple(RLRR_TARGETS), subset_of(RLRR_TARGETS))   # rescaled layers: value part of qkv, attention proj, fc1, fc2
+    targets: tuple[str, ...] = checked(RLRR_MOPPA_TARGETS, subset_of(RLRR_TARGETS))   # rescaled layers: value part of qkv, proj, fc1, fc2; the released RLRR adds query and key
 
     def __post_init__(self):
         super().__post_init__()
@@ -79,6 +84,23 @@ class ResidualRescaling(nn.Module):
         layer.bias[r] += self.shift.to(layer.bias.dtype)
 
 
+class RescaledParts(nn.Module):
+    "Several `ResidualRescaling`s on disjoint output rows of one layer (query, key and value of a fused qkv), each with its own scales."
+    def __init__(self, parts: dict[str, ResidualRescaling]):
+        super().__init__()
+        self.parts = nn.ModuleDict(parts)
+
+    def rescale(self, layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        "Forward hook on the layer: each part adds its rows' delta (each reads the frozen weight and the input)."
+        for part in self.parts.values():
+            output = part.rescale(layer, args, output)
+        return output
+
+    def fold_into(self, layer: nn.Linear) -> None:
+        for part in self.parts.values():      # disjoint rows: each reads only its own, still frozen, rows
+            part.fold_into(layer)
+
+
 @register_method("rlrr")
 class RLRR(WeightSpaceMethod):
     "RLRR (Dong et al., 2024): residual rank-one rescaling of the frozen weights and a bias shift, on value, proj, fc1 and fc2."
@@ -94,10 +116,18 @@ class RLRR(WeightSpaceMethod):
                     raise PeftError(f"RLRR rescales nn.Linear layers; block {index}'s {path} is {type(layer).__name__}.")
                 refuse_hooked_layer(layer, self.name, f"block {index}'s {path}")
                 size = layer.out_features // parts
-                layers.append((layer, slice(part * size, (part + 1) * size)))
-        for layer, rows in layers:
-            layer.peft_rlrr = ResidualRescaling(layer, rows, self.options.init).to(layer.weight.device)
+                layers.append((layer, target, slice(part * size, (part + 1) * size)))
+        by_layer: dict[nn.Module, dict[str, slice]] = {}
+        for layer, target, rows in layers:
+            by_layer.setdefault(layer, {})[target] = rows
+        for layer, parts in by_layer.items():
+            made = {t: ResidualRescaling(layer, rows, self.options.init) for t, rows in parts.items()}
+            layer.peft_rlrr = (next(iter(made.values())) if len(made) == 1 else RescaledParts(made)).to(layer.weight.device)
             layer.register_forward_hook(layer.peft_rlrr.rescale)
+
+# %% ../nbs/09b_more_baselines.ipynb #c0ffee01
+RLRR_RELEASED = {"rlrr": {"targets": tuple(RLRR_TARGETS), "init": "public"},
+                 "ssf": {"targets": RLRR_RELEASED_SITES, "init_std": 0.02}}   # zstarN70/RLRR as released: apply_peft(model, RLRR_RELEASED)
 
 # %% ../nbs/09b_more_baselines.ipynb #faee4032
 @dataclass(frozen=True)
@@ -179,12 +209,18 @@ BIT_WIDTH = Rule(lambda bits: 1 <= bits <= 8 or bits == 32, "1 to 8, or 32 (no q
 
 
 @dataclass(frozen=True)
-class BiAdapterOptions(MethodOptions):
-    "Options of the `bi_adapter` method."
+class BiOptions(MethodOptions):
+    "Options shared by `bi_adapter` and `bi_lora`."
     bits: int = checked(1, BIT_WIDTH)              # bits per adapter weight; 32 trains plain float weights
     dim: int = checked(32, at_least(1))            # bottleneck width
     scale: float = checked(1.0, OUTPUT_SCALE)      # s, multiplies the branch (the public configs pick it per task from 0.01 to 10)
-    dropout: float = checked(0.1, FRACTION)        # dropout after the ReLU
+    dropout: float = checked(0.1, FRACTION)        # dropout after the ReLU (Bi-LoRA: see dropout_site)
+
+
+@dataclass(frozen=True)
+class BiAdapterOptions(BiOptions):
+    "Options of the `bi_adapter` method."
+    add_to: typing.Literal["residual", "mlp"] = "residual"   # the branch joins after drop_path2 (released code) or the MLP's output, inside drop path
 
 
 def quantised_weight(weight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -216,29 +252,17 @@ class QuantisedLinear(nn.Module):
         return self.bits * parameter.numel() + 2 * 32 if quantised else 32 * parameter.numel()
 
 
-class BinaryParallelAdapter(nn.Module):
-    "`s * Up(Dropout(ReLU(Down(x))))` from the block's residual stream `x`, added to the block's MLP output."
+class BinaryParallelAdapter(ParallelBranch):
+    "`s * Up(Dropout(ReLU(Down(x))))` from the block's residual stream `x`, added after drop_path2 or to the MLP's output."
     def __init__(self, dim: int, options: BiAdapterOptions):
         super().__init__()
         self.down = QuantisedLinear(dim, options.dim, options.bits)
         self.up = QuantisedLinear(options.dim, dim, options.bits)
         self.drop, self.scale = nn.Dropout(options.dropout), options.scale
         init_bi_projections(self.down.weight, self.up.weight, options.bits)
-        self.pending: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.drop(torch.relu(self.down(x)))) * self.scale
-
-    def from_norm_input(self, norm: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        "Forward hook on `norm2`: compute the branch from its input, the residual stream."
-        self.pending = self(args[0])
-
-    def add_to_mlp(self, mlp: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        "Forward hook on `mlp`: add the branch computed from the same block's `norm2` input."
-        if self.pending is None:
-            raise PeftError("Bi-Adapter computes its branch at the block's norm2; the MLP ran without it.")
-        branch, self.pending = self.pending, None
-        return output + branch
 
 
 @register_method("bi_adapter")
@@ -250,13 +274,13 @@ class BiAdapter(PeftMethod):
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         for block in model.blocks:
             block.peft_bi_adapter = BinaryParallelAdapter(layout.embed_dim, self.options).to(block.mlp.fc1.weight.device)
-            block.norm2.register_forward_hook(block.peft_bi_adapter.from_norm_input)
-            block.mlp.register_forward_hook(block.peft_bi_adapter.add_to_mlp)
+            hook_parallel_branch(block, block.peft_bi_adapter, "residual", self.options.add_to)
 
 # %% ../nbs/09b_more_baselines.ipynb #54dd75ff
 @dataclass(frozen=True)
-class BiLoRAOptions(BiAdapterOptions):
+class BiLoRAOptions(BiOptions):
     "Options of the `bi_lora` method."
+    dropout_site: typing.Literal["hidden", "input"] = "hidden"   # after Down, on Q's and V's hidden units apart (released code), or on the input both share
 
 
 class QuantisedQV(QVLowRank):
@@ -268,6 +292,7 @@ class QuantisedQV(QVLowRank):
         for i in range(2):
             init_bi_projections(self.a[i], self.b[i], options.bits)
         self.bits, self.scaling, self.drop = options.bits, options.scale, nn.Dropout(options.dropout)
+        self.dropout_site = options.dropout_site
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(torch.stack([quantised_weight(f[i], self.bits) for i in range(2)]) for f in (self.a, self.b))
@@ -277,9 +302,15 @@ class QuantisedQV(QVLowRank):
         quantised = name in ("a", "b") and self.bits < 32
         return self.bits * parameter.numel() + parameter.shape[0] * 2 * 32 if quantised else 32 * parameter.numel()
 
+    def qkv_update(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        "As LoRA's, with dropout on the hidden `s Down(x)` (Q's and V's columns apart) when `dropout_site='hidden'`."
+        h, up = super().qkv_update(x)
+        return (self.drop(h) if self.dropout_site == "hidden" else h), up
+
     def add_to_qkv(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        "Forward hook on `qkv`: the Q and V deltas from the dropped-out input."
-        return super().add_to_qkv(module, (self.drop(args[0]), *args[1:]), output)
+        "Forward hook on `qkv`: the Q and V deltas (from the dropped-out input when `dropout_site='input'`)."
+        x = self.drop(args[0]) if self.dropout_site == "input" else args[0]
+        return super().add_to_qkv(module, (x, *args[1:]), output)
 
 
 @register_method("bi_lora")
@@ -361,6 +392,7 @@ class SPTOptions(MethodOptions):
     dropout: float = checked(0.1, FRACTION)    # dropout on the structured modules' input
     drop_path: float = checked(0.1, FRACTION)  # DropPath on the structured branch (0 turns it off)
     train_cls_token: bool = True               # SPT tunes the CLS token in full in stage 2
+    sparse_norms: typing.Literal["frozen", "train"] = "frozen"   # sparse LayerNorm entries: in the budget but never trained (released code), or trained
 
     def __post_init__(self):
         super().__post_init__()
@@ -440,6 +472,8 @@ class SPT(WeightSpaceMethod):
             entry(parameter)[1].append(rows)
         for unit, index in [*((u, None) for u in o.allocation["full"]), *o.allocation["sparse"].items()]:
             parameter, rows = units[unit]
+            if index is not None and o.sparse_norms == "frozen" and isinstance(model.get_submodule(parameter.rsplit(".", 1)[0]), nn.LayerNorm):
+                continue                                   # the released code counts these entries but never tunes them
             width = math.prod(shapes[parameter][1:])
             local = range((rows.stop - rows.start) * width) if index is None else index
             entry(parameter)[0].setdefault(parameter.rsplit(".", 1)[1], []).extend(rows.start * width + i for i in local)

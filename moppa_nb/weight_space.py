@@ -18,10 +18,10 @@ from .registry import (
     register_method, subset_of)
 
 # %% auto #0
-__all__ = ['SSF_SITES', 'SSF_MOPPA_SITES', 'BLOCK_SITES', 'remove_method_modules', 'WeightSpaceMethod', 'BackboneSubset',
-           'LinearProbe', 'FullFineTuning', 'BitFit', 'QVLowRank', 'add_product', 'install_qv', 'LoRAOptions', 'LoRAQV',
-           'LoRA', 'NOLAOptions', 'RandomBases', 'NOLAQV', 'NOLA', 'SSFOptions', 'ScaleShift', 'ssf_targets', 'SSF',
-           'FacTOptions', 'fact_slices', 'FacTFactors', 'FacTBlock', 'FacT']
+__all__ = ['SSF_SITES', 'SSF_MOPPA_SITES', 'BLOCK_SITES', 'FACT_VTAB_CONFIGS', 'remove_method_modules', 'WeightSpaceMethod',
+           'BackboneSubset', 'LinearProbe', 'FullFineTuning', 'BitFit', 'QVLowRank', 'add_product', 'install_qv',
+           'LoRAOptions', 'LoRAQV', 'LoRA', 'NOLAOptions', 'RandomBases', 'NOLAQV', 'NOLALinear', 'NOLA', 'SSFOptions',
+           'ScaleShift', 'ssf_targets', 'SSF', 'FacTOptions', 'fact_slices', 'FacTFactors', 'FacTBlock', 'FacT']
 
 # %% ../nbs/07_weight_space.ipynb #04ce6379
 def remove_method_modules(model: nn.Module, prefix: str) -> None:
@@ -175,28 +175,32 @@ class NOLAOptions(MethodOptions):
     num_bases: int = checked(1024, at_least(1))    # random bases k for A and for B (the public ViT code's ka = kb = 1024)
     seed: int = 0                                  # seed that regenerates the frozen bases
     scale: float = checked(1.0, OUTPUT_SCALE)      # the deltas are scaled by scale / rank
+    bounds: typing.Literal["per_factor", "official"] = "per_factor"   # bases' uniform bounds 1/sqrt(C_in), 1/sqrt(r), or the released 1/sqrt(C_in r), 1/sqrt(r C_out)
+    init: typing.Literal["identity", "official"] = "identity"         # B's coefficients 0 (starts at the backbone) or 1/k like A's (released)
+    targets: typing.Literal["qv", "mlp"] = "qv"                       # Q and V of the fused qkv, or fc1 and fc2 (the released ViT code)
 
 
 class RandomBases(nn.Module):
     "The frozen random bases shared by every layer: `A_j` (r x C_in) and `B_j` (C_out x r), regenerated from a seed."
-    def __init__(self, num_bases: int, rank: int, dim_in: int, dim_out: int, seed: int):
+    def __init__(self, num_bases: int, rank: int, dim_in: int, dim_out: int, seed: int, bounds: str = "per_factor"):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
         def draw(*shape, fan_in):
             bound = _kaiming_bound(fan_in)
             return torch.rand(*shape, generator=generator) * (2 * bound) - bound
-        self.register_buffer("a", draw(num_bases, rank, dim_in, fan_in=dim_in), persistent=False)
-        self.register_buffer("b", draw(num_bases, dim_out, rank, fan_in=rank), persistent=False)
+        official = bounds == "official"      # kaiming_uniform_ on the released (k, C_in, r) and (k, r, C_out) stacks
+        self.register_buffer("a", draw(num_bases, rank, dim_in, fan_in=dim_in * rank if official else dim_in), persistent=False)
+        self.register_buffer("b", draw(num_bases, dim_out, rank, fan_in=rank * dim_out if official else rank), persistent=False)
 
 
 class NOLAQV(QVLowRank):
     "NOLA coefficients for Q and V (index 0 and 1) over shared random bases."
-    def __init__(self, bases: RandomBases, rank: int, scale: float):
+    def __init__(self, bases: RandomBases, rank: int, scale: float, init: str = "identity"):
         super().__init__()
         object.__setattr__(self, "bases", bases)   # owned by the model (shared by all blocks): not a submodule here
         k = bases.a.shape[0]
         self.a_coefficients = nn.Parameter(torch.full((2, k), 1 / k))
-        self.b_coefficients = nn.Parameter(torch.zeros(2, k))
+        self.b_coefficients = nn.Parameter(torch.full((2, k), 1 / k) if init == "official" else torch.zeros(2, k))
         self.scaling = scale / rank
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,16 +208,54 @@ class NOLAQV(QVLowRank):
                 torch.einsum("sk,kor->sor", self.b_coefficients, self.bases.b))
 
 
+class NOLALinear(nn.Module):
+    "NOLA coefficients for one linear layer over the bases of its shape: the delta `scale / r * B A` is added to its output."
+    def __init__(self, bases: RandomBases, rank: int, scale: float, init: str):
+        super().__init__()
+        object.__setattr__(self, "bases", bases)   # owned by the model (shared by the same layer of every block)
+        k = bases.a.shape[0]
+        self.a_coefficients = nn.Parameter(torch.full((k,), 1 / k))
+        self.b_coefficients = nn.Parameter(torch.full((k,), 1 / k) if init == "official" else torch.zeros(k))
+        self.scaling = scale / rank
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        "`A` (r x C_in) and `B` (C_out x r)."
+        return (torch.einsum("k,krc->rc", self.a_coefficients, self.bases.a),
+                torch.einsum("k,kor->or", self.b_coefficients, self.bases.b))
+
+    def add_delta(self, layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        "Forward hook on the layer: `output + scaling * (x A^T) B^T`."
+        a, b = (f.to(args[0].dtype) for f in self.factors())
+        return output + (args[0] @ a.T) @ b.T * self.scaling
+
+    def fold_into(self, layer: nn.Linear) -> None:
+        a, b = self.factors()
+        layer.weight += ((b @ a) * self.scaling).to(layer.weight.dtype)
+
+
 @register_method("nola")
 class NOLA(WeightSpaceMethod):
-    "NOLA (Koohpayegani et al., 2024): Q and V deltas whose factors are trained mixtures of frozen random bases."
+    "NOLA (Koohpayegani et al., 2024): low-rank deltas (Q and V, or fc1 and fc2) whose factors are trained mixtures of frozen random bases."
     Options = NOLAOptions
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         o = self.options
-        qkv = _qkv_of(model.blocks[0], 0)
-        model.peft_nola = RandomBases(o.num_bases, o.rank, qkv.in_features, qkv.out_features // 3, o.seed).to(qkv.weight.device)
-        install_qv(model, self.prefix, lambda qkv: NOLAQV(model.peft_nola, o.rank, o.scale))
+        if o.targets == "qv":
+            qkv = _qkv_of(model.blocks[0], 0)
+            model.peft_nola = RandomBases(o.num_bases, o.rank, qkv.in_features, qkv.out_features // 3, o.seed,
+                                          o.bounds).to(qkv.weight.device)
+            install_qv(model, self.prefix, lambda qkv: NOLAQV(model.peft_nola, o.rank, o.scale, o.init))
+            return
+        layers = [[block.get_submodule(f"mlp.{name}") for name in ("fc1", "fc2")] for block in model.blocks]
+        if not all(isinstance(layer, nn.Linear) for pair in layers for layer in pair):
+            raise PeftError("NOLA with targets='mlp' needs nn.Linear mlp.fc1 and mlp.fc2 in every block.")
+        device = layers[0][0].weight.device
+        model.peft_nola = nn.ModuleDict({name: RandomBases(o.num_bases, o.rank, layer.in_features, layer.out_features, o.seed,
+                                                           o.bounds).to(device) for name, layer in zip(("fc1", "fc2"), layers[0])})
+        for pair in layers:
+            for name, layer in zip(("fc1", "fc2"), pair):
+                setattr(layer, self.prefix, NOLALinear(model.peft_nola[name], o.rank, o.scale, o.init).to(device))
+                layer.register_forward_hook(getattr(layer, self.prefix).add_delta)
 
 # %% ../nbs/07_weight_space.ipynb #a29ab671
 SSF_SITES = ("patch_embed", "norm_pre", "norm1", "qkv", "proj", "norm2", "fc1", "fc2", "final_norm")
@@ -245,8 +287,9 @@ class ScaleShift(nn.Module):
         return values.view(shape)
 
     def scale_and_shift(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        "Forward hook on the target layer."
-        return output * self._along_channels(self.scale, output.dim()) + self._along_channels(self.shift, output.dim())
+        "Forward hook on the target layer, in the output's dtype (the parameters stay float32 on a half-precision backbone)."
+        scale, shift = self.scale.to(output.dtype), self.shift.to(output.dtype)
+        return output * self._along_channels(scale, output.dim()) + self._along_channels(shift, output.dim())
 
     def fold_into(self, target: nn.Module) -> None:
         "`weight <- scale * weight` along the output channels, `bias <- scale * bias + shift`."
@@ -300,6 +343,8 @@ class FacTOptions(MethodOptions):
     scale: float = checked(1.0, OUTPUT_SCALE)      # s, multiplies every delta (the paper tunes it per task)
     dropout: float = checked(0.1, FRACTION)        # dropout after the core, as in the public code
     targets: typing.Literal["all", "attention"] = "all"   # qkv, proj, fc1, fc2 (12 slices per block) or qkv and proj (4)
+    tk_layout: typing.Literal["official", "per_slice"] = "official"   # TK cores read as the released fact_tk.py does (MLP slices interleaved) or one Tucker core per slice
+    tt_init: typing.Literal["official", "per_slice"] = "official"     # TT cores drawn as the released nn.Linear layers (fc2's bound 1/sqrt(4r)) or 1/sqrt(r) in every slice
 
     def __post_init__(self):
         super().__post_init__()
@@ -340,9 +385,14 @@ class FacTBlock(nn.Module):
         object.__setattr__(self, "factors", factors)   # owned by the model (shared by all blocks): not a submodule here
         self.slices, self.scale, self.first_slice = slices, options.scale, first_slice
         self.num_slices = sum(o * i for o, i in slices.values())
+        self.official_tk = options.variant == "tk" and options.tk_layout == "official"
         if options.variant == "tt":
             bound = _kaiming_bound(options.rank)
-            self.cores = nn.Parameter(torch.empty(self.num_slices, options.rank, options.rank).uniform_(-bound, bound))
+            cores = torch.empty(self.num_slices, options.rank, options.rank).uniform_(-bound, bound)
+            if options.tt_init == "official":      # a layer with i input slices is one nn.Linear(i r, o r): bound 1/sqrt(i r)
+                fan = torch.cat([torch.full((o * i,), float(i)) for o, i in slices.values()])
+                cores /= fan.sqrt()[:, None, None]
+            self.cores = nn.Parameter(cores)
         self.drop = nn.Dropout(options.dropout)
 
     def slice_cores(self) -> torch.Tensor:
@@ -354,12 +404,31 @@ class FacTBlock(nn.Module):
 
     def layer_cores(self, name: str) -> torch.Tensor:
         "Cores of the layer `name` as (output slices, input slices, r, r)."
+        if self.official_tk:
+            return self.official_layer_cores(name)
         cores, start = self.slice_cores(), 0
         for other, (o, i) in self.slices.items():
             if other == name:
                 return cores[start:start + o * i].view(o, i, *cores.shape[1:])
             start += o * i
         raise KeyError(name)
+
+    def official_layer_cores(self, name: str) -> torch.Tensor:
+        "The cores of `fact_tk.py`: `full = core @ P` is (r_in, r_out, slices); attention reads `u @ full[:, :, k]`, the MLP reshapes four slices to `(r, 4r)`."
+        start = 0
+        for other, (o, i) in self.slices.items():
+            if other == name: break
+            start += o * i
+        else:
+            raise KeyError(name)
+        p = self.factors.p[self.first_slice + start:self.first_slice + start + o * i]
+        full = torch.einsum("abk,sk->abs", self.factors.core, p)                 # fact_tk.py's FacTc[:, :, slices]
+        r = full.shape[0]
+        if name == "fc1":                                                        # u @ reshape(r, o r): output slice m // r, rank m % r
+            return full.reshape(r, o * r).T.reshape(o, r, r)[:, None]
+        if name == "fc2":                                                        # flat u (i r) @ reshape(r, i r).T
+            return full.reshape(r, i, r).permute(1, 0, 2)[None]
+        return full.permute(2, 1, 0).reshape(o, i, r, r)                        # q, k, v, proj: u @ full[:, :, k]
 
     def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         "`s * V Sigma U x` for every slice of layer `name`, concatenated along the output."
@@ -401,3 +470,17 @@ class FacT(WeightSpaceMethod):
             first += block.peft_fact.num_slices
             for name in slices:
                 block.get_submodule(_FACT_LAYERS[name]).register_forward_hook(getattr(block.peft_fact, f"add_to_{name}"))
+
+# %% ../nbs/07_weight_space.ipynb #fac7c0f1
+FACT_VTAB_CONFIGS = {   # task -> (rank, scale) of the public FacT VTAB-1K configs (JieShibo/PETL-ViT, FacT/configs/<variant>/<task>.yaml)
+    "tt": {"cifar": (8, 1.0), "caltech101": (16, 10.0), "dtd": (8, 0.01), "oxford_flowers102": (16, 1.0),
+           "oxford_iiit_pet": (8, 1.0), "svhn": (16, 100.0), "sun397": (8, 1.0), "patch_camelyon": (8, 10.0),
+           "eurosat": (8, 100.0), "resisc45": (8, 0.1), "diabetic_retinopathy": (8, 1.0), "clevr_count": (16, 1.0),
+           "clevr_dist": (4, 10.0), "dmlab": (16, 10.0), "kitti": (16, 10.0), "dsprites_loc": (16, 100.0),
+           "dsprites_ori": (16, 1.0), "smallnorb_azi": (16, 100.0), "smallnorb_ele": (8, 10.0)},
+    "tk": {"cifar": (32, 0.1), "caltech101": (32, 10.0), "dtd": (16, 0.01), "oxford_flowers102": (32, 1.0),
+           "oxford_iiit_pet": (16, 10.0), "svhn": (32, 100.0), "sun397": (16, 1.0), "patch_camelyon": (32, 10.0),
+           "eurosat": (32, 100.0), "resisc45": (32, 10.0), "diabetic_retinopathy": (16, 1.0), "clevr_count": (32, 10.0),
+           "clevr_dist": (16, 10.0), "dmlab": (32, 10.0), "kitti": (32, 10.0), "dsprites_loc": (32, 100.0),
+           "dsprites_ori": (32, 1.0), "smallnorb_azi": (32, 100.0), "smallnorb_ele": (16, 10.0)},
+}
