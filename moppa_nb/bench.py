@@ -21,15 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapt import apply_peft, count_trainable, is_head_parameter, merge_peft, method_names, parse_methods
+from .more_baselines import SPT_BUDGET
 from .registry import get_method, list_methods
 from .train import autocast, autocast_dtype
 
 # %% auto #0
-__all__ = ['COMPOSITIONS', 'EXTERNAL', 'OPTIONAL', 'VARIANTS', 'SPT_BENCH_BUDGET', 'RATIOS', 'COLUMNS', 'TABLE_COLUMNS',
-           'INTERLEAVED_COLUMNS', 'default_specs', 'peft_available', 'split_variant', 'median_seconds',
-           'fastest_seconds', 'method_options', 'FusedLoRAQKV', 'ref_fused_lora', 'build_benchmark_model',
-           'benchmark_method', 'stored_adapter_kb', 'add_ratios', 'run_benchmark', 'interleaved_times', 'ratio_stats',
-           'interleaved_ratios', 'with_spread', 'write_csv', 'format_table', 'write_report', 'main']
+__all__ = ['COMPOSITIONS', 'EXTERNAL', 'OPTIONAL', 'VARIANTS', 'RATIOS', 'COLUMNS', 'TABLE_COLUMNS', 'INTERLEAVED_COLUMNS',
+           'default_specs', 'peft_available', 'split_variant', 'median_seconds', 'fastest_seconds', 'method_options',
+           'FusedLoRAQKV', 'ref_fused_lora', 'build_benchmark_model', 'benchmark_method', 'stored_adapter_kb',
+           'add_ratios', 'run_benchmark', 'interleaved_times', 'ratio_stats', 'interleaved_ratios', 'with_spread',
+           'write_csv', 'format_table', 'write_report', 'main']
 
 # %% ../nbs/15_bench.ipynb #118cdcbe
 COMPOSITIONS = ("moppa+ssf", "lora+coeff", "fact+coeff", "moppa+rlrr+ssf", "dora+coeff")
@@ -102,17 +103,10 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10     # kB on Linux
 
 
-# SPT's budget in the benchmark, in tuned entries: the middle of the paper's 0.2M-1M
-SPT_BENCH_BUDGET = 400_000
-
-
-def method_options(methods: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    "`methods` ('lora+coeff') as apply_peft's dict; `spt` gets its allocation from one sensitivity pass on this batch."
-    options = dict(parse_methods(methods))                  # name -> {} for a spec such as "lora+coeff"
-    if "spt" in options:
-        from moppa_nb.more_baselines import spt_allocation, spt_sensitivity
-        options["spt"] = {"allocation": spt_allocation(spt_sensitivity(model, [(images, labels)]), SPT_BENCH_BUDGET)}
-    return options
+def method_options(methods: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, given: dict | None = None) -> dict:
+    "`methods` ('lora+coeff') as apply_peft's dict: the `given` options (part -> options) over those a method computes from this batch (SPT's allocation)."
+    return {name: {**get_method(name).options_from_data(model, [(images, labels)]), **(given or {}).get(name, {})}
+            for name in method_names(methods)}
 
 
 class FusedLoRAQKV(nn.Module):
@@ -139,7 +133,8 @@ def ref_fused_lora(model: nn.Module, rank: int = 8, alpha: float = 8.0) -> nn.Mo
 
 
 def build_benchmark_model(spec: str, model_name: str = "vit_base_patch16_224", model_kwargs: dict | None = None,
-                          batch_size: int = 8, device: str | torch.device = "cpu"):
+                          batch_size: int = 8, device: str | torch.device = "cpu",
+                          options: dict | None = None):       # spec -> {part: options}, e.g. the paper profile's moppa+rlrr+ssf
     "A randomly initialised timm ViT adapted with `spec` on `device`, a batch of images and labels, and its `train_step`."
     import timm
     methods, variant = split_variant(spec)
@@ -156,7 +151,7 @@ def build_benchmark_model(spec: str, model_name: str = "vit_base_patch16_224", m
     elif methods == "ref_fused_lora":
         ref_fused_lora(model)
     else:
-        apply_peft(model, method_options(methods, model, images, labels))
+        apply_peft(model, method_options(methods, model, images, labels, (options or {}).get(methods)))
     model.to(device)
     if variant == "compile":                                     # in place: the same module, its calls compiled
         # dynamo's cache would let this model reuse a graph compiled for an earlier one in this process (measured: a compiled
@@ -184,12 +179,13 @@ def benchmark_method(spec: str,                                   # method spec 
                      model_name: str = "vit_base_patch16_224",     # timm architecture (random weights)
                      model_kwargs: dict | None = None,            # extra timm kwargs, e.g. img_size
                      batch_size: int = 8, device: str = "cpu", warmup: int = 2, repeats: int = 5,
-                     num_threads: int | None = None) -> dict:
+                     num_threads: int | None = None,
+                     options: dict | None = None) -> dict:     # spec -> {part: options}
     "Time one method: training step, inference (and merged inference), peak memory, trainable parameters."
     if num_threads: torch.set_num_threads(num_threads)
     device = torch.device(device)
     methods, variant = split_variant(spec)
-    model, images, train_step = build_benchmark_model(spec, model_name, model_kwargs, batch_size, device)
+    model, images, train_step = build_benchmark_model(spec, model_name, model_kwargs, batch_size, device, options)
     if device.type == "cuda": torch.cuda.reset_peak_memory_stats(device)
     train_s = median_seconds(train_step, warmup, repeats, device)
     peak = _peak_memory_mb(device)
@@ -277,6 +273,7 @@ def interleaved_ratios(specs: list[str],                  # must include `linear
                        model_kwargs: dict | None = None, batch_size: int = 4, device: str = "cpu",
                        num_threads: int | None = None,
                        calls: int = 1,                     # calls per model per round; the fastest counts
+                       options: dict | None = None,        # spec -> {part: options}
                        ) -> list[dict]:
     "Step and inference times measured round-robin in one process; ratios are medians of per-round ratios, with their min and max."
     if num_threads: torch.set_num_threads(num_threads)
@@ -288,7 +285,7 @@ def interleaved_ratios(specs: list[str],                  # must include `linear
     device = torch.device(device)
     runs = {}
     for spec in specs:
-        model, images, train_step = build_benchmark_model(spec, model_name, model_kwargs, batch_size, device)
+        model, images, train_step = build_benchmark_model(spec, model_name, model_kwargs, batch_size, device, options)
         runs[spec] = {"step": train_step, "infer": _inference(model, images)}
     times = interleaved_times(runs, rounds, warmup, calls, device)
     clock = 1 if device.type == "cuda" else 0      # CPU: process CPU time (other processes' load drops out); CUDA: wall
@@ -371,11 +368,12 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calls", type=int, default=1, help="with --interleave: calls per model per round, the fastest counts")
     parser.add_argument("--from-params", default=None, help="read methods, batch_size, warmup, repeats, interleave, calls from this params.yaml")
     parser.add_argument("--params-section", default="bench", help="the section of --from-params to read (default: bench)")
+    parser.set_defaults(method_options=None)    # spec -> {part: options}: a section's `method_options`
     args = parser.parse_args(argv)
     if args.from_params:
         import yaml
         settings = yaml.safe_load(Path(args.from_params).read_text())[args.params_section]
-        for key in ("methods", "batch_size", "warmup", "repeats", "interleave", "calls"):
+        for key in ("methods", "batch_size", "warmup", "repeats", "interleave", "calls", "method_options"):
             if key in settings: setattr(args, key, settings[key])
     args.batch_size = args.batch_size or (64 if args.device.startswith("cuda") else 4)
     return args
@@ -385,14 +383,14 @@ def _cost_report(args: argparse.Namespace) -> tuple[list[dict], dict]:
     "Each method timed in its own process (`run_benchmark`): the rows, and how `write_report` writes them."
     rows = run_benchmark(args.methods, isolate=not args.device.startswith("cuda"), model_name=args.model,
                          model_kwargs={"img_size": args.img_size}, batch_size=args.batch_size, device=args.device,
-                         warmup=args.warmup, repeats=args.repeats, num_threads=args.threads)
+                         warmup=args.warmup, repeats=args.repeats, num_threads=args.threads, options=args.method_options)
     caption = (f"Cost per method: {args.model} at {args.img_size} px, random weights, {args.device}, batch {args.batch_size}, "
                f"median of {args.repeats} runs after {args.warmup} warm-up; times in ms per image; ratios from the same run "
                "(step_vs_frozen: over `linear`, the frozen backbone with a trained head; infer_vs_plain: over the unmodified ViT; "
                "`linear@eager`: that ViT on timm's eager attention path; peak memory: the CUDA allocator's peak, or on CPU the "
                "worker process's peak resident set, about 0.5 GB of imported libraries included; stored_kb: the trained tensors "
                "outside the head as stored, float32 except the 1-bit weights of bi_adapter and bi_lora; "
-               f"spt: {SPT_BENCH_BUDGET:,} entries allocated from one untimed sensitivity pass, in its CPU peak memory).")
+               f"spt: {SPT_BUDGET:,} entries allocated from one untimed sensitivity pass, in its CPU peak memory).")
     return rows, {"caption": caption, "table": format_table(rows)}
 
 
@@ -403,7 +401,7 @@ def _interleaved_report(args: argparse.Namespace) -> tuple[list[dict], dict]:
     "Every method timed round-robin in this process (`interleaved_ratios`): the rows, and how `write_report` writes them."
     rows = interleaved_ratios(args.methods or ["linear", "lora", "moppa", "coeff"], args.interleave, model_name=args.model,
                               model_kwargs={"img_size": args.img_size}, batch_size=args.batch_size, device=args.device,
-                              num_threads=args.threads, calls=args.calls)
+                              num_threads=args.threads, calls=args.calls, options=args.method_options)
     caption = (f"Interleaved cost ratios: {args.model} at {args.img_size} px, random weights, {args.device}, batch {args.batch_size}; "
                f"every model in one process, timed round-robin for {args.interleave} rounds after a warm-up round, "
                f"the fastest of {args.calls} call(s) per round, {rows[0]['clock']} time; "

@@ -23,10 +23,11 @@ from .weight_space import LoRAOptions, LoRAQV, QVLowRank, WeightSpaceMethod, add
 
 # %% auto #0
 __all__ = ['RLRR_TARGETS', 'RLRR_MOPPA_TARGETS', 'RLRR_RELEASED_SITES', 'RLRR_RELEASED', 'BIT_WIDTH', 'SPT_EXCLUDED',
-           'refuse_hooked_layer', 'RLRROptions', 'ResidualRescaling', 'RescaledParts', 'RLRR', 'DoRAOptions', 'DoRAQV',
-           'DoRA', 'normal_levels', 'fake_quantise', 'BiOptions', 'BiAdapterOptions', 'quantised_weight',
-           'init_bi_projections', 'QuantisedLinear', 'BinaryParallelAdapter', 'BiAdapter', 'BiLoRAOptions',
-           'QuantisedQV', 'BiLoRA', 'spt_sensitivity', 'spt_units', 'spt_allocation', 'SPTOptions', 'SPTDeltas', 'SPT']
+           'SPT_BUDGET', 'refuse_hooked_layer', 'RLRROptions', 'ResidualRescaling', 'RescaledParts', 'RLRR',
+           'DoRAOptions', 'DoRAQV', 'DoRA', 'normal_levels', 'fake_quantise', 'BiOptions', 'BiAdapterOptions',
+           'quantised_weight', 'init_bi_projections', 'QuantisedLinear', 'BinaryParallelAdapter', 'BiAdapter',
+           'BiLoRAOptions', 'QuantisedQV', 'BiLoRA', 'spt_sensitivity', 'spt_units', 'spt_allocation', 'SPTOptions',
+           'SPTDeltas', 'SPT']
 
 # %% ../nbs/09b_more_baselines.ipynb #0038580b
 def refuse_hooked_layer(layer: nn.Module, method: str, where: str) -> None:
@@ -384,6 +385,9 @@ def spt_allocation(sensitivity: dict[str, torch.Tensor],   # from `spt_sensitivi
     return allocation
 
 # %% ../nbs/09b_more_baselines.ipynb #51e12605
+SPT_BUDGET = 400_000      # tuned entries when none is given: the middle of the SPT paper's 0.2M-1M budgets
+
+
 @dataclass(frozen=True)
 class SPTOptions(MethodOptions):
     "Options of the `spt` method."
@@ -457,6 +461,11 @@ class SPT(WeightSpaceMethod):
 
     def is_trainable(self, parameter_name: str) -> bool:
         return super().is_trainable(parameter_name) or (self.options.train_cls_token and parameter_name == "cls_token")
+
+    @classmethod
+    def options_from_data(cls, model: nn.Module, batches: list, budget: int | None = None) -> dict:
+        "SPT's allocation of `budget` (default `SPT_BUDGET`) entries from one sensitivity pass over `batches`."
+        return {"allocation": spt_allocation(spt_sensitivity(model, batches), budget or SPT_BUDGET)}
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         o = self.options

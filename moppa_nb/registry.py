@@ -233,6 +233,11 @@ class PeftMethod:
         "A term the training loop adds to the loss at this step (after the forward pass), or None: most methods add none."
         return None
 
+    @classmethod
+    def options_from_data(cls, model: nn.Module, batches: list) -> dict:
+        "Options the method computes from a task's (images, labels) batches before it is installed (SPT: its allocation); most need none."
+        return {}
+
     def run_record(self, model: nn.Module) -> dict:
         "What a training run records about this method in the trained model (e.g. MoPPA's router weights): JSON-able, usually nothing."
         return {}

@@ -180,7 +180,7 @@ def run_identity(profile: dict, run: Run, data) -> dict:
     "What `run` is trained under: method, spec, task, seed, resolved settings, data, backbone and the code it executes."
     settings = run_settings(profile, run.method, run.task)
     data_identity = {**profile["data"], "preprocessing": preprocessing_of(profile), "sha256": data_fingerprint(data)}
-    return json.loads(json.dumps({"method": run.method, "peft_spec": peft_spec(profile, run.method), "task": run.task, "seed": run.seed,
+    return json.loads(json.dumps({"method": run.method, "peft_spec": peft_spec(profile, run.method, run.task), "task": run.task, "seed": run.seed,
                                   "settings": settings, "data": data_identity, "backbone": backbone_identity(profile),
                                   "code": code_identity(variant_spec(run.method))}))
 
@@ -404,7 +404,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"removing {stale}: not in experiment {args.experiment!r} any more", file=sys.stderr); shutil.rmtree(stale)
     jobs = args.jobs or default_jobs(settings)
     runs = len(methods) * len(settings["tasks"]) * len(settings.get("seeds", [0]))
-    print(f"train@{args.experiment}: {runs} runs of {methods} in {jobs} worker(s), profile {profile!r}", file=sys.stderr, flush=True)
+    workers = "in this process" if min(jobs, runs) == 1 else f"in {min(jobs, runs)} worker processes"
+    print(f"train@{args.experiment}: {runs} runs of {methods} {workers}, profile {profile!r}", file=sys.stderr, flush=True)
     from tqdm import tqdm
     with tqdm(total=runs, desc=f"train@{args.experiment}", unit="run", file=sys.stderr, mininterval=0, dynamic_ncols=True) as bar:
         try:

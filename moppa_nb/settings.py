@@ -28,7 +28,7 @@ __all__ = ['MODEL_KEYS', 'DATA_KEYS', 'VARIANT_NAME', 'MERGED_KEYS', 'NAME', 'PR
 # %% ../nbs/16a_settings.ipynb #a0451f33
 MODEL_KEYS, DATA_KEYS = ("drop_path", "head_init"), ("flip",)   # settings for the model and the data, not TrainConfig
 VARIANT_NAME = re.compile(r"(?P<spec>[A-Za-z0-9_+]+)(?:\[(?P<label>[A-Za-z0-9_,.=-]+)\])?")   # 'moppa[heat]': spec 'moppa', label 'heat'
-MERGED_KEYS = ("train", "method_train", "method_options", "task_train")   # an experiment updates these profile mappings key by key
+MERGED_KEYS = ("train", "method_train", "method_options", "task_train", "task_options")   # an experiment updates these profile mappings key by key
 
 
 NAME = re.compile(r"[A-Za-z0-9_]+")    # profile, experiment, dataset, backbone and group names: they reach dvc.yaml's shell commands
@@ -123,12 +123,16 @@ def train_config(settings: dict, seed: int):
     return TrainConfig(**{k: v for k, v in settings.items() if k in known}, seed=seed)
 
 
-def peft_spec(profile: dict, method: str) -> dict:
-    "`apply_peft` spec of `method`: each part's `method_options`, updated by the composition's own entry and then the variant's `options` (part -> options)."
+def peft_spec(profile: dict, method: str, task: str | None = None) -> dict:
+    "`apply_peft` spec of `method` (on `task`): each part's `method_options`, updated by the composition's own entry, the variant's `options`, then `task_options[method][task]` (part -> options)."
     spec, options = variant_spec(method), profile.get("method_options", {})
     own = options.get(spec, {}) if "+" in spec else {}
     variant = profile.get("variants", {}).get(method, {}).get("options", {})
-    return {part: {**options.get(part, {}), **own.get(part, {}), **variant.get(part, {})} for part in method_names(spec)}
+    task_options = profile.get("task_options") or {}
+    per_task = (task_options.get(method, task_options.get(spec)) or {}).get(task) or {} if task is not None else {}
+    per_task = per_task if "+" in spec else {spec: per_task}          # a single method's entry is its options
+    return {part: {**options.get(part, {}), **own.get(part, {}), **variant.get(part, {}), **per_task.get(part, {})}
+            for part in method_names(spec)}
 
 
 def experiment_methods(settings: dict) -> list[str]:
@@ -137,7 +141,7 @@ def experiment_methods(settings: dict) -> list[str]:
 
 # %% ../nbs/16a_settings.ipynb #906ebd19
 PROFILE_KEYS = ("data", "tasks", "datasets", "backbone", "backbones", "preprocessing", "seeds", "train", "method_train",
-                "method_options", "task_train", "experiments")   # what a profile sets; all required: dvc.yaml's stages depend on them
+                "method_options", "task_train", "task_options", "experiments")   # what a profile sets; all required: dvc.yaml's stages depend on them
 EXPERIMENT_KEYS = ("methods", "variants", "tasks", "seeds", "backbone", "dataset", "published", *MERGED_KEYS)   # what an experiment may set
 
 
@@ -231,6 +235,21 @@ def _check_task_train(at: str, settings: dict, tasks: dict) -> None:
         for task, overrides in per_task.items():
             if task not in tasks: raise SettingsError(f"{at}.task_train.{method}.{task}: unknown task; the profile's tasks are {list(tasks)}")
             _check_training_keys(f"{at}.task_train.{method}.{task}", overrides)
+
+
+def _check_task_options(at: str, settings: dict, tasks: dict) -> None:
+    "`task_options`: method (or variant) -> task -> its options (a composition's: part -> options), each valid for the method."
+    for method, per_task in _mapping(f"{at}.task_options", settings.get("task_options", {})).items():
+        _check_method(f"{at}.task_options.{method}", method)
+        for task, options in _mapping(f"{at}.task_options.{method}", per_task).items():
+            if task not in tasks: raise SettingsError(f"{at}.task_options.{method}.{task}: unknown task; the profile's tasks are {list(tasks)}")
+            _mapping(f"{at}.task_options.{method}.{task}", options)
+            parts = method_names(variant_spec(method))
+            if len(parts) > 1 and not set(options) <= set(parts):
+                raise SettingsError(f"{at}.task_options.{method}.{task}: a composition's options map its methods {parts} to their options, got {options!r}")
+            for part, part_options in peft_spec(settings, method, task).items():
+                try: build_options(get_method(part).Options, part, part_options)
+                except PeftError as error: raise SettingsError(f"{at}.task_options.{method}.{task}: {error}") from None
 
 
 def _check_backbone(at: str, backbone) -> None:
@@ -346,6 +365,7 @@ def _check_experiment(params: dict, profile: dict, name: str) -> None:
     _check_method_train(at, settings)
     _check_method_options(at, settings)
     _check_task_train(at, settings, {**profile["tasks"], **available})
+    _check_task_options(at, settings, {**profile["tasks"], **available})
     _check_variants(at, settings)
     _check_resolved_runs(at, settings)
 
@@ -355,7 +375,7 @@ def _check_compositions_run(params: dict, profile: dict, at: str) -> None:
     specs = {variant_spec(m) for name in params["experiments"] for m in experiment_methods(experiment_settings(params, profile["name"], name))}
     scopes = [(at, profile)] + [(f"{at}.experiments.{name}", own) for name, own in profile["experiments"].items()]
     for where, settings in scopes:
-        for key in ("method_train", "method_options", "task_train"):
+        for key in ("method_train", "method_options", "task_train", "task_options"):
             for method in settings.get(key) or {}:
                 if "+" in method and variant_spec(method) not in specs:
                     same = [s for s in sorted(specs) if sorted(method_names(s)) == sorted(method_names(variant_spec(method)))]
@@ -379,6 +399,7 @@ def check_profile(params: dict, profile: str | None = None) -> dict:
     _check_method_train(at, settings)
     _check_method_options(at, settings)
     _check_task_train(at, settings, settings["tasks"])
+    _check_task_options(at, settings, settings["tasks"])
     for name in _check_catalogue(params, settings, at): _check_experiment(params, settings, name)
     _check_compositions_run(params, settings, at)
     return settings
