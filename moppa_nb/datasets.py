@@ -612,17 +612,18 @@ def vpt_split_folders(folder: str | Path) -> dict[str, Path]:
     return found
 
 
-def check_fgvc_folder(folder: Path, name: str) -> dict[str, int]:
-    "Split sizes of a built FGVC folder, after checking every listed image exists and train has every class."
+def check_fgvc_folder(folder: Path, name: str, shown: Path | None = None) -> dict[str, int]:
+    "Split sizes of a built FGVC folder, after checking every listed path stays inside it and exists, and train has every class (`shown`: the folder's name in messages)."
     spec, sizes = FGVC_TASKS[name], {}
     image_root = folder / spec.image_dir if spec.image_dir else folder
+    shown_root = (shown or folder) / spec.image_dir if spec.image_dir else (shown or folder)
     for split in FGVC_SPLITS:
         anno = read_json_split(folder / f"{split}.json", name)
         for path in anno: check_relative_path(path, f"{split}.json", name)      # no absolute path, no '..'
         missing = [path for path in anno if not (image_root / path).is_file()]
         if missing:
-            raise FileNotFoundError(f"Task {name!r}: {split}.json lists {len(missing)} image(s) absent from {image_root}, "
-                                    f"e.g. {missing[:3]} (paths must be relative to {image_root}).")
+            raise FileNotFoundError(f"Task {name!r}: {split}.json lists {len(missing)} image(s) absent from {shown_root}, "
+                                    f"e.g. {missing[:3]} (paths must be relative to {shown_root}).")
         sizes[split] = len(anno)
     classes = len(set(read_json_split(folder / "train.json", name).values()))
     if classes != spec.num_classes:
@@ -677,7 +678,7 @@ def build_fgvc(root: str | Path,                       # FGVC root to write, e.g
                     for split, content in split_records(FGVC_READERS[name](staged), val_fraction, seed).items():
                         (staged / f"{split}.json").write_text(json.dumps(content, indent=0))
                     how = {"splits": "official", "val_fraction": val_fraction, "seed": seed}
-                sizes = check_fgvc_folder(staged, name)
+                sizes = check_fgvc_folder(staged, name, shown=target)
             built[name] = {"folder": target.name, "sources": checked[name], **how,
                            "num_classes": FGVC_TASKS[name].num_classes, "split_sizes": sizes}
             update_manifest(root, name, built[name])
