@@ -359,6 +359,8 @@ def _read_cache(cached: Path, entries: list[tuple[str, int]], size: int) -> tupl
         if (not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != (len(entries), 3, size, size)
                 or labels.tolist() != [label for _, label in entries]):
             raise ValueError("unexpected contents")
+    except FileNotFoundError:
+        return None                        # pruned since it was listed: decode again
     except Exception as error:
         warnings.warn(f"Discarding the damaged cache file {cached} ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}); "
                       "decoding the images again.", stacklevel=3)

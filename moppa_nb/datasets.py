@@ -515,6 +515,9 @@ def build_vtab(root: str | Path,                   # folder of tasks to write, e
         if incomplete:
             task, folder = next(iter(incomplete.items()))
             shown = folder.relative_to(base).as_posix()
+            if folder.is_symlink():
+                raise ValueError(f"{archive}: the folder {shown!r} of task {task!r} is a link, and links are not followed; "
+                                 "put the folder itself there.")
             raise ValueError(f"{archive}: the folder {shown!r} of task {task!r} holds no test.txt, so it is not a complete NOAH-layout "
                              "task folder (test.txt, train800.txt, val200.txt and/or train800val200.txt, images/); is the copy complete?")
         if absent:

@@ -94,13 +94,22 @@ def noah_folder(root: Path, sizes=(8, 4, 5)) -> Path:
     return root / "vtab-1k"
 
 
-@pytest.mark.parametrize("case", ["link-to-a-private-file", "link-listed-in-a-split", "link-to-a-folder", "regular-file"])
+@pytest.mark.parametrize("case", ["link-to-a-private-file", "link-listed-in-a-split", "link-to-a-folder", "task-folder-is-a-link",
+                                  "regular-file"])
 def test_a_folder_source_copies_regular_files_and_follows_no_link(case, tmp_path):
     source = noah_folder(tmp_path / "src")
     secret = tmp_path / "private" / "id_rsa"
     secret.parent.mkdir()
     secret.write_text("PRIVATE KEY")
     images = source / "dtd" / "images"
+    if case == "task-folder-is-a-link":                       # the task folder itself lies outside the source
+        (source / "dtd").rename(tmp_path / "private" / "dtd")
+        (source / "dtd").symlink_to(tmp_path / "private" / "dtd", target_is_directory=True)
+        with pytest.raises(ValueError, match="is a link") as error:
+            build_vtab(tmp_path / "built", ["dtd"], source, expected_sizes=None, **quiet)
+        one_line(error)
+        assert not (tmp_path / "built" / "dtd").exists()
+        return
     if case == "link-to-a-private-file":
         (images / "id_rsa").symlink_to(secret)
     elif case == "link-listed-in-a-split":
@@ -240,6 +249,20 @@ def test_prune_refuses_an_age_that_is_not_a_finite_number_of_days(days, vtab_roo
         data.main(["prune", "--cache-dir", str(cache), "--older-than", days])
     assert stop.value.code == 2 and len(list(cache.glob("*.pt"))) == 2
     assert "--older-than" in one_line(capsys.readouterr().err)
+
+
+def test_a_cache_file_pruned_before_it_is_read_is_decoded_again_without_a_damage_warning(vtab_root, tmp_path, monkeypatch):
+    cache, real = tmp_path / "cache", torch.load
+    load(vtab_root, cache)
+
+    def load_after_a_prune(path, *args, **kwargs):
+        prune_cache(cache)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(torch, "load", load_after_a_prune)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert same_task(load(vtab_root, cache), load(vtab_root, False))
+    assert not [w for w in caught if "damaged" in str(w.message)]
 
 
 @pytest.mark.parametrize("meanwhile", ["prune_cache", "another process deletes the partial file", "nothing"])
