@@ -206,6 +206,17 @@ def test_a_failed_adapter_write_leaves_the_old_adapter_loadable(failing, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
 
 
+@pytest.mark.parametrize("owner", ["killed", "live"])
+def test_a_killed_adapter_write_leaves_nothing_behind_at_the_next_save(owner, tmp_path):
+    pid = dead_pid() if owner == "killed" else os.getppid()
+    stale = tmp_path / f".adapter.{pid}.k1ll3d_x.partial"
+    stale.mkdir(parents=True)
+    (stale / ADAPTER_WEIGHTS).write_bytes(b"half")
+    save_adapter(adapter_model(0), tmp_path)
+    assert stale.exists() == (owner == "live")
+    load_adapter(tiny_vit(), tmp_path)
+
+
 # ---------------------------------------------------------------- 4. the decoded-image cache
 @pytest.fixture
 def vtab_root(tmp_path):
