@@ -9,8 +9,11 @@ import dataclasses
 import errno
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
+import time
 import tempfile
 import warnings
 from pathlib import Path
@@ -23,10 +26,12 @@ from .registry import (
     PeftError, PeftMethod, build_options, check_options_fit, composition_conflicts, get_method, vit_layout)
 
 # %% auto #0
-__all__ = ['MethodSpec', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'ADAPTER_FORMAT', 'parse_methods', 'method_names', 'ModelSnapshot',
-           'head_prefixes', 'is_head_parameter', 'adapted_methods', 'apply_peft', 'count_trainable', 'adapter_config',
-           'adapter_state_dict', 'tensor_sha256', 'tensor_hash_problem', 'backbone_identity', 'WriteError',
-           'atomic_write', 'save_adapter', 'read_adapter_files', 'load_adapter', 'merge_peft']
+__all__ = ['MethodSpec', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'ADAPTER_FORMAT', 'SKETCH_POINTS', 'parse_methods', 'method_names',
+           'ModelSnapshot', 'head_prefixes', 'is_head_parameter', 'adapted_methods', 'apply_peft', 'count_trainable',
+           'adapter_config', 'adapter_state_dict', 'tensor_sha256', 'tensor_hash_problem', 'frozen_sha256',
+           'tensor_sketch', 'same_sketch', 'backbone_identity', 'WriteError', 'process_alive', 'temporary_prefix',
+           'remove_stale_temporaries', 'atomic_write', 'save_adapter', 'read_adapter_files', 'load_adapter',
+           'merge_peft']
 
 # %% ../nbs/05_adapt.ipynb #037a0a97
 MethodSpec = str | list | tuple | dict
@@ -160,7 +165,7 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     "sha256 of a tensor's dtype, shape and bytes."
     tensor = tensor.detach().cpu().contiguous()
     digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())      # the bytes in place, no copy
     return digest.hexdigest()
 
 
@@ -178,16 +183,42 @@ def tensor_hash_problem(tensors: dict[str, torch.Tensor],   # tensors as read ba
     return None
 
 
-def backbone_identity(model: nn.Module) -> dict:
-    "What the adapter was trained on: model class, timm architecture, and a sha256 over the frozen (not trained) tensors."
+def frozen_sha256(model: nn.Module) -> tuple[str, int]:
+    "sha256 over the names, dtypes, shapes and bytes of the frozen (not trained) tensors, and their number: a permutation changes it."
     digest, count = hashlib.sha256(), 0
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             digest.update(f"{name}|{tensor_sha256(parameter)}|".encode())
             count += 1
+    return digest.hexdigest(), count
+
+
+SKETCH_POINTS = 8     # values per frozen tensor in a backbone's sketch
+
+
+def tensor_sketch(tensor: torch.Tensor) -> list[float]:
+    "`SKETCH_POINTS` values of a tensor at evenly spaced positions and its mean absolute value: what a cast to fp16 or bf16 keeps to ~1%."
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() == 0: return []
+    index = torch.linspace(0, flat.numel() - 1, SKETCH_POINTS).round().long().to(flat.device)
+    return [*flat[index].double().cpu().tolist(), flat.double().abs().mean().item()]
+
+
+def same_sketch(saved, current: dict[str, list[float]], rel_tol: float = 1e-2, abs_tol: float = 1e-6) -> bool:
+    "Whether two backbones' sketches agree to within a half-precision cast (same tensor names, values within `rel_tol`)."
+    if not isinstance(saved, dict) or set(saved) != set(current): return False
+    return all(isinstance(values, list) and len(values) == len(current[name]) and
+               all(isinstance(a, (int, float)) and math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol) for a, b in zip(values, current[name]))
+               for name, values in saved.items())
+
+
+def backbone_identity(model: nn.Module) -> dict:
+    "What the adapter was trained on: model class, timm architecture, a sha256 over the frozen (not trained) tensors and their sketch."
+    sha256, count = frozen_sha256(model)
     return {"class": f"{type(model).__module__}.{type(model).__qualname__}",
             "architecture": getattr(model, "pretrained_cfg", {}).get("architecture"),
-            "frozen_tensors": count, "frozen_sha256": digest.hexdigest()}
+            "frozen_tensors": count, "frozen_sha256": sha256,
+            "frozen_sketch": {name: tensor_sketch(p) for name, p in model.named_parameters() if not p.requires_grad}}
 
 # %% ../nbs/05_adapt.ipynb #b2c0f006
 class WriteError(OSError):
@@ -215,14 +246,52 @@ def _write_failure(path: Path, error: BaseException) -> WriteError | None:
                       "this write; free some space (or make the folder writable) and run again (a training run resumes).")
 
 
+def process_alive(pid: int) -> bool:
+    "Whether process `pid` runs on this machine (this process counts)."
+    if pid == os.getpid(): return True
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OverflowError, ValueError): return pid > 0
+    return True
+
+
+def temporary_prefix(path: Path) -> str:
+    "How the temporary files and folders written for `path` begin: `.<name>.<pid>.` (so that a killed writer's are recognisable)."
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_stale_temporaries(folder: str | Path, name: str, legacy_age_s: float = 3600) -> list[Path]:
+    """Remove what a killed writer of `name` left in `folder`: `.<name>.<pid>.<random>.tmp` / `.partial` / `.old` of a process that is gone,
+    and `.<name>.<random>.tmp` (written before the pid was part of the name) older than `legacy_age_s`; return the removed paths."""
+    folder, removed = Path(folder), []
+    named = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.[A-Za-z0-9_]+\.(tmp|partial|old)$")
+    legacy = re.compile(rf"^\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp$")
+    try: entries = list(folder.iterdir())
+    except OSError: return removed
+    for entry in entries:
+        match = named.match(entry.name)
+        try:
+            stale = (match is not None and not process_alive(int(match[1]))) or (
+                legacy.match(entry.name) is not None and time.time() - entry.lstat().st_mtime > legacy_age_s)
+            if not stale: continue
+            if entry.is_dir() and not entry.is_symlink(): shutil.rmtree(entry)
+            else: entry.unlink()
+            removed.append(entry)
+        except OSError:
+            continue                       # gone already, or not ours to remove: leave it
+    return removed
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, flush it to disk, then rename it over `path` (also used for checkpoints).
-    A failed write removes the temporary file and raises `WriteError` naming `path` (the disk is full, or the write failed)."""
+    A failed write removes the temporary file and raises `WriteError` naming `path` (the disk is full, or the write failed).
+    The temporary file is `.<name>.<pid>.<random>.tmp`; those a killed process left beside `path` are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, path.name)
     tmp = None
     try:
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        handle, tmp = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
         os.close(handle)
         write(Path(tmp))
         with open(tmp, "rb+") as written:
@@ -236,8 +305,21 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def _write_or_explain(path: Path, shown: Path, write: Callable[[Path], None]) -> None:
+    "`write(path)` and flush it to disk; a failed write raises `WriteError` naming `shown` (the file it stands for)."
+    try:
+        write(path)
+        with open(path, "rb+") as written:
+            os.fsync(written.fileno())
+    except BaseException as error:
+        failure = _write_failure(shown, error)
+        if failure is None: raise
+        raise failure from error
+
+
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    "Write `adapter.safetensors`, then `adapter_config.json` (each atomically) to `directory`; return it."
+    """Write `adapter.safetensors` and `adapter_config.json` to `directory` as a pair: both into a temporary folder there
+    (`.adapter.<pid>.<random>.partial`), then each renamed over the old one; a failed write leaves the old adapter as it was."""
     from safetensors.torch import save_file
     if getattr(model, "peft_merged", False):
         raise PeftError("The model was merged (merge_peft): its adapter is folded into the backbone weights, so it cannot "
@@ -246,8 +328,15 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     config = {"format": ADAPTER_FORMAT, **adapter_config(model), "train_head": bool(getattr(model, "peft_train_head", True)),
               "backbone": backbone_identity(model), "tensors": {k: tensor_sha256(v) for k, v in tensors.items()}}
-    atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write(directory / ADAPTER_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    remove_stale_temporaries(directory, "adapter")
+    staged = Path(tempfile.mkdtemp(prefix=temporary_prefix(directory / "adapter"), suffix=".partial", dir=directory))
+    try:
+        _write_or_explain(staged / ADAPTER_WEIGHTS, directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+        _write_or_explain(staged / ADAPTER_CONFIG, directory / ADAPTER_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+        os.replace(staged / ADAPTER_WEIGHTS, directory / ADAPTER_WEIGHTS)
+        os.replace(staged / ADAPTER_CONFIG, directory / ADAPTER_CONFIG)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     return directory
 
 # %% ../nbs/05_adapt.ipynb #b2c0f007
@@ -255,7 +344,9 @@ def _json_roundtrip(value):
     return json.loads(json.dumps(value))
 
 
-def read_adapter_files(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_adapter_files(directory: str | Path,
+                       force: bool = False,      # read a config of another format, or without tensor hashes (with a warning)
+                       ) -> tuple[dict, dict[str, torch.Tensor]]:
     "The config and tensors of the adapter in `directory`, checked against the recorded hashes; `PeftError` naming the file otherwise."
     from safetensors.torch import load_file
     directory = Path(directory)
@@ -275,10 +366,18 @@ def read_adapter_files(directory: str | Path) -> tuple[dict, dict[str, torch.Ten
     except Exception as error:
         raise PeftError(f"{weights_file} cannot be read as safetensors ({type(error).__name__}: {error}); "
                         "it is truncated or damaged: save the adapter again.") from None
+    if config.get("format") != ADAPTER_FORMAT:
+        found = "no 'format'" if "format" not in config else f"'format' {config['format']!r}"
+        problem = f"{config_file} has {found}; this moppa_nb reads adapter format {ADAPTER_FORMAT}"
+        if not force:
+            raise PeftError(f"{problem}: save the adapter again with this version, or pass force=True to load it unchecked.")
+        warnings.warn(f"{problem}; loading it anyway (force=True).")
     hashes = config.get("tensors")
     if hashes is None:
-        warnings.warn(f"{config_file} records no tensor hashes (saved by an older moppa_nb): the weights and the backbone "
-                      "cannot be verified; save the adapter again.")
+        problem = f"{config_file} records no tensor hashes ('tensors' missing or null): {weights_file} cannot be verified"
+        if not force:
+            raise PeftError(f"{problem}; save the adapter again, or pass force=True to load it unverified.")
+        warnings.warn(f"{problem}; loading it unverified (force=True).")
         return config, tensors
     problem = tensor_hash_problem(tensors, hashes, weights_file, config_file)
     if problem:
@@ -290,7 +389,12 @@ def _check_backbone(model: nn.Module, saved: dict, config_file: Path) -> None:
     if not isinstance(saved, dict):
         raise PeftError(f"{config_file}: 'backbone' must be an object (class, architecture, frozen tensors), got {saved!r}.")
     current = backbone_identity(model)
-    differ = [f"{key}: {saved.get(key)!r} saved, {current[key]!r} now" for key in current if saved.get(key) != current[key]]
+    differ = [f"{key}: {saved.get(key)!r} saved, {current[key]!r} now" for key in ("class", "architecture", "frozen_tensors")
+              if saved.get(key) != current[key]]
+    if not differ and saved.get("frozen_sha256") != current["frozen_sha256"] and not same_sketch(saved.get("frozen_sketch"),
+                                                                                                   current["frozen_sketch"]):
+        differ.append(f"frozen_sha256: {saved.get('frozen_sha256')!r} saved, {current['frozen_sha256']!r} now, and the weights "
+                      "differ by more than a half-precision cast")
     if differ:
         raise PeftError(f"The adapter {config_file} was saved on another backbone ({'; '.join(differ)}); "
                         "load it into the model it was trained on, or pass force=True to load it anyway.")
@@ -329,13 +433,16 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], directory
 
 def load_adapter(model: nn.Module,             # plain or adapted timm ViT
                  directory: str | Path,        # folder written by save_adapter
-                 force: bool = False,          # load even onto another backbone (same layout and tensor shapes)
+                 force: bool = False,          # load even onto another backbone (same layout and shapes), or a config of another format, without hashes or backbone
                  ) -> nn.Module:
     "Load an adapter saved by `save_adapter` into `model` (adapting a plain model first); refuse any mismatch, leaving the model as it was."
     if not isinstance(force, bool):
         raise PeftError(f"force must be True or False, got {force!r} ({type(force).__name__}).")
     directory = Path(directory)
-    saved, tensors = read_adapter_files(directory)
+    saved, tensors = read_adapter_files(directory, force)
+    if "backbone" not in saved and not force:
+        raise PeftError(f"{directory / ADAPTER_CONFIG} records no 'backbone': it cannot be checked against this model; "
+                        "save the adapter again, or pass force=True to load it unchecked.")
     snapshot = ModelSnapshot(model)
     try:
         if not adapted_methods(model): _adapt_as_saved(model, saved, directory / ADAPTER_CONFIG)

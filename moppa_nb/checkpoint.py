@@ -5,8 +5,8 @@
 # %% ../nbs/12b_checkpoint.ipynb #8edc861b
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,16 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapt import adapted_methods, adapter_config, adapter_state_dict, atomic_write
+from .adapt import (
+    adapted_methods, adapter_config, adapter_state_dict, atomic_write, frozen_sha256, remove_stale_temporaries, tensor_sha256)
 
 # %% auto #0
-__all__ = ['CHECKPOINT_NAME', 'CHECKPOINT_FORMAT', 'CheckpointError', 'write_json', 'model_fingerprint', 'TrainingState',
-           'rng_states', 'restore_rng_states', 'save_checkpoint', 'read_checkpoint', 'check_checkpoint',
-           'resume_checkpoint']
+__all__ = ['CHECKPOINT_NAME', 'CHECKPOINT_FORMAT', 'CheckpointError', 'write_json', 'model_fingerprint', 'data_fingerprint',
+           'TrainingState', 'rng_states', 'restore_rng_states', 'save_checkpoint', 'read_checkpoint',
+           'check_checkpoint', 'resume_checkpoint']
 
 # %% ../nbs/12b_checkpoint.ipynb #60d11e1d
 CHECKPOINT_NAME = "checkpoint.pt"   # file name of a run's (single, latest) checkpoint
-CHECKPOINT_FORMAT = 1               # bumped when the checkpoint's layout changes
+CHECKPOINT_FORMAT = 2               # bumped when the checkpoint's layout changes (2: sha256 of the frozen weights and of the data)
 
 
 class CheckpointError(ValueError):
@@ -39,13 +40,21 @@ def write_json(path: str | Path, value: Any) -> Path:
 
 # %% ../nbs/12b_checkpoint.ipynb #c141fb88
 def model_fingerprint(model: nn.Module) -> dict:
-    "Trainable parameter names and shapes, adapter methods and options (None for a plain model), frozen-weight checksum."
+    "Trainable parameter names and shapes, adapter methods and options (None for a plain model), sha256 of the frozen weights."
     trainable = {name: list(p.shape) for name, p in model.named_parameters() if p.requires_grad}
-    with torch.no_grad():
-        squares = [p.detach().double().square().sum() for p in model.parameters() if not p.requires_grad]
-        checksum = float(torch.stack(squares).sum()) if squares else 0.0
     adapter = json.loads(json.dumps(adapter_config(model))) if adapted_methods(model) else None
-    return {"trainable": trainable, "adapter": adapter, "frozen_checksum": checksum}
+    return {"trainable": trainable, "adapter": adapter, "frozen_sha256": frozen_sha256(model)[0]}
+
+
+def data_fingerprint(task,                          # TaskData-like: num_classes, splits, preprocessing
+                     splits: tuple[str, ...] | list[str],  # the splits a run reads
+                     ) -> dict:
+    "sha256 of each split's images and labels, with the task's number of classes and preprocessing: what a run was trained on."
+    preprocessing = task.preprocessing
+    return {"num_classes": int(task.num_classes),
+            "preprocessing": dataclasses.asdict(preprocessing) if dataclasses.is_dataclass(preprocessing) else repr(preprocessing),
+            "splits": {split: f"{tensor_sha256(task.splits[split][0])}|{tensor_sha256(task.splits[split][1])}"
+                       for split in dict.fromkeys(splits)}}
 
 # %% ../nbs/12b_checkpoint.ipynb #1e63b4be
 @dataclass
@@ -56,7 +65,7 @@ class TrainingState:
     scheduler: Any                      # timm scheduler (state_dict / load_state_dict)
     generator: torch.Generator          # shuffles the batches and draws the flips (CPU)
     config: dict                        # the config fields that define the trajectory, JSON-able
-    fingerprint: dict                   # `model_fingerprint(model)`, computed once per run
+    fingerprint: dict                   # `model_fingerprint(model)` (with `data`: `data_fingerprint`), computed once per run
 
     @property
     def device(self) -> torch.device:
@@ -98,8 +107,11 @@ def read_checkpoint(path: str | Path) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise CheckpointError(f"Cannot read the checkpoint {path}: {error}") from error
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a moppa_nb checkpoint of format {CHECKPOINT_FORMAT}.")
+    if not isinstance(checkpoint, dict) or "format" not in checkpoint:
+        raise CheckpointError(f"{path} is not a moppa_nb checkpoint; start over with resume=False, or use another run_dir.")
+    if checkpoint["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is a checkpoint of format {checkpoint['format']!r} (another moppa_nb version); this one "
+                              f"reads format {CHECKPOINT_FORMAT}: start over with resume=False, or use another run_dir.")
     return checkpoint
 
 
@@ -116,19 +128,28 @@ def check_checkpoint(checkpoint: dict, state: TrainingState) -> list[str]:
     problems += _differences(saved["trainable"], current["trainable"], "trainable parameter")
     if saved["adapter"] != current["adapter"]:
         problems.append(f"adapter (methods, options, layout, classes): {saved['adapter']} in the checkpoint, {current['adapter']} now")
-    if not math.isclose(saved["frozen_checksum"], current["frozen_checksum"], rel_tol=1e-6):
-        problems.append(f"frozen weights: checksum {saved['frozen_checksum']:.6g} in the checkpoint, "
-                        f"{current['frozen_checksum']:.6g} now (another backbone?)")
+    if saved.get("frozen_sha256") != current.get("frozen_sha256"):
+        problems.append(f"frozen weights: sha256 {str(saved.get('frozen_sha256'))[:16]} in the checkpoint, "
+                        f"{str(current.get('frozen_sha256'))[:16]} now (another backbone, or its weights changed)")
+    old, new = saved.get("data") or {}, current.get("data") or {}
+    for key in ("num_classes", "preprocessing"):
+        if old.get(key) != new.get(key):
+            problems.append(f"data: {key} {old.get(key)!r} in the checkpoint, {new.get(key)!r} now")
+    changed = sorted(split for split in set(old.get("splits", {})) | set(new.get("splits", {}))
+                     if old.get("splits", {}).get(split) != new.get("splits", {}).get(split))
+    if changed:
+        problems.append(f"data: the images or labels of split(s) {changed} differ from those the checkpoint was trained on")
     return problems
 
 
 def resume_checkpoint(path: str | Path, state: TrainingState) -> tuple[int, list[dict]]:
     "Restore `state` from the checkpoint at `path`; return (finished epochs, history). Raise `CheckpointError` on any mismatch."
+    remove_stale_temporaries(Path(path).parent, Path(path).name)     # what a write killed mid-way left
     checkpoint = read_checkpoint(path)
     problems = check_checkpoint(checkpoint, state)
     if problems:
-        raise CheckpointError(f"The checkpoint {path} does not belong to this run (start over with resume=False, "
-                              f"or use another run_dir):\n- " + "\n- ".join(problems))
+        raise CheckpointError(f"The checkpoint {path} does not belong to this run ({'; '.join(problems)}): start over with "
+                              "resume=False, or use another run_dir.")
     with torch.no_grad():
         for name, parameter in state.model.named_parameters():
             if parameter.requires_grad:

@@ -6,11 +6,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
+import math
 import os
+import re
+import shutil
+import tempfile
 import time
+import uuid
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,12 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .adapt import process_alive, remove_stale_temporaries, temporary_prefix
 from .registry import at_least, check_fields, checked, did_you_mean
 
 # %% auto #0
 __all__ = ['VTAB_TASKS', 'VTAB_CLASSES', 'VTAB_GROUPS', 'VTAB_SPLITS', 'TASK_ALIASES', 'NORMALIZATIONS', 'INTERPOLATIONS',
-           'TASK_INFO', 'FGVC_TASKS', 'FGVC_ALIASES', 'FGVC_SPLITS', 'canonical_task', 'task_group', 'Preprocessing',
-           'write_vtab_task', 'TaskData', 'cache_root', 'default_cache_dir', 'resolve_cache_dir', 'task_folder',
+           'TASK_INFO', 'CACHE_ENTRY', 'FGVC_TASKS', 'FGVC_ALIASES', 'FGVC_SPLITS', 'canonical_task', 'task_group',
+           'Preprocessing', 'staged_folder', 'replace_folder', 'building_folder', 'write_vtab_task', 'TaskData',
+           'cache_root', 'default_cache_dir', 'resolve_cache_dir', 'task_folder', 'read_task_info',
            'check_relative_path', 'read_list_file', 'decode_image', 'decode_images', 'load_vtab_task', 'prune_cache',
            'main', 'FgvcSpec', 'canonical_fgvc_task', 'read_json_split', 'fgvc_task_spec', 'load_fgvc_task',
            'write_fgvc_task']
@@ -120,6 +129,43 @@ def _as_uint8_image(image, where: str) -> np.ndarray:
     return image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
 
 
+def staged_folder(target: Path) -> Path:
+    "A new, empty folder beside `target` to build it in: `.<name>.<pid>.<random>.partial` (those a killed build left are removed first)."
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, target.name)
+    return Path(tempfile.mkdtemp(prefix=temporary_prefix(target), suffix=".partial", dir=target.parent))
+
+
+def replace_folder(staged: Path, target: Path) -> Path:
+    "Put the complete folder `staged` at `target` (renames); the folder it replaces is removed only once the new one is in place."
+    old = None
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f"{temporary_prefix(target)}{uuid.uuid4().hex[:8]}.old")
+        os.replace(target, old)
+    try:
+        os.replace(staged, target)
+    except BaseException:
+        if old is not None: os.replace(old, target)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink(): shutil.rmtree(old, ignore_errors=True)
+        else: old.unlink(missing_ok=True)
+    return target
+
+
+@contextlib.contextmanager
+def building_folder(target: str | Path):
+    "Yield a staged folder to build `target` in; on success it replaces `target`, on failure it is removed and `target` is left as it was."
+    target = Path(target)
+    staged = staged_folder(target)
+    try:
+        yield staged
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    replace_folder(staged, target)
+
+
 def _class_count(splits: dict, num_classes: int | None) -> int:
     "`num_classes`, or the largest label of `splits` + 1."
     all_labels = [int(v) for _, labels in splits.values() for v in np.asarray(labels).ravel()]
@@ -152,21 +198,22 @@ def write_vtab_task(root: str | Path,                 # folder of tasks, e.g. da
                     image_format: Literal["png", "jpg"] = "png",  # PNG is lossless; JPEG like the real VTAB-1K files
                     info: dict | None = None,         # extra metadata for task.json (e.g. group, class names)
                     ) -> Path:
-    "Write `splits` as a task in the VTAB-1K folder layout; return the task folder."
+    "Write `splits` as a task in the VTAB-1K folder layout (in a staged folder that replaces `<root>/<task>` once complete); return the task folder."
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}.")
     if "train800val200" in splits:
         raise ValueError("train800val200 is written as train800 followed by val200; pass those two splits.")
-    folder, num_classes = Path(root) / task, _class_count(splits, num_classes)
-    lines = {split: [f"images/{relative} {label}\n" for relative, label in
-                     _write_split_images(folder / "images", task, split, images, labels, num_classes, image_format)]
-             for split, (images, labels) in splits.items()}
-    if "train800" in lines and "val200" in lines:
-        lines["train800val200"] = lines["train800"] + lines["val200"]
-    for split, content in lines.items():
-        (folder / f"{split}.txt").write_text("".join(content))
-    (folder / TASK_INFO).write_text(json.dumps({"name": task, "num_classes": num_classes, **(info or {})}, indent=1))
-    return folder
+    target, num_classes = Path(root) / task, _class_count(splits, num_classes)
+    with building_folder(target) as folder:
+        lines = {split: [f"images/{relative} {label}\n" for relative, label in
+                         _write_split_images(folder / "images", task, split, images, labels, num_classes, image_format)]
+                 for split, (images, labels) in splits.items()}
+        if "train800" in lines and "val200" in lines:
+            lines["train800val200"] = lines["train800"] + lines["val200"]
+        for split, content in lines.items():
+            (folder / f"{split}.txt").write_text("".join(content))
+        (folder / TASK_INFO).write_text(json.dumps({"name": task, "num_classes": num_classes, **(info or {})}, indent=1))
+    return target
 
 # %% ../nbs/10_data.ipynb #16d0fe25
 @dataclass
@@ -190,8 +237,9 @@ class TaskData:
 
 
 def cache_root() -> Path:
-    "The folder under which moppa-nb caches anything: `$MOPPA_NB_CACHE`, else `~/.cache/moppa_nb`."
-    return Path(os.environ.get("MOPPA_NB_CACHE", Path.home() / ".cache" / "moppa_nb"))
+    "The folder under which moppa-nb caches anything: `$MOPPA_NB_CACHE` (unless empty: unset), else `~/.cache/moppa_nb`."
+    configured = os.environ.get("MOPPA_NB_CACHE", "").strip()
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "moppa_nb"
 
 
 def default_cache_dir() -> Path:
@@ -212,17 +260,7 @@ def task_folder(root: str | Path, task: str) -> tuple[str, Path, int]:
                                 f"sub-folder per task (<root>/<task>/train800.txt, ...).")
     present = sorted(p.name for p in root.iterdir() if p.is_dir())
     if (root / task / TASK_INFO).is_file():
-        try:
-            info = json.loads((root / task / TASK_INFO).read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"Task {task!r}: {root / task / TASK_INFO} is not valid JSON ({error}); expected an object "
-                             'such as {"num_classes": 10}.') from None
-        if not isinstance(info, dict):
-            raise ValueError(f"Task {task!r}: {root / task / TASK_INFO} must hold a JSON object such as "
-                             f'{{"num_classes": 10}}, got a {type(info).__name__}.')
-        if not isinstance(info.get("num_classes"), int) or isinstance(info["num_classes"], bool) or info["num_classes"] < 1:
-            raise ValueError(f"Task {task!r}: {root / task / TASK_INFO} must give a positive int 'num_classes', got {info}.")
-        return task, root / task, info["num_classes"]
+        return task, root / task, read_task_info(root / task / TASK_INFO, task)["num_classes"]
     try:
         name = canonical_task(task)
     except ValueError as error:
@@ -231,6 +269,21 @@ def task_folder(root: str | Path, task: str) -> tuple[str, Path, int]:
     if not folder.is_dir():
         raise FileNotFoundError(f"Task {task!r}: folder {folder} does not exist; task folders under {root}: {present}.")
     return name, folder, VTAB_CLASSES[name]
+
+
+def read_task_info(path: Path, task: str) -> dict:
+    "The checked contents of a task's `task.json`: a JSON object with a positive int `num_classes`; a one-line `ValueError` naming the file otherwise."
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"Task {task!r}: {path} is not valid JSON ({str(error).splitlines()[0][:200]}); it is damaged: rebuild the task "
+                         '(or write an object such as {"num_classes": 10}).') from None
+    if not isinstance(info, dict):
+        raise ValueError(f"Task {task!r}: {path} must hold a JSON object such as "
+                         f'{{"num_classes": 10}}, got a {type(info).__name__}.')
+    if not isinstance(info.get("num_classes"), int) or isinstance(info["num_classes"], bool) or info["num_classes"] < 1:
+        raise ValueError(f"Task {task!r}: {path} must give a positive int 'num_classes', got {str(info.get('num_classes'))[:80]!r}.")
+    return info
 
 
 def check_relative_path(relative: str, where: str, task: str) -> str:
@@ -306,19 +359,41 @@ def _read_cache(cached: Path, entries: list[tuple[str, int]], size: int) -> tupl
         if (not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != (len(entries), 3, size, size)
                 or labels.tolist() != [label for _, label in entries]):
             raise ValueError("unexpected contents")
+    except FileNotFoundError:
+        return None                        # pruned since it was listed: decode again
     except Exception as error:
         warnings.warn(f"Discarding the damaged cache file {cached} ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}); "
                       "decoding the images again.", stacklevel=3)
-        cached.unlink(missing_ok=True)
+        with contextlib.suppress(OSError): cached.unlink(missing_ok=True)    # a read-only cache keeps it
         return None
-    os.utime(cached)                       # its age is the time since it was last used (`prune_cache`)
+    with contextlib.suppress(OSError):     # read-only cache, or pruned meanwhile: the split was read all the same
+        os.utime(cached)                   # its age is the time since it was last used (`prune_cache`)
     return images, labels
 
 
-def _cache_folder(cache_dir: Path) -> Path:
+def _write_cache(cached: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
+    "Store a decoded split as `cached` (through `<name>.<pid>.tmp`); a cache that cannot be written is skipped with a warning."
+    partial = cached.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        with open(partial, "wb") as handle:
+            torch.save({"images": images, "labels": labels}, handle)
+        partial.replace(cached)
+    except (OSError, RuntimeError) as error:   # read-only or full cache, or a prune removed the partial file meanwhile
+        with contextlib.suppress(OSError): partial.unlink(missing_ok=True)
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:120]
+        warnings.warn(f"Could not write the cache file {cached} ({reason}); the split is used without caching "
+                      "(set MOPPA_NB_CACHE or cache_dir to a writable folder, or pass cache_dir=False).", stacklevel=4)
+
+
+def _cache_folder(cache_dir: Path) -> Path | None:
+    "`cache_dir`, created; None (with a warning: decode without caching) when it is read-only; a `ValueError` when a file is in the way."
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            warnings.warn(f"Cannot create the cache folder {cache_dir} ({error.strerror}); decoding without caching (set "
+                          "MOPPA_NB_CACHE or cache_dir to a writable folder, or pass cache_dir=False).", stacklevel=4)
+            return None
         raise ValueError(f"Cannot create the cache folder {cache_dir} ({error.strerror or error}); pass cache_dir=False, another "
                          "folder, or set MOPPA_NB_CACHE to a writable folder.") from None
     return cache_dir
@@ -345,9 +420,7 @@ def _load_splits(task: str, image_root: Path, lists: dict[str, tuple[Path, list[
         index = torch.tensor([position[relative] for relative, _ in entries], dtype=torch.long)
         splits[split] = (images[index], torch.tensor([label for _, label in entries], dtype=torch.int64))
         if cached:
-            partial = cached.with_suffix(f".{os.getpid()}.tmp")
-            torch.save({"images": splits[split][0], "labels": splits[split][1]}, partial)
-            partial.replace(cached)
+            _write_cache(cached, *splits[split])
     return {split: splits[split] for split in lists}
 
 
@@ -367,17 +440,30 @@ def load_vtab_task(root: str | Path,                          # folder of tasks 
     return TaskData(name, num_classes, _load_splits(name, folder, lists, preprocessing, cache), preprocessing)
 
 # %% ../nbs/10_data.ipynb #e81d4f06
+# what the loaders write in a cache folder: <task>_<split>_<size>_<interpolation>_<hex digest>.pt, and <...>.<pid>.tmp while writing
+CACHE_ENTRY = re.compile(rf"^.+_\d+_(?:{'|'.join(INTERPOLATIONS)})_[0-9a-f]{{1,64}}(?:\.pt|\.(\d+)\.tmp)$")
+
+
 def prune_cache(cache_dir: str | Path | None = None,       # default: `default_cache_dir()`
                 older_than_days: float | None = None,      # None: every cached split; else those unused for this long
                 ) -> list[Path]:
-    "Delete the decoded splits (and leftover partial writes) of the cache; return the deleted files."
+    """Delete the decoded splits (and partial writes of processes that are gone) of the cache; return the deleted files.
+    Only files directly in the folder whose names are the loaders' (`CACHE_ENTRY`) are touched: checkpoints or anything else stay."""
     folder = resolve_cache_dir(cache_dir or True)
-    if older_than_days is not None and older_than_days < 0: raise ValueError(f"older_than_days must be >= 0, got {older_than_days}")
+    if older_than_days is not None and (isinstance(older_than_days, bool) or not isinstance(older_than_days, (int, float))
+                                        or not math.isfinite(older_than_days) or older_than_days < 0):
+        raise ValueError(f"older_than_days (--older-than) must be a finite number of days >= 0, got {older_than_days!r}.")
     cutoff = None if older_than_days is None else time.time() - older_than_days * 86400
     deleted = []
-    for path in sorted([*folder.glob("*.pt"), *folder.glob("*.tmp")]) if folder.is_dir() else []:
-        if cutoff is None or path.stat().st_mtime < cutoff:
-            path.unlink(missing_ok=True); deleted.append(path)
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        entry = CACHE_ENTRY.match(path.name)
+        if entry is None or path.is_symlink() or not path.is_file(): continue
+        if entry[1] is not None and process_alive(int(entry[1])): continue     # a loader is writing it now
+        try:
+            if cutoff is None or path.stat().st_mtime < cutoff:
+                path.unlink(); deleted.append(path)
+        except FileNotFoundError:
+            continue                                                         # used (renamed) or deleted meanwhile
     return deleted
 
 
@@ -388,7 +474,10 @@ def main(argv: list[str] | None = None) -> None:
     prune.add_argument("--older-than", type=float, default=None, metavar="DAYS", help="only those not used for DAYS days")
     prune.add_argument("--cache-dir", default=None, help=f"cache folder (default: {default_cache_dir()})")
     args = parser.parse_args(argv)
-    deleted = prune_cache(args.cache_dir, args.older_than)
+    try:
+        deleted = prune_cache(args.cache_dir, args.older_than)
+    except (ValueError, OSError) as error:
+        parser.exit(2, f"error: {error}\n")
     print(f"deleted {len(deleted)} cached file(s) from {resolve_cache_dir(args.cache_dir or True)}")
 
 
@@ -430,9 +519,10 @@ def read_json_split(path: Path, task: str) -> dict[str, object]:
     if not path.is_file():
         raise FileNotFoundError(f"Task {task!r}: split file {path} not found; expected a json object image path -> class id.")
     try:
-        anno = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"Task {task!r}: {path} is not valid json ({error}).") from None
+        anno = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"Task {task!r}: {path} is not valid json ({str(error).splitlines()[0][:200]}); it is damaged: "
+                         "restore or rebuild the split file.") from None
     if not isinstance(anno, dict) or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in anno.values()):
         raise ValueError(f"Task {task!r}: {path} must be a json object mapping image paths to class ids (int or str).")
     return anno
@@ -442,8 +532,12 @@ def fgvc_task_spec(root: str | Path, task: str) -> tuple[str, FgvcSpec]:
     "Name and spec of a task in VPT's json layout: one of the five (or an alias), or `<root>/<task>/` with the task.json `write_fgvc_task` writes."
     info = Path(root) / task / TASK_INFO
     if task not in FGVC_TASKS and info.is_file():
-        meta = json.loads(info.read_text())
-        return task, FgvcSpec((task,), meta.get("image_dir", ""), int(meta["num_classes"]))
+        meta = read_task_info(info, task)
+        image_dir = meta.get("image_dir", "")
+        if not isinstance(image_dir, str):
+            raise ValueError(f"Task {task!r}: {info}: 'image_dir' must be a folder name (a string), got {image_dir!r}.")
+        if image_dir: check_relative_path(image_dir, f"{info} ('image_dir')", task)
+        return task, FgvcSpec((task,), image_dir, meta["num_classes"])
     name = canonical_fgvc_task(task)
     return name, FGVC_TASKS[name]
 
@@ -486,12 +580,13 @@ def write_fgvc_task(root: str | Path,                 # FGVC root, e.g. data/fgv
                     num_classes: int | None = None,   # classes (default: max label + 1); written to task.json
                     info: dict | None = None,         # extra metadata for task.json (e.g. group, source)
                     ) -> Path:
-    "Write `splits` as a task in VPT's json layout (PNG images); return the task folder."
+    "Write `splits` as a task in VPT's json layout (PNG images; in a staged folder that replaces `<root>/<task>` once complete); return the task folder."
     unknown = sorted(set(splits) - set(FGVC_SPLITS))
     if unknown: raise ValueError(f"Task {task!r}: splits must be among {FGVC_SPLITS}, got {unknown}.")
-    folder, num_classes = Path(root) / task, _class_count(splits, num_classes)
-    for split, (images, labels) in splits.items():
-        anno = dict(_write_split_images(folder / "images", task, split, images, labels, num_classes))
-        (folder / f"{split}.json").write_text(json.dumps(anno, indent=0))
-    (folder / TASK_INFO).write_text(json.dumps({"name": task, "num_classes": num_classes, "image_dir": "images", **(info or {})}, indent=1))
-    return folder
+    target, num_classes = Path(root) / task, _class_count(splits, num_classes)
+    with building_folder(target) as folder:
+        for split, (images, labels) in splits.items():
+            anno = dict(_write_split_images(folder / "images", task, split, images, labels, num_classes))
+            (folder / f"{split}.json").write_text(json.dumps(anno, indent=0))
+        (folder / TASK_INFO).write_text(json.dumps({"name": task, "num_classes": num_classes, "image_dir": "images", **(info or {})}, indent=1))
+    return target

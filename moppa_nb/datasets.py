@@ -6,15 +6,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import gzip
 import hashlib
 import json
+import lzma
+import os
 import shutil
 import tarfile
 import time
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from tempfile import TemporaryDirectory
@@ -24,17 +29,19 @@ from PIL import Image
 from huggingface_hub import hf_hub_download
 from scipy.io import loadmat, savemat
 
+from .adapt import atomic_write
 from .data import (
-    FGVC_SPLITS, FGVC_TASKS, TASK_INFO, VTAB_CLASSES, VTAB_SPLITS, VTAB_TASKS, cache_root, canonical_fgvc_task,
-    canonical_task, read_json_split, read_list_file, task_group, write_vtab_task)
+    FGVC_SPLITS, FGVC_TASKS, TASK_INFO, VTAB_CLASSES, VTAB_SPLITS, VTAB_TASKS, building_folder, cache_root,
+    canonical_fgvc_task, canonical_task, check_relative_path, read_json_split, read_list_file, task_group, write_vtab_task)
 
 # %% auto #0
 __all__ = ['VTAB_SOURCE', 'VPT_SPLITS_SOURCE', 'FGVC_SOURCES', 'ARCHIVE_SUFFIXES', 'VTAB_1K_SIZES', 'MANIFEST', 'FGVC_READERS',
            'FGVC_MARKERS', 'Source', 'SourceUnreachable', 'default_downloads', 'fetch_url', 'fetch_hub', 'fetch',
            'file_digests', 'verify', 'member_names', 'extract', 'unpack', 'folder_holding', 'move_contents',
-           'fake_vtab_archive', 'fake_fgvc_sources', 'update_manifest', 'find_vtab_task_folders', 'complete_vtab_lists',
-           'convert_vtab_task', 'build_vtab', 'birds_records', 'flowers_records', 'dogs_records', 'cars_records',
-           'split_records', 'vpt_split_folders', 'check_fgvc_folder', 'build_fgvc', 'sources_table', 'main']
+           'fake_vtab_archive', 'fake_fgvc_sources', 'read_manifest', 'update_manifest', 'copy_regular_files',
+           'find_vtab_task_folders', 'complete_vtab_lists', 'convert_vtab_task', 'build_vtab', 'birds_records',
+           'flowers_records', 'dogs_records', 'cars_records', 'split_records', 'vpt_split_folders', 'check_fgvc_folder',
+           'build_fgvc', 'sources_table', 'main']
 
 # %% ../nbs/10b_datasets.ipynb #44c985dd
 @dataclass(frozen=True)
@@ -174,29 +181,62 @@ def _safe_member(name: str, archive: Path) -> PurePosixPath:
     return path
 
 
+# what a truncated or damaged archive raises while it is read (gzip.BadGzipFile is an OSError; a full disk stays one)
+_DAMAGED_ARCHIVE = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
+
+
+@contextlib.contextmanager
+def _reading(archive: Path):
+    "Turn what a truncated or damaged archive raises into one line naming it."
+    try:
+        yield
+    except _DAMAGED_ARCHIVE as error:
+        reason = (str(error).splitlines() or [""])[0][:160] or type(error).__name__
+        raise ValueError(f"{archive} is truncated or damaged ({type(error).__name__}: {reason}); delete it and download it "
+                         "again (or pass another archive).") from None
+
+
 def member_names(archive: str | Path) -> list[str]:
     "The names of the members of a zip or tar archive."
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as bundle: return bundle.namelist()
-    with tarfile.open(archive) as bundle: return bundle.getnames()
+    archive = Path(archive)
+    with _reading(archive):
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as bundle: return bundle.namelist()
+        with tarfile.open(archive) as bundle: return bundle.getnames()
+
+
+def _extract_by_hand(bundle: tarfile.TarFile, members: list[tarfile.TarInfo], target: Path) -> None:
+    "What tar's `data` filter does, for Pythons without it: files and folders only, no setuid/setgid/sticky bit, no group/other write, no owner."
+    for member in members:
+        path = target / member.name
+        if member.isdir():
+            path.mkdir(parents=True, exist_ok=True)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with bundle.extractfile(member) as source, open(path, "wb") as out:
+            shutil.copyfileobj(source, out)
+        os.chmod(path, (member.mode & 0o755) | 0o600)
+        os.utime(path, (member.mtime, member.mtime))
 
 
 def extract(archive: str | Path, target: str | Path, keep=lambda name: True) -> Path:
-    "Extract the members of a zip or tar archive whose name `keep` accepts into `target` (no links, nothing outside it)."
+    """Extract the members of a zip or tar archive whose name `keep` accepts into `target`: regular files and folders only (no links,
+    nothing outside it), without special permission bits or ownership; a truncated or damaged archive is named in one line."""
     archive, target = Path(archive), Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as bundle:
-            members = [m for m in bundle.infolist() if keep(m.filename) and _safe_member(m.filename, archive)]
-            bundle.extractall(target, members)
-    elif tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as bundle:
-            members = [m for m in bundle.getmembers()                  # files and folders only: no links, no devices
-                       if keep(m.name) and _safe_member(m.name, archive) and (m.isfile() or m.isdir())]
-            if hasattr(tarfile, "data_filter"): bundle.extractall(target, members, filter="data")   # Python >= 3.11.4
-            else: bundle.extractall(target, members)      # older Pythons have no filters: the selection above is the guard
-    else:
-        raise ValueError(f"{archive} is neither a zip nor a tar archive; is it the right file (or an HTML error page)?")
+    with _reading(archive):
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as bundle:
+                members = [m for m in bundle.infolist() if keep(m.filename) and _safe_member(m.filename, archive)]
+                bundle.extractall(target, members)
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as bundle:
+                members = [m for m in bundle.getmembers()                  # files and folders only: no links, no devices
+                           if keep(m.name) and _safe_member(m.name, archive) and (m.isfile() or m.isdir())]
+                if hasattr(tarfile, "data_filter"): bundle.extractall(target, members, filter="data")   # Python >= 3.11.4
+                else: _extract_by_hand(bundle, members, target)
+        else:
+            raise ValueError(f"{archive} is neither a zip nor a tar archive; is it the right file (or an HTML error page)?")
     return target
 
 
@@ -334,13 +374,43 @@ VTAB_1K_SIZES = {"train800": 800, "val200": 200, "train800val200": 1000}   # wha
 MANIFEST = "manifest.json"
 
 
-def update_manifest(root: str | Path, name: str, entry: dict) -> Path:
-    "Record `entry` (sources, checksums, split sizes) under `name` in `<root>/manifest.json`, keeping the other entries."
+def read_manifest(root: str | Path) -> dict:
+    "The entries of `<root>/manifest.json` ({} when there is none); a damaged one is named in one line."
     path = Path(root) / MANIFEST
-    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file(): return {}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        manifest = error
+    if not isinstance(manifest, dict):
+        reason = str(manifest).splitlines()[0][:160] if isinstance(manifest, Exception) else f"a {type(manifest).__name__}, not an object"
+        raise ValueError(f"{path} is damaged ({reason}); restore it (git / dvc checkout) or delete it, then build again "
+                         "(it records the sources and split sizes of the tasks built).")
+    return manifest
+
+
+def update_manifest(root: str | Path, name: str, entry: dict) -> Path:
+    "Record `entry` (sources, checksums, split sizes) under `name` in `<root>/manifest.json` (atomically), keeping the other entries."
+    path = Path(root) / MANIFEST
+    manifest = read_manifest(root)
     manifest[name] = {**entry, "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n"))
+
+
+def copy_regular_files(source: Path, target: Path) -> list[str]:
+    "Copy the folders and regular files under `source` into `target` without following any link (a link is skipped, even one to a file outside); return the skipped paths."
+    skipped = []
+    for folder, subfolders, files in os.walk(source, followlinks=False):
+        here = Path(folder)
+        relative = here.relative_to(source)
+        (target / relative).mkdir(parents=True, exist_ok=True)
+        skipped += [str(relative / name) for name in subfolders if (here / name).is_symlink()]
+        for name in files:
+            path = here / name
+            if path.is_symlink() or not path.is_file():
+                skipped.append(str(relative / name)); continue
+            shutil.copyfile(path, target / relative / name, follow_symlinks=False)   # contents only: no mode bits, no owner
+    return skipped
 
 
 @functools.lru_cache(maxsize=None)
@@ -382,28 +452,32 @@ def complete_vtab_lists(folder: Path, task: str) -> list[str]:
 
 def convert_vtab_task(source: str | Path, root: str | Path, task: str, move: bool = True,
                       expected_sizes: dict | None = None) -> dict:
-    "Put one NOAH-layout task folder at `<root>/<task>`, complete and check its list files; return its record."
-    target = Path(root) / task
-    if target.exists(): shutil.rmtree(target)
-    if move:
-        move_contents(Path(source), target)
-    else:
-        shutil.copytree(source, target)
-    derived = complete_vtab_lists(target, task)
-    sizes = {}
-    for split in VTAB_SPLITS:
-        list_file = target / f"{split}.txt"
-        entries = read_list_file(list_file, task, VTAB_CLASSES[task])
-        missing = [relative for relative, _ in entries if not (target / relative).is_file()]
-        if missing:
-            raise FileNotFoundError(f"Task {task!r}: {list_file} lists {len(missing)} image(s) absent from {target}, "
-                                    f"e.g. {missing[:3]}.")
-        sizes[split] = len(entries)
-    wrong = {split: sizes[split] for split, n in (expected_sizes or {}).items() if sizes[split] != n}
-    if wrong:
-        raise ValueError(f"Task {task!r}: split sizes {wrong} differ from VTAB-1K's {expected_sizes}; the copy is incomplete.")
-    (target / TASK_INFO).write_text(json.dumps({"name": task, "num_classes": VTAB_CLASSES[task], "group": task_group(task)}, indent=1))
-    return {"num_classes": VTAB_CLASSES[task], "split_sizes": sizes, "derived_lists": derived}
+    """Put one NOAH-layout task folder at `<root>/<task>`, complete and check its list files; return its record.
+    It is built in a staged folder that replaces `<root>/<task>` only once complete and checked: a failure leaves the old task as it was.
+    `move=False` (a folder source) copies regular files only, following no link."""
+    target, skipped = Path(root) / task, []
+    with building_folder(target) as staged:
+        if move:
+            move_contents(Path(source), staged)
+        else:
+            skipped = copy_regular_files(Path(source), staged)
+        derived = complete_vtab_lists(staged, task)
+        sizes = {}
+        for split in VTAB_SPLITS:
+            list_file = staged / f"{split}.txt"
+            entries = read_list_file(list_file, task, VTAB_CLASSES[task])
+            missing = [relative for relative, _ in entries if not (staged / relative).is_file()]
+            if missing:
+                links = f" ({len(skipped)} link(s) in {source} were not followed, e.g. {skipped[:2]})" if skipped else ""
+                raise FileNotFoundError(f"Task {task!r}: {Path(source) / list_file.name} lists {len(missing)} image(s) absent "
+                                        f"from the copy, e.g. {missing[:3]}{links}.")
+            sizes[split] = len(entries)
+        wrong = {split: sizes[split] for split, n in (expected_sizes or {}).items() if sizes[split] != n}
+        if wrong:
+            raise ValueError(f"Task {task!r}: split sizes {wrong} differ from VTAB-1K's {expected_sizes}; the copy is incomplete.")
+        (staged / TASK_INFO).write_text(json.dumps({"name": task, "num_classes": VTAB_CLASSES[task], "group": task_group(task)}, indent=1))
+    return {"num_classes": VTAB_CLASSES[task], "split_sizes": sizes, "derived_lists": derived,
+            **({"skipped_links": skipped} if skipped else {})}
 
 # %% ../nbs/10b_datasets.ipynb #b4c02a7c
 def build_vtab(root: str | Path,                   # folder of tasks to write, e.g. data/vtab-1k
@@ -424,6 +498,7 @@ def build_vtab(root: str | Path,                   # folder of tasks to write, e
         if archive.is_dir() and root.resolve().is_relative_to(archive.resolve()):
             raise ValueError(f"--from-archive {archive} contains the output folder {root}; build into another folder.")
         source = {"from": str(archive.resolve()), **({} if archive.is_dir() else file_digests(archive))}
+    read_manifest(root)                                   # a damaged manifest is refused before anything is replaced
     root.mkdir(parents=True, exist_ok=True)
     staging, built = root / ".staging", {}
     try:
@@ -433,6 +508,18 @@ def build_vtab(root: str | Path,                   # folder of tasks to write, e
             wanted_member = lambda name: any(_vtab_name(part) in wanted for part in PurePosixPath(name).parts[:-1])
             folders = find_vtab_task_folders(extract(archive, staging, wanted_member))
         absent = [task for task in wanted if task not in folders]
+        base = archive if archive.is_dir() else staging
+        incomplete = {task: sorted(p for p in base.rglob("*") if p.is_dir() and _vtab_name(p.name) == task)[:1]
+                      for task in absent} if absent else {}
+        incomplete = {task: found[0] for task, found in incomplete.items() if found}
+        if incomplete:
+            task, folder = next(iter(incomplete.items()))
+            shown = folder.relative_to(base).as_posix()
+            if folder.is_symlink():
+                raise ValueError(f"{archive}: the folder {shown!r} of task {task!r} is a link, and links are not followed; "
+                                 "put the folder itself there.")
+            raise ValueError(f"{archive}: the folder {shown!r} of task {task!r} holds no test.txt, so it is not a complete NOAH-layout "
+                             "task folder (test.txt, train800.txt, val200.txt and/or train800val200.txt, images/); is the copy complete?")
         if absent:
             held = folders if archive.is_dir() else {_vtab_name(part) for name in member_names(archive)
                                                      for part in PurePosixPath(name).parts[:-1]} - {None}
@@ -528,16 +615,18 @@ def vpt_split_folders(folder: str | Path) -> dict[str, Path]:
     return found
 
 
-def check_fgvc_folder(folder: Path, name: str) -> dict[str, int]:
-    "Split sizes of a built FGVC folder, after checking every listed image exists and train has every class."
+def check_fgvc_folder(folder: Path, name: str, shown: Path | None = None) -> dict[str, int]:
+    "Split sizes of a built FGVC folder, after checking every listed path stays inside it and exists, and train has every class (`shown`: the folder's name in messages)."
     spec, sizes = FGVC_TASKS[name], {}
     image_root = folder / spec.image_dir if spec.image_dir else folder
+    shown_root = (shown or folder) / spec.image_dir if spec.image_dir else (shown or folder)
     for split in FGVC_SPLITS:
         anno = read_json_split(folder / f"{split}.json", name)
+        for path in anno: check_relative_path(path, f"{split}.json", name)      # no absolute path, no '..'
         missing = [path for path in anno if not (image_root / path).is_file()]
         if missing:
-            raise FileNotFoundError(f"Task {name!r}: {split}.json lists {len(missing)} image(s) absent from {image_root}, "
-                                    f"e.g. {missing[:3]} (paths must be relative to {image_root}).")
+            raise FileNotFoundError(f"Task {name!r}: {split}.json lists {len(missing)} image(s) absent from {shown_root}, "
+                                    f"e.g. {missing[:3]} (paths must be relative to {shown_root}).")
         sizes[split] = len(anno)
     classes = len(set(read_json_split(folder / "train.json", name).values()))
     if classes != spec.num_classes:
@@ -559,6 +648,7 @@ def build_fgvc(root: str | Path,                       # FGVC root to write, e.g
         raise ValueError(f"splits must be 'vpt' or 'official', got {splits!r}.")
     root, downloads = Path(root), Path(downloads or default_downloads())
     names = list(dict.fromkeys(canonical_fgvc_task(name) for name in datasets)) if datasets else list(FGVC_TASKS)
+    read_manifest(root)                                   # a damaged manifest is refused before anything is fetched or replaced
     hint = " (or pass --downloads DIR holding the files)"
     files = {name: [fetch(source, downloads, hint) for source in sources[name]] for name in names}  # all before any work
     checked = {name: [verify(path, source) for path, source in zip(files[name], sources[name])] for name in names}
@@ -576,20 +666,24 @@ def build_fgvc(root: str | Path,                       # FGVC root to write, e.g
         for name in names:
             work = unpack(files[name], staging / name)
             target = root / FGVC_TASKS[name].folders[0]
-            if target.exists(): shutil.rmtree(target)
-            move_contents(folder_holding(work, FGVC_MARKERS[name], name), target)
-            if splits == "vpt":
-                if name not in split_folders:
-                    raise ValueError(f"{split_path} holds no json splits for {name!r}; it holds {sorted(split_folders)}.")
-                for split in FGVC_SPLITS:
-                    shutil.copy2(split_folders[name] / f"{split}.json", target / f"{split}.json")
-                how = {"splits": "vpt", "split_source": split_source}
-            else:
-                for split, content in split_records(FGVC_READERS[name](target), val_fraction, seed).items():
-                    (target / f"{split}.json").write_text(json.dumps(content, indent=0))
-                how = {"splits": "official", "val_fraction": val_fraction, "seed": seed}
+            with building_folder(target) as staged:       # replaces `target` only once complete and checked
+                move_contents(folder_holding(work, FGVC_MARKERS[name], name), staged)
+                if splits == "vpt":
+                    if name not in split_folders:
+                        raise ValueError(f"{split_path} holds no json splits for {name!r}; it holds {sorted(split_folders)}.")
+                    for split in FGVC_SPLITS:
+                        split_file = split_folders[name] / f"{split}.json"
+                        if split_file.is_symlink():
+                            raise ValueError(f"{split_file} is a link; links are not followed: put the json file itself there.")
+                        shutil.copyfile(split_file, staged / f"{split}.json")
+                    how = {"splits": "vpt", "split_source": split_source}
+                else:
+                    for split, content in split_records(FGVC_READERS[name](staged), val_fraction, seed).items():
+                        (staged / f"{split}.json").write_text(json.dumps(content, indent=0))
+                    how = {"splits": "official", "val_fraction": val_fraction, "seed": seed}
+                sizes = check_fgvc_folder(staged, name, shown=target)
             built[name] = {"folder": target.name, "sources": checked[name], **how,
-                           "num_classes": FGVC_TASKS[name].num_classes, "split_sizes": check_fgvc_folder(target, name)}
+                           "num_classes": FGVC_TASKS[name].num_classes, "split_sizes": sizes}
             update_manifest(root, name, built[name])
             log(f"{name}: {built[name]['split_sizes']}")
     finally:

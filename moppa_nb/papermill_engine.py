@@ -10,11 +10,10 @@ import uuid
 
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
-from papermill.engines import NBClientEngine
 from traitlets import default
 
 # %% auto #0
-__all__ = ['ENGINE_NAME', 'MAX_SOCKET_PATH', 'IPCKernelManager', 'IPCEngine']
+__all__ = ['ENGINE_NAME', 'MAX_SOCKET_PATH', 'IPCEngine', 'IPCKernelManager']
 
 # %% ../nbs/16b_papermill_engine.ipynb #e73f26ab
 ENGINE_NAME = "ipc"           # `papermill --engine ipc` (setup.py's `papermill.engine` entry point)
@@ -40,9 +39,28 @@ class IPCKernelManager(AsyncKernelManager):
         return path
 
 # %% ../nbs/16b_papermill_engine.ipynb #70177144
-class IPCEngine(NBClientEngine):
-    "papermill's nbclient engine with its kernel on IPC (`IPCKernelManager`): `papermill --engine ipc`."
+def _ipc_engine() -> type:
+    "The class `IPCEngine`, made once (re-entrant: importing papermill's engines may ask for it through `__getattr__`)."
+    if "IPCEngine" in globals(): return globals()["IPCEngine"]
+    from papermill.engines import NBClientEngine     # the first import loads papermill's entry points, this one included
+    if "IPCEngine" in globals(): return globals()["IPCEngine"]   # made meanwhile, for papermill
 
-    @classmethod
-    def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
-        return super().execute_managed_notebook(nb_man, kernel_name, kernel_manager_class=IPCKernelManager, **kwargs)
+    class IPCEngine(NBClientEngine):
+        "papermill's nbclient engine with its kernel on IPC (`IPCKernelManager`): `papermill --engine ipc`."
+
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
+            return super().execute_managed_notebook(nb_man, kernel_name, kernel_manager_class=IPCKernelManager, **kwargs)
+
+    IPCEngine.__module__ = __name__
+    globals()["IPCEngine"] = IPCEngine
+    return IPCEngine
+
+
+def __getattr__(name: str):
+    "`IPCEngine` while this module is still being imported (papermill's entry points); nothing else."
+    if name == "IPCEngine": return _ipc_engine()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+IPCEngine = _ipc_engine()   # papermill's nbclient engine with its kernel on IPC (`IPCKernelManager`): `papermill --engine ipc`

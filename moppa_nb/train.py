@@ -24,9 +24,9 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm import tqdm
 
-from .adapt import adapted_methods, count_trainable
+from .adapt import adapted_methods, count_trainable, remove_stale_temporaries
 from .checkpoint import (
-    CHECKPOINT_NAME, TrainingState, model_fingerprint, resume_checkpoint, save_checkpoint, write_json)
+    CHECKPOINT_NAME, TrainingState, data_fingerprint, model_fingerprint, resume_checkpoint, save_checkpoint, write_json)
 from .registry import (
     FRACTION, NON_EMPTY, NON_NEGATIVE, POSITIVE, TrainingProgress, at_least, check_fields, checked)
 
@@ -442,7 +442,9 @@ def _prepare_run(model: nn.Module, task, config: TrainConfig, run_dir: Path) -> 
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)
-    state = TrainingState(model, optimizer, scheduler, generator, trajectory_config(config), model_fingerprint(model))
+    used = (config.train_split, *config.evaluation_splits.values())    # hashed once per run: a resume on other data is refused
+    fingerprint = {**model_fingerprint(model), "data": data_fingerprint(task, used)}
+    state = TrainingState(model, optimizer, scheduler, generator, trajectory_config(config), fingerprint)
     if forward is None:                              # a module's truth is its length for containers: test for None
         forward = compiled(model) if config.compile else model
     return _Run(model=model, forward=forward, task=task, preprocessing=preprocessing, config=config,
@@ -453,6 +455,8 @@ def _prepare_run(model: nn.Module, task, config: TrainConfig, run_dir: Path) -> 
 
 def _resume_or_start_over(run: _Run, resume: bool) -> tuple[int, list[dict]]:
     "(epochs done, their history): from the checkpoint when resuming and there is one; else (0, []), old files removed."
+    for name in (*RUN_FILES, TIMING_FILE):               # temporary files of a write that was killed (kill -9) mid-way
+        remove_stale_temporaries(run.run_dir, name)
     if resume and run.checkpoint.exists():
         first_epoch, history = resume_checkpoint(run.checkpoint, run.state)
         return first_epoch, _with_timing(history, run.run_dir)

@@ -324,14 +324,16 @@ def test_a_failed_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
     load_adapter(same_backbone(first), tmp_path)
 
 
-def test_legacy_adapter_without_hashes_loads_with_a_warning(tmp_path):
+def test_legacy_adapter_without_hashes_loads_with_a_warning_only_when_forced(tmp_path):
     source = trained("lora")
     save_adapter(source, tmp_path)
     config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
     legacy = {k: config[k] for k in ("methods", "layout", "num_classes")}
     (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(legacy))
+    with pytest.raises(PeftError, match="force=True"):                 # issue #27: refused unless forced
+        load_adapter(same_backbone(source), tmp_path)
     with pytest.warns(UserWarning, match="no tensor hashes"):
-        target = load_adapter(same_backbone(source), tmp_path)
+        target = load_adapter(same_backbone(source), tmp_path, force=True)
     with torch.no_grad():
         assert torch.equal(source(images()), target.eval()(images()))
 
