@@ -17,7 +17,7 @@ from .backbones import create_backbone
 from .data import FGVC_SPLITS, fgvc_task_spec, read_json_split, read_list_file, task_folder
 from .mini_vtab import build_mini_fgvc, build_mini_vtab
 from .pretrain import BACKBONE_CONFIG, PretrainConfig, build_backbone, linear_probe_accuracy, load_backbone, pixel_features, pretrain_backbone, vit_features
-from .runner import modules_identity
+from .identity import modules_identity
 from .settings import SettingsError, check_profile, load_params
 from .sources import data_layout, load_task
 

@@ -6,10 +6,7 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import fcntl
-import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -28,6 +25,8 @@ from typing import Callable
 import torch
 
 from .adapt import adapted_methods, count_trainable, method_names, save_adapter
+from .checkpoint import write_json
+from .identity import modules_identity
 from .registry import get_method
 from .settings import (SettingsError, check_profile, experiment_methods, experiment_settings, load_params, peft_spec, run_settings,
                               train_config, variant_spec)
@@ -35,79 +34,18 @@ from .sources import backbone_identity, data_fingerprint, initial_model, load_ta
 from .train import PROTOCOLS, RUN_FILES, fit, timeless
 
 # %% auto #0
-__all__ = ['PACKAGE', 'ENGINE_MODULES', 'RUN_IDENTITY', 'WRITER_LOCK', 'module_file', 'package_imports', 'module_closure',
-           'source_hash', 'method_modules', 'modules_identity', 'code_identity', 'RunLocked', 'writer_lock', 'Run',
-           'plan_runs', 'task_data', 'run_identity', 'identity_changes', 'run_state', 'train_run', 'default_jobs',
-           'train_methods', 'run_experiment', 'run_method', 'summary_metrics', 'write_metrics', 'experiment_status',
-           'main']
+__all__ = ['ENGINE_MODULES', 'RUN_IDENTITY', 'WRITER_LOCK', 'RUN_RECORD', 'method_modules', 'code_identity', 'RunLocked',
+           'writer_lock', 'Run', 'plan_runs', 'task_data', 'run_identity', 'identity_changes', 'run_state', 'train_run',
+           'default_jobs', 'train_methods', 'run_experiment', 'run_method', 'summary_metrics', 'write_metrics',
+           'experiment_status', 'main']
 
 # %% ../nbs/16d_runner.ipynb #612a7127
-PACKAGE = "moppa_nb"
 ENGINE_MODULES = ("moppa_nb.train", "moppa_nb.sources")   # what every run executes: data, backbone, head, adapters, training loop
-
-
-def _package_dir() -> Path:
-    return Path(importlib.util.find_spec(PACKAGE).origin).parent
-
-
-def module_file(module: str, package_dir: Path | None = None) -> Path:
-    "The source file of a module of the package ('moppa_nb' itself: its `__init__.py`)."
-    package_dir = package_dir or _package_dir()
-    if module == PACKAGE: return package_dir / "__init__.py"
-    if not module.startswith(PACKAGE + "."): raise ValueError(f"{module!r} is not a module of {PACKAGE}")
-    return package_dir / f"{module.split('.', 1)[1].replace('.', '/')}.py"
-
-
-def package_imports(module: str, package_dir: Path | None = None) -> set[str]:
-    "The modules of the package that `module` imports anywhere in its source (relative or absolute imports)."
-    package_dir = package_dir or _package_dir()
-    tree, found = ast.parse(module_file(module, package_dir).read_text()), set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == PACKAGE}
-        elif isinstance(node, ast.ImportFrom):
-            base = PACKAGE if node.level else node.module
-            if node.level and node.module: base = f"{PACKAGE}.{node.module}"
-            if base is None or base.split(".")[0] != PACKAGE: continue
-            found.add(base)
-            found |= {f"{base}.{alias.name}" for alias in node.names if module_file(f"{base}.{alias.name}", package_dir).is_file()}
-    return {name for name in found if module_file(name, package_dir).is_file()} - {module}
-
-
-def module_closure(modules, package_dir: Path | None = None) -> list[str]:
-    "`modules` and every module of the package they import, transitively, sorted."
-    seen, todo = set(), list(modules)
-    while todo:
-        module = todo.pop()
-        if module in seen: continue
-        seen.add(module)
-        todo.extend(package_imports(module, package_dir))
-    return sorted(seen)
-
-
-def _without_docstrings(tree: ast.AST) -> ast.AST:
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
-            first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-                node.body = node.body[1:] or [ast.Pass()]
-    return tree
-
-
-def source_hash(path: str | Path) -> str:
-    "SHA-256 (16 hex digits) of a Python file's syntax tree without docstrings: comments, docstrings and layout do not change it."
-    tree = _without_docstrings(ast.parse(Path(path).read_text()))
-    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
 
 
 def method_modules(spec: str) -> list[str]:
     "The modules that define the methods of a spec ('lora+coeff': weight_space and coeff)."
     return sorted({get_method(name).__module__ for name in method_names(spec)})
-
-
-def modules_identity(modules, package_dir: Path | None = None) -> dict[str, str]:
-    "Module -> `source_hash` of `modules` and every module of the package they import, transitively."
-    return {module: source_hash(module_file(module, package_dir)) for module in module_closure(modules, package_dir)}
 
 
 def code_identity(spec: str, package_dir: Path | None = None) -> dict[str, str]:
@@ -225,23 +163,36 @@ def _method_records(model) -> dict:
     return records
 
 
+RUN_RECORD = "record.json"     # in a finished run's folder: its record and trainable parameters, read back without its model
+
+
+def _finished_record(run_dir: Path, identity: dict) -> dict | None:
+    "A finished run's saved record, if `run_dir` holds one trained under `identity`."
+    record, recorded = run_dir / RUN_RECORD, run_dir / RUN_IDENTITY
+    if not (record.is_file() and recorded.is_file()) or json.loads(recorded.read_text()) != identity: return None
+    return json.loads(record.read_text())
+
+
 def train_run(profile: dict, run: Run, progress: bool = False) -> tuple[dict, int]:
-    "Train, resume or read back `run` (under its folder's lock); save its adapter. Its record and trainable parameters."
+    "Train, resume or read back `run` (under its folder's lock); save its adapter and record. Its record and trainable parameters."
     settings = run_settings(profile, run.method, run.task)
     config = train_config(settings, run.seed)
     if config.num_threads is not None: torch.set_num_threads(config.num_threads)   # the probe and the model at the run's threads
     data = task_data(profile, run.task, settings)
     identity, run_dir = run_identity(profile, run, data), Path(run.folder)
     with writer_lock(run_dir.parent, f"{run_dir.name}.{WRITER_LOCK}"):
+        finished = _finished_record(run_dir, identity)
+        if finished is not None: return finished["record"], finished["trainable_params"]     # nothing to build or train
         model, probe = initial_model(profile, identity["peft_spec"], run.task, data, config, settings.get("drop_path", 0.0),
                                      settings.get("head_init", "random"))
         _start_fresh_unless(run_dir, identity)
         result = fit(model, data, config, run_dir, resume=True, progress=progress)
         save_adapter(model, run_dir / "adapter")
-    history = [timeless(epoch) for epoch in result.pop("history")]     # timings stay in each run's timing.json
-    record = {"task": run.task, "group": run.group, "seed": run.seed, "settings": settings, "summary": timeless(result),
-              "history": history, **_method_records(model),
-              "head_init": {"kind": settings.get("head_init", "random"), **{k: v for k, v in (probe or {}).items() if k not in ("weight", "bias")}}}
+        history = [timeless(epoch) for epoch in result.pop("history")]     # timings stay in each run's timing.json
+        record = {"task": run.task, "group": run.group, "seed": run.seed, "settings": settings, "summary": timeless(result),
+                  "history": history, **_method_records(model),
+                  "head_init": {"kind": settings.get("head_init", "random"), **{k: v for k, v in (probe or {}).items() if k not in ("weight", "bias")}}}
+        write_json(run_dir / RUN_RECORD, {"record": record, "trainable_params": count_trainable(model)})
     return record, count_trainable(model)
 
 # %% ../nbs/16d_runner.ipynb #198c4e97

@@ -329,7 +329,7 @@ def train_epoch(model: nn.Module,          # the adapted model: its methods may 
     started = time.perf_counter()
     for step in tqdm(range(steps), desc=f"epoch {epoch + 1}", leave=False, disable=not progress):
         images, labels = training_batch(split, order[step * batch:(step + 1) * batch], preprocessing, flips)
-        now = TrainingProgress(epoch + step / steps, config.epochs, config.route_reg_scale)
+        now = TrainingProgress(epoch + step / steps, config.epochs, config.route_reg_scale, config.cooldown_epochs)
         with autocast(device, dtype):
             loss, classification, extra = _step_loss(model, forward, methods, criterion, images, labels, now)
         losses[step, 0] = classification.detach()

@@ -465,8 +465,10 @@ def test_persisted_runs_are_reused_only_for_the_same_settings(tmp_path):
     first = run_method("lora", params, tmp_path / "runs")["runs"][0]
     assert first["summary"]["resumed_from_epoch"] == 0
     (tmp_path / "runs" / "dtd" / "seed7").mkdir()                     # a seed no longer configured
+    checkpoint = tmp_path / "runs" / "dtd" / "seed0" / "checkpoint.pt"
+    written = checkpoint.stat().st_mtime_ns
     again = run_method("lora", params, tmp_path / "runs")["runs"][0]
-    assert again["summary"]["resumed_from_epoch"] == 3 and again["history"] == first["history"]
+    assert again == first and checkpoint.stat().st_mtime_ns == written          # read back from record.json: nothing trained
     assert not (tmp_path / "runs" / "dtd" / "seed7").exists()
     params["profiles"]["paper"]["method_train"]["lora"]["lr"] = 0.01
     changed = run_method("lora", params, tmp_path / "runs")["runs"][0]
@@ -496,19 +498,21 @@ RESOLVES_METHODS = {"train", "bench", "report"}      # stages that look methods 
 
 
 def test_stage_dependencies_are_the_import_graph_of_their_module():
-    """Each stage depends on exactly the modules its command's module imports (transitively, read from the source), plus
-    every built-in method's module where the stage looks methods up: a report edit re-runs only the report, a bench edit
-    only the bench, and a new import cannot be forgotten."""
+    """Each stage depends on the code identity (artifacts/code/<module>, written by the `code` stage) of exactly the modules
+    its command's module imports (transitively, read from the source), plus every built-in method's module where the stage
+    looks methods up: a report edit re-runs only the report, a bench edit only the bench, a comment edit none, and a new
+    import cannot be forgotten. The `code` stage itself depends on the whole package."""
+    from moppa_nb.identity import module_closure
     from moppa_nb.registry import BUILTIN_METHOD_MODULES
-    from moppa_nb.runner import module_closure, module_file
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert stages["code"]["deps"] == ["moppa_nb"] and "python -m moppa_nb.identity --output artifacts/code" in stages["code"]["cmd"]
     for name, entries in STAGE_MODULES.items():
         stage = stages[name].get("do") or stages[name]
         assert f"python -m {entries[0]} " in stage["cmd"], name
-        modules = module_closure([*entries, *(BUILTIN_METHOD_MODULES if name in RESOLVES_METHODS else ())])
-        expected = {str(module_file(m).relative_to(ROOT)) for m in modules}
-        listed = {d for d in stage["deps"] if isinstance(d, str) and d.startswith("moppa_nb")}
+        expected = {f"artifacts/code/{m}" for m in module_closure([*entries, *(BUILTIN_METHOD_MODULES if name in RESOLVES_METHODS else ())])}
+        listed = {d for d in stage["deps"] if isinstance(d, str) and d.startswith("artifacts/code/")}
         assert listed == expected, f"{name}: dvc.yaml lists {sorted(listed - expected)} too many, misses {sorted(expected - listed)}"
+        assert not [d for d in stage["deps"] if isinstance(d, str) and d.startswith("moppa_nb/") and d.endswith(".py")], name
 
 
 def test_a_runs_code_identity_follows_its_own_code_only(tmp_path):
