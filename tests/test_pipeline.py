@@ -84,6 +84,7 @@ def paper_params(tmp_path: Path) -> dict:
     paper["preprocessing"]["size"] = 32
     paper["train"].update(epochs=2, warmup_epochs=1, cooldown_epochs=1, batch_size=8, checkpoint_every=1, device="cpu")
     paper["task_train"] = {"moppa": {"dtd": {**paper["task_train"]["moppa"]["dtd"], "batch_size": 4}}}
+    paper["task_options"] = {method: {"dtd": per_task["dtd"]} for method, per_task in paper["task_options"].items()}   # FacT's dtd rank
     params["profile"] = "paper"
     return params
 
