@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moppa_nb import apply_peft
+from moppa_nb import adapted_methods, apply_peft
 from moppa_nb.testing import perturb_for_testing, tiny_vit
 
 TOL = 1e-5
@@ -431,3 +431,22 @@ def test_spt_sparse_norm_entries_are_not_trained():
             assert (deltas is not None and tensor in deltas.values) == (mode == "train"), (mode, unit)
         counts[mode] = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "peft_spt" in n)
     assert counts["train"] - counts["frozen"] == sum(len(allocation["sparse"][u]) for u in norm_units)
+
+
+@pytest.mark.parametrize("horizon, cooldown", [("training", 10), ("schedule", 10), ("schedule", 0)])
+def test_route_regularisation_horizon_as_mopdo_decays_it(horizon, cooldown):
+    """MoPPA's regulariser weight at epoch e: s * max(0, 1 - 2e / E) with E the schedule's epochs (`training`, the paper's
+    words) or epochs + cool-down (`schedule`: MoPDO passes the scheduler's epoch count, 110 for 100 + 10)."""
+    from moppa_nb.registry import TrainingProgress
+    from moppa_nb.testing import tiny_vit
+    torch.manual_seed(0)
+    model = apply_peft(tiny_vit(), {"moppa": {"route_reg_horizon": horizon}})
+    model(torch.randn(2, 3, 32, 32))
+    method = adapted_methods(model)[0]
+    entropy = -method.extra_loss(model, TrainingProgress(0.0, 100, 1.0, cooldown))          # the weight is 1 at epoch 0
+    total = 100 + (cooldown if horizon == "schedule" else 0)
+    for epoch in (10.0, 40.0, 50.0, 54.0):
+        term = method.extra_loss(model, TrainingProgress(epoch, 100, 1.0, cooldown))
+        official = max(0.0, 1 - 2 * epoch / total)
+        if official == 0: assert term is None
+        else: torch.testing.assert_close(-term, official * entropy, rtol=1e-6, atol=1e-9)
