@@ -100,25 +100,18 @@ def spread_table(long: pd.DataFrame, protocol: str, groups: dict[str, list[str]]
 
 def paired_comparisons(long: pd.DataFrame, protocol: str, methods: list[str], baselines: list[str],
                        resamples: int = 10_000, seed: int = 0) -> pd.DataFrame:
-    "Each of `methods` against each baseline on shared (task, seed) pairs: mean difference (points), 95% bootstrap CI, Wilcoxon p, verdict."
-    from scipy import stats
-    chosen = long[long.protocol == protocol].pivot_table(index=["task", "seed"], columns="method", values="test_acc") * 100
+    "Each of `methods` against each baseline on shared (task, seed) pairs: difference, nested 95% interval, verdict (`moppa_nb.claims`' one rule)."
+    from moppa_nb.claims import paired_differences, verdict
     rows = []
     for method in methods:
         for baseline in baselines:
-            if method == baseline or method not in chosen or baseline not in chosen: continue
-            diff = (chosen[method] - chosen[baseline]).dropna().to_numpy()
-            if len(diff) < 2: continue
-            if np.allclose(diff, diff[0]):
-                low = high = float(diff[0]); p = 1.0 if diff[0] == 0 else 0.0
-            else:
-                ci = stats.bootstrap((diff,), np.mean, n_resamples=resamples, confidence_level=0.95,
-                                     random_state=np.random.default_rng(seed)).confidence_interval
-                low, high = float(ci.low), float(ci.high)
-                p = float(stats.wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
-            verdict = ("better" if low > 0 and p < 0.05 else "worse" if high < 0 and p < 0.05 else "not separated")
-            rows.append({"method": method, "baseline": baseline, "pairs": len(diff), "mean_diff": diff.mean(),
-                         "ci_low": low, "ci_high": high, "wilcoxon_p": p, "verdict": verdict})
+            if method == baseline: continue
+            diffs = paired_differences(long, method, baseline, protocol)
+            if len(diffs) < 2: continue
+            found = verdict(diffs, resamples)
+            rows.append({"method": method, "baseline": baseline, "tasks": diffs.task.nunique(), "pairs": len(diffs),
+                         "mean_diff": found["ours"], "ci_low": found["ci_low"], "ci_high": found["ci_high"],
+                         "detectable": found["detectable"], "verdict": found["verdict"]})
     return pd.DataFrame(rows)
 
 
@@ -358,15 +351,13 @@ def _markdown_comparisons(comparisons: pd.DataFrame, protocol: str) -> list[str]
     if comparisons.empty: return []
     table = comparisons.set_index(["method", "baseline"])
     table.index = [f"{m} vs {b}" for m, b in table.index]
-    lines = [to_markdown(table, f"Paired differences (points, protocol `{protocol}`, over tasks x seeds): mean, 95% bootstrap "
-                                "CI, Wilcoxon signed-rank p", digits=2, index_name="comparison")]
+    lines = [to_markdown(table, f"Paired differences (points, protocol `{protocol}`): the mean over tasks of each task's mean "
+                                "difference over seeds, its 95% interval (bootstrap over tasks, then seeds within them), the "
+                                "smallest difference the design detects (2.8 standard errors), and the verdict by one rule: "
+                                "separated when the interval excludes 0", digits=2, index_name="comparison")]
     for row in comparisons.itertuples():
-        if row.verdict == "not separated":
-            lines.append(f"- `{row.method}` vs `{row.baseline}`: the data do not separate them "
-                         f"({row.mean_diff:+.2f} points, CI [{row.ci_low:+.2f}, {row.ci_high:+.2f}], p = {row.wilcoxon_p:.3f}).")
-        else:
-            lines.append(f"- `{row.method}` is {row.verdict} than `{row.baseline}` on these tasks "
-                         f"({row.mean_diff:+.2f} points, CI [{row.ci_low:+.2f}, {row.ci_high:+.2f}], p = {row.wilcoxon_p:.3f}).")
+        interval = f", interval [{row.ci_low:+.2f}, {row.ci_high:+.2f}]" if row.ci_low is not None and not pd.isna(row.ci_low) else ""
+        lines.append(f"- `{row.method}` vs `{row.baseline}`: {row.verdict} ({row.mean_diff:+.2f} points{interval}).")
     return lines + [""]
 
 
@@ -560,6 +551,14 @@ def combine_reports(profile: str,                        # the profile's name, i
         source = reports_dir / name / "results.md"
         if not source.is_file(): raise FileNotFoundError(f"No report of experiment {name!r} at {source}: run its write_report first")
         lines += [("#" + line if line.startswith("#") else line) for line in source.read_text().splitlines()] + [""]
+    claims = reports_dir / "paper_claims.csv"
+    if claims.is_file():                                  # written by write_profile_report (moppa_nb.claims)
+        table = pd.read_csv(claims)[["claim", "paper_numbers", "ours", "ci_low", "ci_high", "verdict"]].set_index("claim")
+        lines += ["## The papers' claims against this profile", "",
+                  to_markdown(table, "Each comparison the papers make that an experiment reproduces: ours, points (protocol `val`, "
+                                     "mean over tasks of the seed-mean paired differences), 95% interval (bootstrap over tasks, then "
+                                     "seeds), verdict by one rule: separated when the interval excludes 0; not testable without two "
+                                     "seeds per task (reports/<profile>/paper_claims.csv)", digits=2, index_name="claim"), ""]
     path = reports_dir / "results.md"
     path.write_text("\n".join(lines))
     return path
@@ -641,6 +640,8 @@ def write_profile_report(params: dict,                   # the pipeline's parame
                 _task_groups(experiment), methods=shown, profile=name_of_profile, title=view["title"], experiment=name,
                 compare=_comparisons(shown, [m for m in ours if m in shown]), note=note))
             sections[view_name] = view["title"]
+    from moppa_nb.claims import paper_claims
+    paper_claims(results_dir).round(2).to_csv(Path(output_dir) / "paper_claims.csv", index=False)
     return combine_reports(name_of_profile, sections, output_dir)
 
 
