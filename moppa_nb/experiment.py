@@ -37,17 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("stage", choices=("prepare", "backbone", "train", "status"))
     parser.add_argument("method", nargs="?", help="method (spec or variant) for `train`, e.g. lora, moppa+ssf or moppa[heat]")
     parser.add_argument("--experiment", default=None, help="experiment of the profile (`train`: required; `status`: default all)")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--profile", default=None, help="profile name (default: params.yaml's `profile`)")
     parser.add_argument("--output", default=None, help="output folder of the stage (`status`: runs/<profile>)")
     parser.add_argument("--jobs", type=int, default=None, help="`train`: worker processes (default: the cores at the runs' threads)")
+    add_settings_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        profile = check_profile(params, args.profile)
-        if args.experiment is not None and args.experiment not in params["experiments"]:
-            raise SettingsError(f"--experiment: {args.experiment!r} is not an experiment of `experiments` {list(params['experiments'])}")
-    except SettingsError as error: raise SystemExit(f"{args.stage}: {args.params}: {error}") from None
+    params, profile = command_settings(args, args.stage, args.experiment)     # every setting checked before any work
     if args.stage == "status":
         print_status(params, args.output or f"runs/{profile['name']}", profile["name"], [args.experiment] if args.experiment else None)
         return

@@ -18,7 +18,7 @@ from .data import FGVC_SPLITS, fgvc_task_spec, read_json_split, read_list_file, 
 from .mini_vtab import build_mini_fgvc, build_mini_vtab
 from .pretrain import BACKBONE_CONFIG, PretrainConfig, build_backbone, linear_probe_accuracy, load_backbone, pixel_features, pretrain_backbone, vit_features
 from .identity import modules_identity
-from .settings import SettingsError, check_profile, load_params
+from .settings import SettingsError, add_settings_arguments, command_settings
 from .sources import data_layout, load_task
 
 # %% auto #0
@@ -149,11 +149,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Make a profile's data (`data`) or backbones (`backbone`) ready: dvc.yaml's first stages.")
     parser.add_argument("stage", choices=("data", "backbone"))
     parser.add_argument("--output", required=True, help="output folder of the stage")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--profile", default=None, help="profile name (default: params.yaml's `profile`)")
+    add_settings_arguments(parser)
     args = parser.parse_args(argv)
-    try: profile = check_profile(load_params(args.params), args.profile)      # every setting checked before any work
-    except SettingsError as error: raise SystemExit(f"{args.stage}: {args.params}: {error}") from None
+    _, profile = command_settings(args, args.stage)             # every setting checked before any work
     try: (prepare_data if args.stage == "data" else prepare_backbones)(profile, args.output)
     except (DataMissing, BackboneMissing) as error: raise SystemExit(f"{args.stage}: {error}") from None   # one line, no traceback
 

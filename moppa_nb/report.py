@@ -647,18 +647,15 @@ def write_profile_report(params: dict,                   # the pipeline's parame
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-    from moppa_nb.settings import SettingsError, check_profile, load_params
+    from moppa_nb.settings import add_settings_arguments, command_settings
     parser = argparse.ArgumentParser(description="Write a profile's report: tables and figures per experiment (dvc.yaml's report stage).")
     parser.add_argument("--results", required=True, help="runs/<profile>: <experiment>/<method>/results.json")
     parser.add_argument("--output", required=True, help="reports/<profile>")
     parser.add_argument("--bench", default=None, help="the benchmark's CSV (reports/bench/bench.csv), for the cost figure")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--profile", default=None, help="profile name (default: params.yaml's `profile`)")
+    add_settings_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        profile = check_profile(params, args.profile)["name"]
-    except SettingsError as error: raise SystemExit(f"report: {args.params}: {error}") from None
+    params, profile = command_settings(args, "report")
+    profile = profile["name"]
     combined = write_profile_report(params, args.results, args.output, args.bench, profile)
     print(f"Report of profile {profile!r}: {combined} (tables of every experiment), figures in {args.output}/<experiment>/; "
           "`python scripts/update_readme.py` copies the tables into README.md.", file=sys.stderr)

@@ -28,7 +28,7 @@ from .adapt import adapted_methods, count_trainable, method_names, save_adapter
 from .checkpoint import write_json
 from .identity import modules_identity
 from .registry import get_method
-from .settings import (SettingsError, check_profile, experiment_methods, experiment_settings, load_params, peft_spec, run_settings,
+from .settings import (add_settings_arguments, command_settings, experiment_methods, experiment_settings, peft_spec, run_settings,
                               train_config, variant_spec)
 from .sources import backbone_identity, data_fingerprint, initial_model, load_task, preprocessing_of
 from .train import PROTOCOLS, RUN_FILES, fit, timeless
@@ -339,15 +339,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", required=True, help="experiment of the profile (params.yaml `experiments`)")
     parser.add_argument("--output", required=True, help="folder of the experiment's runs: <method>/<task>/seed<k>/")
     parser.add_argument("--metrics", default=None, help="folder of the metrics files (<method>.json per method)")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--profile", default=None, help="profile name (default: params.yaml's `profile`)")
     parser.add_argument("--methods", nargs="*", default=None, help="only these methods (default: the experiment's)")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: the cores at the runs' threads)")
+    add_settings_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        profile = check_profile(params, args.profile)["name"]        # every key checked before anything trains
-    except SettingsError as error: raise SystemExit(f"train: {args.params}: {error}") from None
+    params, profile = command_settings(args, "train", args.experiment)    # every key checked before anything trains
+    profile = profile["name"]
     settings = experiment_settings(params, profile, args.experiment)
     methods = args.methods or experiment_methods(settings)
     if args.methods is None:

@@ -5,6 +5,7 @@
 # %% ../nbs/16a_settings.ipynb #5a432ca7
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 from importlib import resources
@@ -23,7 +24,8 @@ from .train import TrainConfig
 # %% auto #0
 __all__ = ['MODEL_KEYS', 'DATA_KEYS', 'VARIANT_NAME', 'MERGED_KEYS', 'NAME', 'PROFILE_KEYS', 'EXPERIMENT_KEYS', 'SettingsError',
            'load_params', 'check_name', 'profile_settings', 'experiment_settings', 'variant_spec', 'run_settings',
-           'train_config', 'peft_spec', 'experiment_methods', 'check_profile']
+           'train_config', 'peft_spec', 'experiment_methods', 'check_profile', 'add_settings_arguments',
+           'command_settings']
 
 # %% ../nbs/16a_settings.ipynb #a0451f33
 MODEL_KEYS, DATA_KEYS = ("drop_path", "head_init"), ("flip",)   # settings for the model and the data, not TrainConfig
@@ -403,3 +405,20 @@ def check_profile(params: dict, profile: str | None = None) -> dict:
     for name in _check_catalogue(params, settings, at): _check_experiment(params, settings, name)
     _check_compositions_run(params, settings, at)
     return settings
+
+# %% ../nbs/16a_settings.ipynb #4b6d2ac2
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    "The options every stage's command line takes: `--params` and `--profile`."
+    parser.add_argument("--params", default="params.yaml", help="the pipeline's parameters")
+    parser.add_argument("--profile", default=None, help="profile name (default: params.yaml's `profile`)")
+
+
+def command_settings(args: argparse.Namespace, stage: str, experiment: str | None = None) -> tuple[dict, dict]:
+    "(params, the checked profile) of a command line's `--params` and `--profile`, and its `experiment` if any; a bad one ends the command in one line."
+    try:
+        params = load_params(args.params)
+        profile = check_profile(params, args.profile)
+        if experiment is not None and experiment not in params["experiments"]:
+            raise SettingsError(f"experiment {experiment!r} is not one of `experiments` {list(params['experiments'])}")
+        return params, profile
+    except (SettingsError, FileNotFoundError) as error: raise SystemExit(f"{stage}: {args.params}: {error}") from None

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 SECTIONS = {"results": Path("reports/default/results.md"), "bench": Path("reports/bench/bench.md"),
-            "interleaved": Path("reports/bench/interleaved.md")}
+            "interleaved": Path("reports/bench/interleaved.md"),
+            "gpu_interleaved": Path("reports/gpu/interleaved_cuda.md"), "gpu_bench": Path("reports/gpu/bench_cuda.md")}
 
 
 def main() -> int:
