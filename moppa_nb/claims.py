@@ -17,7 +17,8 @@ __all__ = ['DECISION_RULE', 'MOPPA', 'COEFF', 'NOAH_LORA', 'CLAIMS', 'CLAIM_COLU
 
 # %% ../nbs/17b_claims.ipynb #ed61fe37
 DECISION_RULE = ("separated when the 95% interval of the mean paired difference (bootstrap over tasks, then over seeds "
-                 "within each task) excludes 0; not separated otherwise; not testable without two seeds per task")
+                 "within each task) excludes 0 and the difference exceeds the cross-machine tolerance; not separated "
+                 "otherwise; not testable without two seeds per task")
 
 
 def paired_differences(long: pd.DataFrame, method: str, baseline: str, protocol: str = "val") -> pd.DataFrame:
@@ -47,7 +48,9 @@ def detectable_difference(diffs: pd.DataFrame) -> float:
     return float(2.8 * np.sqrt(within / sum(len(g) for g in groups)))
 
 
-def verdict(diffs: pd.DataFrame, resamples: int = 10_000) -> dict:
+def verdict(diffs: pd.DataFrame, resamples: int = 10_000,
+            tolerance: float = 0.0,          # points: differences within it may come from the machine, not the method
+            ) -> dict:
     "The comparison under `DECISION_RULE`: ours, ci_low, ci_high, detectable, verdict."
     seeds = diffs.groupby("task")["seed"].nunique() if len(diffs) else pd.Series(dtype=int)
     if not len(diffs):
@@ -58,8 +61,11 @@ def verdict(diffs: pd.DataFrame, resamples: int = 10_000) -> dict:
                 "verdict": f"not testable at this size ({seeds.min()} seed per task, {len(seeds)} task(s): no seed spread)"}
     mean, low, high = nested_interval(diffs, resamples)
     detectable = detectable_difference(diffs)
-    word = "better (separated)" if low > 0 else "worse (separated)" if high < 0 else \
-        f"not separated (the design detects about {detectable:.1f} points)"
+    if (low > 0 or high < 0) and abs(mean) <= tolerance:
+        word = f"not separated (within the {tolerance:.2f}-point cross-machine tolerance)"
+    else:
+        word = "better (separated)" if low > 0 else "worse (separated)" if high < 0 else \
+            f"not separated (the design detects about {detectable:.1f} points)"
     return {"ours": mean, "ci_low": low, "ci_high": high, "detectable": detectable, "verdict": word}
 
 # %% ../nbs/17b_claims.ipynb #f2c256ee
@@ -103,7 +109,8 @@ CLAIM_COLUMNS = ("claim", "paper_numbers", "ours", "ci_low", "ci_high", "verdict
 
 def paper_claims(results_dir: str | Path,              # <experiment>/<method>/results.json
                  claims: tuple[Claim, ...] = CLAIMS,
-                 protocol: str = "val") -> pd.DataFrame:
+                 protocol: str = "val",
+                 tolerance: float = 0.0) -> pd.DataFrame:    # the cross-machine tolerance, points (`verdict`)
     "Every claim whose experiment's runs exist under `results_dir`, with ours (points), the interval and the verdict."
     from moppa_nb.report import load_results
     rows, loaded = [], {}
@@ -115,6 +122,6 @@ def paper_claims(results_dir: str | Path,              # <experiment>/<method>/r
         long = loaded[claim.experiment]
         diffs = paired_differences(long, claim.method, claim.baseline, protocol) if long is not None else paired_differences(pd.DataFrame(columns=["protocol"]), "", "")
         rows.append({**{k: getattr(claim, k) for k in ("claim", "paper_numbers", "experiment", "method", "baseline", "source")},
-                     **verdict(diffs), "tasks": diffs.task.nunique() if len(diffs) else 0,
+                     **verdict(diffs, tolerance=tolerance), "tasks": diffs.task.nunique() if len(diffs) else 0,
                      "seeds": int(diffs.groupby("task").seed.nunique().min()) if len(diffs) else 0})
     return pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))

@@ -641,7 +641,8 @@ def write_profile_report(params: dict,                   # the pipeline's parame
                 compare=_comparisons(shown, [m for m in ours if m in shown]), note=note))
             sections[view_name] = view["title"]
     from moppa_nb.claims import paper_claims
-    paper_claims(results_dir).round(2).to_csv(Path(output_dir) / "paper_claims.csv", index=False)
+    tolerance = (params.get("claims") or {}).get("cross_machine_tolerance", 0.0)
+    paper_claims(results_dir, tolerance=tolerance).round(2).to_csv(Path(output_dir) / "paper_claims.csv", index=False)
     return combine_reports(name_of_profile, sections, output_dir)
 
 
