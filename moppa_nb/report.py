@@ -262,6 +262,7 @@ def plot_accuracy_vs_params(table: pd.DataFrame, caption: str, score: str = "Avg
         ax.set_xscale("log")
         ax.set_xlim(10 ** low, 10 ** high)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("trainable parameters outside the head (log scale)"
                       + ("\n(points that would overlap drawn slightly apart)" if not np.allclose(positive.x, positive.params) else ""))
     axes[0].set_ylabel(f"{score} accuracy (%)" + (" ± std over seeds" if data.error.notna().any() else ""))
@@ -391,13 +392,13 @@ def plot_training_curves(histories: pd.DataFrame, metric: str = "test_acc",
     panels, colours = (methods if many else tasks), colours or method_colours(methods)
     styles = dict(zip(tasks, ["-", "--", ":", "-."] * len(tasks)))
     ncol = min(4, len(panels)); nrow = int(np.ceil(len(panels) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(2.8 * ncol, 2.1 * nrow + 1.0), sharex=True, sharey=True, squeeze=False,
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(5.0, 2.8 * ncol), 2.1 * nrow + 1.0), sharex=True, sharey=True, squeeze=False,
                              layout="constrained")
     for ax, panel in zip(axes.flat, panels):
         for method, task in ([(panel, t) for t in tasks] if many else [(m, panel) for m in methods]):
             curve = data[(data.method == method) & (data.task == task)].groupby("epoch")["value"].mean()
             if len(curve): ax.plot(curve.index, curve.to_numpy(), color=colours[method], ls=styles[task] if many else "-", lw=1.2,
-                                   label=task if many else _marked(method, flagged))
+                                   marker="o" if len(curve) <= 3 else None, ms=3, label=task if many else _marked(method, flagged))
         ax.set_title(_marked(panel, flagged) if many else panel, fontsize=8); ax.tick_params(labelsize=7); ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for ax in axes.flat[len(panels):]: ax.set_visible(False)
