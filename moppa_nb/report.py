@@ -220,6 +220,11 @@ def method_colours(methods: list[str]) -> dict[str, str]:
     return {**{m: free[i % len(free)] for i, m in enumerate(others)}, **{m: METHOD_COLOURS[m] for m in methods if m in METHOD_COLOURS}}
 
 
+def _marker(colour: str) -> str:
+    "A marker shape tied to each colour of `PALETTE`, so a method keeps its shape too."
+    return "osD^vP*XhpH<>8d"[PALETTE.index(colour) % 15] if colour in PALETTE else "o"
+
+
 def _marked(method: str, flagged) -> str:
     return method + ("†" if method in flagged else "")
 
@@ -245,14 +250,14 @@ def plot_accuracy_vs_params(table: pd.DataFrame, caption: str, score: str = "Avg
         data.loc[positive.index, "x"] = 10 ** _dodge(np.log10(positive.params.to_numpy(float)), positive[score].to_numpy(),
                                                      0.03 * (high - low), 0.06 * max(spread_y, 1e-9))
         positive = data[data.params > 0]
-    colours, markers = colours or method_colours(list(data.method)), "osD^vP*XhpH<>8d"
+    colours = colours or method_colours(list(data.method))
     fig, axes = plt.subplots(1, 2 if len(zero) and len(positive) else 1, figsize=(8, 4.2), sharey=True, squeeze=False,
                              layout="constrained", gridspec_kw={"width_ratios": [1, 6] if len(zero) and len(positive) else [1]})
     axes = list(axes[0])
-    for i, row in data.iterrows():
+    for _, row in data.iterrows():
         ax = axes[0] if row.params == 0 else axes[-1]
         x = 0.0 if row.params == 0 else row.x
-        ax.errorbar(x, row[score], yerr=None if pd.isna(row.error) else row.error, fmt=markers[i % len(markers)], ms=7,
+        ax.errorbar(x, row[score], yerr=None if pd.isna(row.error) else row.error, fmt=_marker(colours[row.method]), ms=7,
                     color=colours[row.method], ecolor=colours[row.method], elinewidth=1, capsize=3,
                     label=f"{_marked(row.method, flagged)}: {row[score]:.1f} ({int(row.params):,} params)")
     if len(zero):
@@ -423,10 +428,10 @@ def plot_cost(table: pd.DataFrame, bench: pd.DataFrame, caption: str, score: str
     "Accuracy (`score`, %, of the experiment's model) against the benchmark's training step time per image (of the benchmark's model); a legend names each point."
     data = table.reset_index()[["method", score]].merge(bench[["method", "train_ms_per_image"]], on="method")
     if data.empty: raise ValueError("No method is in both the accuracy table and the benchmark.")
-    colours, markers = colours or method_colours(list(data.method)), "osD^vP*XhpH<>8d"
+    colours = colours or method_colours(list(data.method))
     fig, ax = plt.subplots(figsize=(7.5, 4), layout="constrained")
-    for i, row in data.iterrows():
-        ax.plot(row["train_ms_per_image"], row[score], markers[i % len(markers)], ms=7, color=colours[row["method"]],
+    for _, row in data.iterrows():
+        ax.plot(row["train_ms_per_image"], row[score], _marker(colours[row["method"]]), ms=7, color=colours[row["method"]],
                 label=f"{_marked(row['method'], flagged)}: {row[score]:.1f} %, {row['train_ms_per_image']:.0f} ms")
     first = bench.iloc[0]
     ax.set_xlabel(f"training step time per image (ms)\nof {first['model']} ({first['device']}"
