@@ -214,15 +214,16 @@ FLAG_NOTE = "† holds a run that did not converge (convergence.csv)"
 
 
 def method_colours(methods: list[str]) -> dict[str, str]:
-    "One colour per method for every figure: a method of `METHOD_COLOURS` keeps its own; the others (ablation variants) take, in order, the colours of `PALETTE` no method shown uses (cycling past 20)."
+    "One colour per method for every figure: a method of `METHOD_COLOURS` keeps its own; the others (ablation variants) take, in order, the colours of `PALETTE` no method shown uses, darker on each further round."
     free = [c for c in PALETTE if c not in {METHOD_COLOURS.get(m) for m in methods}]
     others = [m for m in dict.fromkeys(methods) if m not in METHOD_COLOURS]
-    return {**{m: free[i % len(free)] for i, m in enumerate(others)}, **{m: METHOD_COLOURS[m] for m in methods if m in METHOD_COLOURS}}
+    shade = lambda i: matplotlib.colors.to_hex(np.array(matplotlib.colors.to_rgb(free[i % len(free)])) * 0.55 ** (i // len(free)))
+    return {**{m: shade(i) for i, m in enumerate(others)}, **{m: METHOD_COLOURS[m] for m in methods if m in METHOD_COLOURS}}
 
 
 def _marker(colour: str) -> str:
     "A marker shape tied to each colour of `PALETTE`, so a method keeps its shape too."
-    return "osD^vP*XhpH<>8d"[PALETTE.index(colour) % 15] if colour in PALETTE else "o"
+    return "osD^vP*XhpH<>8d"[PALETTE.index(colour) % 15] if colour in PALETTE else "X"
 
 
 def _marked(method: str, flagged) -> str:
