@@ -575,12 +575,18 @@ def _preamble(content: ReportContent) -> list[str]:
             "Every table names its protocol.", "", *([content.note, ""] if content.note else [])]
 
 
-def _probe_check_section(long: pd.DataFrame, paths: list[Path], protocol: str, output_dir: Path) -> list[str]:
+def _runs_of(unconverged: pd.DataFrame, method: str, columns: tuple[str, ...]) -> set[tuple[str, str]]:
+    "(task, column) cells of a per-task table that a `method`'s unconverged run enters."
+    return {(task, column) for task in unconverged.task[unconverged.method == method] for column in columns}
+
+
+def _probe_check_section(long: pd.DataFrame, paths: list[Path], protocol: str, output_dir: Path, unconverged: pd.DataFrame) -> list[str]:
     probe_check = linear_vs_probe(long, paths, protocol)
     if not len(probe_check): return []
     probe_check.to_csv(output_dir / "linear_vs_probe.csv")
     return [to_markdown(probe_check, f"The trained `linear` head (protocol `{protocol}`) against the closed-form probe "
-                                     "it started from (fit on the training split, weight decay chosen on the selection split), test %", index_name="task")]
+                                     "it started from (fit on the training split, weight decay chosen on the selection split), test %", index_name="task",
+                        flags=_runs_of(unconverged, "linear", ("linear", "difference")))]
 
 
 HEADROOM_NEEDED = {"Structured": 15.0}     # points full fine-tuning must gain over the probe on a task of the group; 5 elsewhere
@@ -598,7 +604,8 @@ def headroom_table(long: pd.DataFrame, paths: list[Path], groups: dict[str, list
     return pd.DataFrame(rows, columns=["task", "group", "probe", "full", "headroom", "needed", "meets", "seeds"])
 
 
-def _headroom_section(long: pd.DataFrame, paths: list[Path], groups: dict, protocol: str, output_dir: Path) -> list[str]:
+def _headroom_section(long: pd.DataFrame, paths: list[Path], groups: dict, protocol: str, output_dir: Path,
+                      unconverged: pd.DataFrame) -> list[str]:
     table = headroom_table(long, paths, groups, protocol)
     if table.empty: return []
     table.to_csv(output_dir / "headroom.csv", index=False)
@@ -607,7 +614,7 @@ def _headroom_section(long: pd.DataFrame, paths: list[Path], groups: dict, proto
                "adapting cannot beat the probe by much, so comparisons between methods measure little")
     return [to_markdown(table.set_index("task"), f"Headroom: full fine-tuning (protocol `{protocol}`, mean over seeds) against the "
                         "closed-form probe of the frozen backbone, test %; needed: 15 points on a structured task, 5 elsewhere",
-                        index_name="task"), f"Headroom: {verdict}.", ""]
+                        index_name="task", flags=_runs_of(unconverged, "full", ("full", "headroom"))), f"Headroom: {verdict}.", ""]
 
 
 def _comparison_sections(long: pd.DataFrame, protocol: str, compare: dict[str, list[str]] | None, output_dir: Path,
@@ -700,18 +707,19 @@ def write_report(runs_dir: str | Path,                   # folder with a <method
     if not paths: raise FileNotFoundError(f"No results.json of the methods {content.methods} under {runs_dir}")
     long, convergence = load_results(paths), convergence_table(paths)
     long.to_csv(output_dir / "results.csv", index=False); convergence.to_csv(output_dir / "convergence.csv", index=False)
+    unconverged = convergence[~convergence.converged]       # marks (†) every cell and aggregate its runs enter
     tables, sections = _accuracy_sections(long, convergence, content.groups, content.methods, output_dir)
     main_protocol = "val" if "val" in tables else next(iter(tables))
     single = ["One run per cell (one seed): no spread over seeds and no significance test; read differences as single runs.", ""]
     lines = [*_preamble(content), *(single if long.seed.nunique() == 1 else []), *sections, *_convergence_section(convergence),
-             *_probe_check_section(long, paths, main_protocol, output_dir),
-             *_headroom_section(long, paths, content.groups, main_protocol, output_dir),
-             *_comparison_sections(long, main_protocol, content.compare, output_dir, convergence[~convergence.converged]),
+             *_probe_check_section(long, paths, main_protocol, output_dir, unconverged),
+             *_headroom_section(long, paths, content.groups, main_protocol, output_dir, unconverged),
+             *_comparison_sections(long, main_protocol, content.compare, output_dir, unconverged),
              *_inflation_section(long, content.methods, output_dir),
-             *_published_section(content, long, output_dir, aggregate_flags(convergence[~convergence.converged], content.groups)),
+             *_published_section(content, long, output_dir, aggregate_flags(unconverged, content.groups)),
              *_backbone_probes_section(content.probes, output_dir)]
     (output_dir / "results.md").write_text("\n".join(lines))
-    _figures(long, paths, main_protocol, tables[main_protocol], content, output_dir, convergence[~convergence.converged])
+    _figures(long, paths, main_protocol, tables[main_protocol], content, output_dir, unconverged)
     return tables
 
 
