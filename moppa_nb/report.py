@@ -247,9 +247,9 @@ def plot_accuracy_vs_params(table: pd.DataFrame, caption: str, score: str = "Avg
     data["x"], zero, positive = data.params.astype(float), data[data.params == 0], data[data.params > 0]
     if len(positive):                                                        # decades shown; points that would overlap moved apart
         low, high = np.floor(np.log10(positive.params.min() / 1.3)), np.ceil(np.log10(positive.params.max() * 1.3))
-        spread_y = (data[score] + data.error.fillna(0)).max() - (data[score] - data.error.fillna(0)).min()
-        data.loc[positive.index, "x"] = 10 ** _dodge(np.log10(positive.params.to_numpy(float)), positive[score].to_numpy(),
-                                                     0.03 * (high - low), 0.06 * max(spread_y, 1e-9))
+        bottom, top = (positive[score] - positive.error.fillna(0)).to_numpy(), (positive[score] + positive.error.fillna(0)).to_numpy()
+        data.loc[positive.index, "x"] = 10 ** _dodge(np.log10(positive.params.to_numpy(float)), bottom, top, 0.03 * (high - low),
+                                                     0.03 * max(top.max() - bottom.min(), 1e-9))
         positive = data[data.params > 0]
     colours = colours or method_colours(list(data.method))
     fig, axes = plt.subplots(1, 2 if len(zero) and len(positive) else 1, figsize=(8, 4.2), sharey=True, squeeze=False,
@@ -278,12 +278,12 @@ def plot_accuracy_vs_params(table: pd.DataFrame, caption: str, score: str = "Avg
     return fig
 
 
-def _dodge(x: np.ndarray, y: np.ndarray, dx: float, dy: float) -> np.ndarray:
-    "Positions `x` moved right in steps of `dx` until no point placed before lies within `dx` and `dy`: no marker hides another."
+def _dodge(x: np.ndarray, bottom: np.ndarray, top: np.ndarray, dx: float, pad: float) -> np.ndarray:
+    "Positions `x` moved right in steps of `dx` until no point placed before lies within `dx` with its span (`bottom`-`top`, error bar and `pad` for the marker) overlapping: no marker or error bar hides another."
     placed, out = [], np.array(x, dtype=float)
-    for i in np.lexsort((y, x)):
-        while any(abs(out[i] - px) < dx and abs(y[i] - py) < dy for px, py in placed): out[i] += dx
-        placed.append((out[i], y[i]))
+    for i in np.lexsort((bottom, x)):
+        while any(abs(out[i] - px) < dx and bottom[i] - pad < pt and top[i] + pad > pb for px, pb, pt in placed): out[i] += dx
+        placed.append((out[i], bottom[i] - pad, top[i] + pad))
     return out
 
 
