@@ -120,7 +120,8 @@ def paper_claims(results_dir: str | Path,              # <experiment>/<method>/r
             paths = sorted(folder.glob("*/results.json"))
             loaded[claim.experiment] = load_results(paths) if paths else None
         long = loaded[claim.experiment]
-        diffs = paired_differences(long, claim.method, claim.baseline, protocol) if long is not None else paired_differences(pd.DataFrame(columns=["protocol"]), "", "")
+        diffs = (paired_differences(long, claim.method, claim.baseline, protocol) if long is not None   # the experiment did not run
+             else pd.DataFrame(columns=["task", "seed", "diff"]))
         rows.append({**{k: getattr(claim, k) for k in ("claim", "paper_numbers", "experiment", "method", "baseline", "source")},
                      **verdict(diffs, tolerance=tolerance), "tasks": diffs.task.nunique() if len(diffs) else 0,
                      "seeds": int(diffs.groupby("task").seed.nunique().min()) if len(diffs) else 0})

@@ -151,9 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="output folder of the stage")
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
-    _, profile = command_settings(args, args.stage)             # every setting checked before any work
+    stage = {"data": "prepare", "backbone": "backbone"}[args.stage]   # dvc.yaml's name for the stage, named in messages
+    _, profile = command_settings(args, stage)                  # every setting checked before any work
     try: (prepare_data if args.stage == "data" else prepare_backbones)(profile, args.output)
-    except (DataMissing, BackboneMissing) as error: raise SystemExit(f"{args.stage}: {error}") from None   # one line, no traceback
+    except (DataMissing, BackboneMissing) as error: raise SystemExit(f"{stage}: {error}") from None   # one line, no traceback
 
 
 if __name__ == "__main__" and "__file__" in globals():   # `python -m moppa_nb.prepare`, not when the notebook runs

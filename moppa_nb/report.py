@@ -20,13 +20,14 @@ import seaborn as sns
 from .train import PROTOCOLS                 # one protocol table: the rule each name stands for
 
 # %% auto #0
-__all__ = ['COUNT_COLUMNS', 'CONVERGENCE', 'PUBLISHED_VTAB', 'PUBLISHED_FGVC', 'TIMING_COLUMNS', 'HEADROOM_NEEDED',
-           'load_results', 'accuracy_table', 'to_markdown', 'spread_table', 'paired_comparisons', 'run_convergence',
-           'convergence_table', 'protocol_inflation', 'published_results', 'published_vtab', 'published_table',
-           'published_deltas', 'save_figure', 'plot_accuracy_vs_params', 'plot_per_task', 'plot_router_weights',
+__all__ = ['COUNT_COLUMNS', 'CONVERGENCE', 'PUBLISHED_VTAB', 'PUBLISHED_FGVC', 'PALETTE', 'METHOD_COLOURS', 'FLAG_NOTE',
+           'TIMING_COLUMNS', 'HEADROOM_NEEDED', 'load_results', 'accuracy_table', 'to_markdown', 'spread_table',
+           'paired_comparisons', 'run_convergence', 'convergence_table', 'protocol_inflation', 'published_results',
+           'published_vtab', 'published_table', 'published_deltas', 'save_figure', 'method_colours',
+           'plot_accuracy_vs_params', 'plot_per_task', 'plot_router_weights', 'router_init_spread',
            'plot_router_weights_by_task', 'plot_spectral_responses', 'plot_training_curves', 'plot_cost',
-           'probe_accuracies', 'linear_vs_probe', 'ReportContent', 'headroom_table', 'write_report', 'combine_reports',
-           'write_profile_report', 'main']
+           'probe_accuracies', 'linear_vs_probe', 'aggregate_flags', 'ReportContent', 'headroom_table', 'write_report',
+           'combine_reports', 'write_profile_report', 'main']
 
 # %% ../nbs/17_report.ipynb #c0b9018a
 def load_results(paths: list[str | Path]) -> pd.DataFrame:
@@ -99,7 +100,9 @@ def spread_table(long: pd.DataFrame, protocol: str, groups: dict[str, list[str]]
 
 
 def paired_comparisons(long: pd.DataFrame, protocol: str, methods: list[str], baselines: list[str],
-                       resamples: int = 10_000, seed: int = 0) -> pd.DataFrame:
+                       resamples: int = 10_000, seed: int = 0,
+                       tolerance: float = 0.0,     # points: the cross-machine tolerance of `moppa_nb.claims.verdict`
+                       ) -> pd.DataFrame:
     "Each of `methods` against each baseline on shared (task, seed) pairs: difference, nested 95% interval, verdict (`moppa_nb.claims`' one rule)."
     from moppa_nb.claims import paired_differences, verdict
     rows = []
@@ -108,7 +111,7 @@ def paired_comparisons(long: pd.DataFrame, protocol: str, methods: list[str], ba
             if method == baseline: continue
             diffs = paired_differences(long, method, baseline, protocol)
             if len(diffs) < 2: continue
-            found = verdict(diffs, resamples)
+            found = verdict(diffs, resamples, tolerance=tolerance)
             rows.append({"method": method, "baseline": baseline, "tasks": diffs.task.nunique(), "pairs": len(diffs),
                          "mean_diff": found["ours"], "ci_low": found["ci_low"], "ci_high": found["ci_high"],
                          "detectable": found["detectable"], "verdict": found["verdict"]})
@@ -197,43 +200,121 @@ def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+           "#000000", "#e6ab02", "#a6cee3", "#b2df8a", "#fb9a99", "#cab2d6", "#6a3d9a", "#fdbf6f", "#b15928", "#1b9e77")
+METHOD_COLOURS = {"linear": "#7f7f7f", "full": "#000000", "lora": "#1f77b4", "adapter": "#2ca02c", "coeff": "#ff7f0e",
+                  "moppa": "#d62728", "lora+coeff": "#8c564b", "vpt": "#9467bd", "fact": "#e377c2", "bitfit": "#bcbd22",
+                  "ssf": "#17becf", "adaptformer": "#e6ab02", "rlrr": "#1b9e77", "dora": "#6a3d9a"}   # the same in every experiment
+FLAG_NOTE = "† holds a run that did not converge (convergence.csv)"
+
+
+def method_colours(methods: list[str]) -> dict[str, str]:
+    "One colour per method for every figure: a method of `METHOD_COLOURS` keeps its own; the others (ablation variants) take, in order, the colours of `PALETTE` no method shown uses, darker on each further round."
+    free = [c for c in PALETTE if c not in {METHOD_COLOURS.get(m) for m in methods}]
+    others = [m for m in dict.fromkeys(methods) if m not in METHOD_COLOURS]
+    shade = lambda i: matplotlib.colors.to_hex(np.array(matplotlib.colors.to_rgb(free[i % len(free)])) * 0.55 ** (i // len(free)))
+    return {**{m: shade(i) for i, m in enumerate(others)}, **{m: METHOD_COLOURS[m] for m in methods if m in METHOD_COLOURS}}
+
+
+def _marker(colour: str) -> str:
+    "A marker shape tied to each colour of `PALETTE`, so a method keeps its shape too."
+    return "osD^vP*XhpH<>8d"[PALETTE.index(colour) % 15] if colour in PALETTE else "X"
+
+
+def _marked(method: str, flagged) -> str:
+    return method + ("†" if method in flagged else "")
+
+
+def _title(fig: plt.Figure, text: str) -> None:
+    "A figure title wrapped to the figure's width."
+    import textwrap
+    fig.suptitle(textwrap.fill(text, int(13 * fig.get_figwidth())), fontsize=9)
+
+
 def plot_accuracy_vs_params(table: pd.DataFrame, caption: str, score: str = "Avg",
-                            spread: pd.DataFrame | None = None) -> plt.Figure:
-    "Each method's `score` (%) against its trainable parameters (head excluded; log axis, 0 drawn at its left end), error bars from `spread`."
+                            spread: pd.DataFrame | None = None,
+                            flagged: set = frozenset(),   # methods with an unconverged run: marked † in the legend
+                            colours: dict[str, str] | None = None,   # method -> colour (default: method_colours)
+                            ) -> plt.Figure:
+    "Each method's `score` (%) against its trainable parameters (head excluded) on a log axis; methods without any (`linear`) in a panel of their own; error bars from `spread`; points of equal size spread apart sideways; a legend names each point."
     data = table.reset_index().rename(columns={"index": "method"})
-    positive = data.loc[data.params > 0, "params"]
-    floor = 10 ** np.floor(np.log10(positive.min())) / 10 if len(positive) else 1.0
-    data["x"] = data.params.where(data.params > 0, floor)                 # parameter-free methods at the left edge
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    errors = spread[score].reindex(data.method).to_numpy() if spread is not None and score in spread else None
-    ax.errorbar(data.x, data[score], yerr=errors, fmt="none", ecolor="0.6", capsize=3, zorder=1)
-    sns.scatterplot(data=data, x="x", y=score, hue="method", s=70, ax=ax, legend=False, zorder=2)
-    single = data[data.groupby("x").x.transform("size") == 1].sort_values(score).reset_index(drop=True)
-    for i, row in single.iterrows():                                      # alternate label sides, so neighbours do not overlap
-        ax.annotate(row["method"], (row["x"], row[score]), textcoords="offset points",
-                    xytext=(6 if i % 2 == 0 else -6, 3), ha="left" if i % 2 == 0 else "right", fontsize=8)
-    for x, shared in data[data.groupby("x").x.transform("size") > 1].groupby("x"):   # variants of equal size: one list
-        lines = [f"{m} {s:.1f}" for m, s in shared.sort_values(score, ascending=False)[["method", score]].itertuples(index=False)]
-        ax.annotate("\n".join(lines), (x, shared[score].max()), textcoords="offset points", xytext=(8, 0), ha="left", va="top",
-                    fontsize=7, bbox={"boxstyle": "round", "fc": "white", "ec": "0.8", "alpha": 0.9})
-    ax.set_xscale("log")
-    ax.set_xlim(floor / 2, data.x.max() * 4)
-    ticks = [t for t in ax.get_xticks() if floor < t <= data.x.max() * 4]
-    ax.set_xticks([floor, *ticks], ["0", *[f"{t:,.0f}" for t in ticks]])
-    ax.set_xlabel("trainable parameters (head excluded; log scale)"); ax.set_ylabel(f"{score} accuracy (%)")
-    ax.set_title(caption, fontsize=9)
+    data["error"] = spread[score].reindex(data.method).to_numpy() if spread is not None and score in spread else np.nan
+    data["x"], zero, positive = data.params.astype(float), data[data.params == 0], data[data.params > 0]
+    if len(positive):                                                        # decades shown; points that would overlap moved apart
+        low, high = np.floor(np.log10(positive.params.min() / 1.3)), np.ceil(np.log10(positive.params.max() * 1.3))
+        bottom, top = (positive[score] - positive.error.fillna(0)).to_numpy(), (positive[score] + positive.error.fillna(0)).to_numpy()
+        data.loc[positive.index, "x"] = 10 ** _dodge(np.log10(positive.params.to_numpy(float)), bottom, top, 0.03 * (high - low),
+                                                     0.03 * max(top.max() - bottom.min(), 1e-9))
+        positive = data[data.params > 0]
+    colours = colours or method_colours(list(data.method))
+    fig, axes = plt.subplots(1, 2 if len(zero) and len(positive) else 1, figsize=(8, 4.2), sharey=True, squeeze=False,
+                             layout="constrained", gridspec_kw={"width_ratios": [1, 6] if len(zero) and len(positive) else [1]})
+    axes = list(axes[0])
+    for _, row in data.iterrows():
+        ax = axes[0] if row.params == 0 else axes[-1]
+        x = 0.0 if row.params == 0 else row.x
+        ax.errorbar(x, row[score], yerr=None if pd.isna(row.error) else row.error, fmt=_marker(colours[row.method]), ms=7,
+                    color=colours[row.method], ecolor=colours[row.method], elinewidth=1, capsize=3,
+                    label=f"{_marked(row.method, flagged)}: {row[score]:.1f} ({int(row.params):,} params)")
+    if len(zero):
+        axes[0].set_xticks([0], ["none"]); axes[0].set_xlim(-1, 1); axes[0].set_title("head only", fontsize=8)
+    if len(positive):
+        ax = axes[-1]
+        ax.set_xscale("log")
+        ax.set_xlim(10 ** low, 10 ** high)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("trainable parameters outside the head (log scale)"
+                      + ("\n(points that would overlap drawn slightly apart)" if not np.allclose(positive.x, positive.params) else ""))
+    axes[0].set_ylabel(f"{score} accuracy (%)" + (" ± std over seeds" if data.error.notna().any() else ""))
+    fig.legend(*_joined_handles(axes), loc="outside lower center", ncol=min(3, len(data)), fontsize=7, frameon=False,
+               title=FLAG_NOTE if flagged else None, title_fontsize=7)
+    _title(fig, caption)
     return fig
 
 
-def plot_per_task(long: pd.DataFrame, protocol: str, methods: list[str] | None = None) -> plt.Figure:
-    "Test accuracy per task and method (bars: mean over seeds, error bars: std over seeds) for one protocol."
+def _dodge(x: np.ndarray, bottom: np.ndarray, top: np.ndarray, dx: float, pad: float) -> np.ndarray:
+    "Positions `x` moved right in steps of `dx` until no point placed before lies within `dx` with its span (`bottom`-`top`, error bar and `pad` for the marker) overlapping: no marker or error bar hides another."
+    placed, out = [], np.array(x, dtype=float)
+    for i in np.lexsort((bottom, x)):
+        while any(abs(out[i] - px) < dx and bottom[i] - pad < pt and top[i] + pad > pb for px, pb, pt in placed): out[i] += dx
+        placed.append((out[i], bottom[i] - pad, top[i] + pad))
+    return out
+
+
+def _joined_handles(axes) -> tuple[list, list]:
+    handles, labels = [], []
+    for ax in axes:
+        h, l = ax.get_legend_handles_labels(); handles += h; labels += l
+    return handles, labels
+
+
+def plot_per_task(long: pd.DataFrame, protocol: str, methods: list[str] | None = None,
+                  flagged: set = frozenset(),             # (method, task) cells with an unconverged run: marked †
+                  colours: dict[str, str] | None = None,  # method -> colour (default: method_colours)
+                  ) -> plt.Figure:
+    "Test accuracy per task and method, one panel per task: a point per method (mean over seeds) with the std over seeds, each panel on its own accuracy range."
     data = long[long.protocol == protocol].assign(accuracy=lambda d: d.test_acc * 100)
     order = [m for m in (methods or sorted(data.method.unique())) if m in set(data.method)]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * data.task.nunique() * max(1, len(order)) / 4), 4))
-    sns.barplot(data=data, x="task", y="accuracy", hue="method", hue_order=order, errorbar="sd", capsize=0.1, err_kws={"linewidth": 0.8}, ax=ax)
-    ax.set_ylabel("test accuracy (%)"); ax.set_title(f"Per-task accuracy, protocol: {PROTOCOLS[protocol]}", fontsize=9)
-    ax.set_ylim(max(0, data.accuracy.min() - 5), min(100, data.accuracy.max() + 3))       # the differences, not the bars, matter
-    ax.legend(fontsize=7, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left"); ax.tick_params(axis="x", rotation=30)
+    tasks = list(dict.fromkeys(data.task))
+    stats = data.groupby(["task", "method"]).accuracy.agg(["mean", "std"])
+    colours, ncol = colours or method_colours(order), min(4, len(tasks))
+    nrow = int(np.ceil(len(tasks) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(6.0, 2.6 * ncol + 1.2), (0.24 * len(order) + 0.9) * nrow + 0.6), sharey=True,
+                             squeeze=False, layout="constrained")
+    for ax, task in zip(axes.flat, tasks):
+        for y, method in enumerate(order):
+            if (task, method) not in stats.index: continue
+            mean, std = stats.loc[(task, method)]
+            ax.errorbar(mean, y, xerr=None if pd.isna(std) else std, fmt="o", ms=5, color=colours[method], capsize=2, elinewidth=1)
+            if (method, task) in flagged: ax.annotate("†", (mean, y), textcoords="offset points", xytext=(3, 4), fontsize=8)
+        ax.set_title(task, fontsize=8); ax.grid(axis="x", alpha=0.3); ax.margins(x=0.15)
+        ax.set_xlabel("test accuracy (%)", fontsize=8); ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(tasks):]: ax.set_visible(False)
+    axes[0, 0].set_yticks(range(len(order)), order); axes[0, 0].set_ylim(len(order) - 0.5, -0.5)
+    seeds = data.groupby(["method", "task"]).seed.nunique().max()
+    _title(fig, f"Per-task test accuracy, protocol: {PROTOCOLS[protocol]}; "
+                + ("mean ± std over seeds" if seeds > 1 else "one seed per point") + ("; " + FLAG_NOTE if flagged else ""))
     return fig
 
 # %% ../nbs/17_report.ipynb #01f2d967
@@ -249,56 +330,112 @@ def plot_router_weights(weights: np.ndarray, title: str = "MoPPA router weights"
     return fig
 
 
-def plot_router_weights_by_task(weights: dict[str, np.ndarray], title: str = "MoPPA router weights per task") -> plt.Figure:
-    "One row per task, one column per branch: heat maps of static router weights (blocks x heads), one shared colour scale."
+def router_init_spread(tau_init: float = 5.0, branches: int = 3, seeds: int = 1) -> float:
+    "Standard deviation of one static-router weight at initialisation, `softmax(N(0, 1) / tau_init)` over `branches`, of its mean over `seeds` runs."
+    z = np.random.default_rng(0).standard_normal((100_000, branches)) / tau_init
+    weights = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    return float(weights[:, 0].std() / np.sqrt(seeds))
+
+
+def plot_router_weights_by_task(weights: dict[str, np.ndarray], title: str = "MoPPA router weights per task",
+                                init_sd: float | None = None,   # spread of a weight at initialisation (router_init_spread)
+                                ) -> plt.Figure:
+    "One row per task, one column per branch, blocks x heads: the colour shows each weight's distance from the uniform 1/3 (one shared scale), the number the weight; the title says how many weights left the spread of their random start."
     from moppa_nb.router import BRANCHES
     tasks = list(weights)
-    fig, axes = plt.subplots(len(tasks), 3, figsize=(9, 2.1 * len(tasks) + 0.6), squeeze=False, layout="constrained")
+    change = {task: np.asarray(w) - 1 / len(BRANCHES) for task, w in weights.items()}
+    limit = max(float(np.abs(np.concatenate([c.ravel() for c in change.values()])).max()), 0.05)
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(9, 2.1 * len(tasks) + 0.9), squeeze=False, layout="constrained")
     for r, task in enumerate(tasks):
         w = np.asarray(weights[task])
         for i, branch in enumerate(BRANCHES):
             ax = axes[r, i]
-            sns.heatmap(w[:, i, :], vmin=0, vmax=1, cmap="viridis", ax=ax, cbar=False, annot=w.shape[2] <= 6, fmt=".2f",
-                        annot_kws={"fontsize": 7})
+            sns.heatmap(change[task][:, i, :], vmin=-limit, vmax=limit, cmap="RdBu_r", ax=ax, cbar=False, annot=w[:, i, :] if w.shape[2] <= 6 else False,
+                        fmt=".2f", annot_kws={"fontsize": 7})
             ax.set_title(f"{task}: {branch}", fontsize=8); ax.set_xlabel("head" if r == len(tasks) - 1 else "")
             ax.set_ylabel("block" if i == 0 else "")
-    fig.colorbar(plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="viridis"), ax=axes, shrink=0.6, label="weight")
-    fig.suptitle(title, fontsize=10)
+    fig.colorbar(plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(-limit, limit), cmap="RdBu_r"), ax=axes, shrink=0.6,
+                 label="weight − 1/3 (uniform)")
+    if init_sd is not None:
+        moved = np.concatenate([np.abs(c).ravel() for c in change.values()])
+        title += (f". At initialisation a weight is 1/3 ± {init_sd:.3f} (sd of the random start); {int((moved > 2 * init_sd).sum())} of "
+                  f"{moved.size} weights lie beyond 2 sd (about 5% if training left them at their start)")
+    _title(fig, title)
     return fig
 
 
 def plot_spectral_responses(responses: dict[str, np.ndarray], title: str = "MoPPA spectral responses") -> plt.Figure:
-    "Heat maps of spectral responses (name -> (H, W) array), e.g. each branch and the mixture of one block."
-    fig, axes = plt.subplots(1, len(responses), figsize=(3.6 * len(responses), 3.2), layout="constrained")
-    for ax, (name, response) in zip(np.atleast_1d(axes), responses.items()):
-        sns.heatmap(np.asarray(response), cmap="magma", ax=ax, square=True, cbar_kws={"shrink": 0.8})
-        ax.set_title(name, fontsize=9); ax.set_xlabel("frequency m"); ax.set_ylabel("frequency n")
-    fig.suptitle(title, fontsize=10)
+    "Heat maps of spectral responses (name -> (H, W) array), e.g. each branch and the mixture of one block, on one colour scale."
+    values = np.concatenate([np.asarray(r).ravel() for r in responses.values()])
+    norm = matplotlib.colors.Normalize(values.min(), values.max())
+    fig, axes = plt.subplots(1, len(responses), figsize=(2.6 * len(responses) + 1, 3.2), layout="constrained", squeeze=False)
+    for ax, (name, response) in zip(axes[0], responses.items()):
+        sns.heatmap(np.asarray(response), cmap="magma", vmin=norm.vmin, vmax=norm.vmax, ax=ax, square=True, cbar=False)
+        ax.set_title(name, fontsize=9); ax.set_xlabel("frequency m"); ax.set_ylabel("frequency n" if ax is axes[0, 0] else "")
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="magma"), ax=axes, shrink=0.8, label="response (one scale for all panels)")
+    _title(fig, title)
     return fig
 
 
-def plot_training_curves(histories: pd.DataFrame, metric: str = "test_acc") -> plt.Figure:
-    "`metric` over epochs, mean over seeds: a panel per task and a line per method, or with more than 6 methods (an ablation) a panel per method."
-    many = histories.method.nunique() > 6              # a dozen lines in one panel cannot be told apart
-    panel, line = ("method", "task") if many else ("task", "method")
-    grid = sns.relplot(data=histories, x="epoch", y=metric, hue=line, col=panel, kind="line", errorbar=None,
-                       col_wrap=min(4, histories[panel].nunique()), height=2.0 if many else 2.4)
-    grid.set_titles("{col_name}", size=8)
-    grid.figure.suptitle(f"Training curves: {metric} (mean over seeds)", fontsize=10)
-    grid.figure.subplots_adjust(top=1 - 0.45 / grid.figure.get_figheight())      # room for the title above the panels
-    return grid.figure
+_METRICS = {"val_acc": "selection-split accuracy (%)", "test_acc": "test accuracy (%)"}
+
+
+def plot_training_curves(histories: pd.DataFrame, metric: str = "test_acc",
+                         flagged: set = frozenset(),      # methods with an unconverged run: marked †
+                         methods: list[str] | None = None,  # order of the methods (default: as they come)
+                         colours: dict[str, str] | None = None,   # method -> colour (default: method_colours)
+                         ) -> plt.Figure:
+    "`metric` (%) over epochs, mean over seeds: a panel per task and a line per method, or with more than 6 methods (an ablation) a panel per method and a line style per task; colours from `method_colours`."
+    data = histories.assign(value=histories[metric] * 100)
+    methods = [m for m in (methods or dict.fromkeys(data.method)) if m in set(data.method)]
+    tasks = list(dict.fromkeys(data.task))
+    many = len(methods) > 6                             # a dozen lines in one panel cannot be told apart
+    panels, colours = (methods if many else tasks), colours or method_colours(methods)
+    styles = dict(zip(tasks, ["-", "--", ":", "-."] * len(tasks)))
+    ncol = min(4, len(panels)); nrow = int(np.ceil(len(panels) / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(5.0, 2.8 * ncol), 2.1 * nrow + 1.0), sharex=True, sharey=True, squeeze=False,
+                             layout="constrained")
+    for ax, panel in zip(axes.flat, panels):
+        for method, task in ([(panel, t) for t in tasks] if many else [(m, panel) for m in methods]):
+            curve = data[(data.method == method) & (data.task == task)].groupby("epoch")["value"].mean()
+            if len(curve): ax.plot(curve.index, curve.to_numpy(), color=colours[method], ls=styles[task] if many else "-", lw=1.2,
+                                   marker="o" if len(curve) <= 3 else None, ms=3, label=task if many else _marked(method, flagged))
+        ax.set_title(_marked(panel, flagged) if many else panel, fontsize=8); ax.tick_params(labelsize=7); ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for ax in axes.flat[len(panels):]: ax.set_visible(False)
+    for ax in axes[:, 0]: ax.set_ylabel(_METRICS.get(metric, metric), fontsize=8)
+    for ax in axes[-1]: ax.set_xlabel("epoch", fontsize=8)
+    lines = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    if not many or len(tasks) > 1:
+        fig.legend(lines.values(), lines.keys(), loc="outside lower center", ncol=min(len(lines), 6), fontsize=7, frameon=False)
+    seeds = sorted(data.groupby(["method", "task"]).seed.nunique().unique())
+    what = ("one seed per curve (a single run)" if seeds == [1] else f"mean over {seeds[0]} seeds" if len(seeds) == 1
+            else f"mean over {seeds[0]}-{seeds[-1]} seeds")
+    _title(fig, f"Training curves: {_METRICS.get(metric, metric)} per epoch, {what}" + ("; " + FLAG_NOTE if flagged else ""))
+    return fig
 
 # %% ../nbs/17_report.ipynb #25939f6d
-def plot_cost(table: pd.DataFrame, bench: pd.DataFrame, caption: str, score: str = "Avg") -> plt.Figure:
-    "Accuracy (`score`, %) vs training step time per image from the benchmark; marker size ~ trainable parameters."
-    data = table.reset_index()[["method", score, "params"]].merge(bench[["method", "train_ms_per_image"]], on="method")
+def plot_cost(table: pd.DataFrame, bench: pd.DataFrame, caption: str, score: str = "Avg",
+              accuracy_of: str = "this experiment's backbone",   # the model whose accuracy `table` holds
+              bench_source: str = "the benchmark",                # where `bench` comes from (its CSV)
+              flagged: set = frozenset(),                         # methods with an unconverged run: marked †
+              colours: dict[str, str] | None = None,              # method -> colour (default: method_colours)
+              ) -> plt.Figure:
+    "Accuracy (`score`, %, of the experiment's model) against the benchmark's training step time per image (of the benchmark's model); a legend names each point."
+    data = table.reset_index()[["method", score]].merge(bench[["method", "train_ms_per_image"]], on="method")
     if data.empty: raise ValueError("No method is in both the accuracy table and the benchmark.")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sns.scatterplot(data=data, x="train_ms_per_image", y=score, size="params", sizes=(30, 400), hue="method", ax=ax, legend=False)
+    colours = colours or method_colours(list(data.method))
+    fig, ax = plt.subplots(figsize=(7.5, 4), layout="constrained")
     for _, row in data.iterrows():
-        ax.annotate(row["method"], (row["train_ms_per_image"], row[score]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel(f"training step time per image (ms, {bench['device'].iloc[0]}, {bench['model'].iloc[0]})")
-    ax.set_ylabel(f"{score} accuracy (%)"); ax.set_title(caption, fontsize=9)
+        ax.plot(row["train_ms_per_image"], row[score], _marker(colours[row["method"]]), ms=7, color=colours[row["method"]],
+                label=f"{_marked(row['method'], flagged)}: {row[score]:.1f} %, {row['train_ms_per_image']:.0f} ms")
+    first = bench.iloc[0]
+    ax.set_xlabel(f"training step time per image (ms)\nof {first['model']} ({first['device']}"
+                  + (f", batch {int(first['batch_size'])}" if "batch_size" in bench else "") + f"), from {bench_source}", fontsize=8)
+    ax.set_ylabel(f"{score} accuracy (%)\nof {accuracy_of}", fontsize=8); ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncol=min(3, len(data)), fontsize=7, frameon=False,
+               title=FLAG_NOTE if flagged else None, title_fontsize=7)
+    _title(fig, caption + ": the two axes measure different models (accuracy of the experiment's, time of the benchmark's)")
     return fig
 
 # %% ../nbs/17_report.ipynb #935b829c
@@ -316,16 +453,19 @@ def _histories(paths: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _route_weights_by_task(paths: list[Path]) -> dict[str, np.ndarray]:
-    "Static MoPPA router weights (blocks, 3, heads) of the `moppa` runs, averaged over seeds, per task."
+def _route_weights_by_task(paths: list[Path]) -> tuple[dict[str, np.ndarray], int, float]:
+    "Static MoPPA router weights (blocks, 3, heads) of the `moppa` runs, averaged over seeds, per task; the fewest seeds of a task; the router's `tau_init`."
     for path in paths:
         result = json.loads(Path(path).read_text())
         if result["method"] != "moppa": continue
         by_task: dict[str, list] = {}
         for run in result["runs"]:
             if run.get("route_weights") is not None: by_task.setdefault(run["task"], []).append(run["route_weights"])
-        return {task: np.mean(np.asarray(w), axis=0) for task, w in by_task.items()}
-    return {}
+        if not by_task: break
+        from moppa_nb.moppa import MoPPAOptions
+        tau_init = (result.get("peft_spec") or {}).get("moppa", {}).get("tau_init", MoPPAOptions().tau_init)
+        return ({task: np.mean(np.asarray(w), axis=0) for task, w in by_task.items()}, min(map(len, by_task.values())), tau_init)
+    return {}, 0, 0.0
 
 
 def probe_accuracies(paths: list[Path]) -> dict[str, float]:
@@ -347,25 +487,36 @@ def linear_vs_probe(long: pd.DataFrame, paths: list[Path], protocol: str = "val"
 
 
 def _markdown_comparisons(comparisons: pd.DataFrame, protocol: str) -> list[str]:
-    "Table and one sentence per comparison, worded no stronger than its interval."
+    "Table and one sentence per comparison, worded no stronger than its interval; † where an unconverged run enters it (column `unconverged`)."
     if comparisons.empty: return []
     table = comparisons.set_index(["method", "baseline"])
     table.index = [f"{m} vs {b}" for m, b in table.index]
+    marked = table.pop("unconverged") if "unconverged" in table else pd.Series(False, index=table.index)
     lines = [to_markdown(table, f"Paired differences (points, protocol `{protocol}`): the mean over tasks of each task's mean "
                                 "difference over seeds, its 95% interval (bootstrap over tasks, then seeds within them), the "
                                 "smallest difference the design detects (2.8 standard errors), and the verdict by one rule: "
-                                "separated when the interval excludes 0", digits=2, index_name="comparison")]
-    for row in comparisons.itertuples():
+                                "separated when the interval excludes 0 and the difference exceeds the cross-machine tolerance", digits=2, index_name="comparison",
+                         flags={(row, "mean_diff") for row in marked.index[marked.to_numpy()]})]
+    for row, dagger in zip(comparisons.itertuples(), marked.to_numpy()):
+        note = " † (an unconverged run enters it)" if dagger else ""
         interval = f", interval [{row.ci_low:+.2f}, {row.ci_high:+.2f}]" if row.ci_low is not None and not pd.isna(row.ci_low) else ""
-        lines.append(f"- `{row.method}` vs `{row.baseline}`: {row.verdict} ({row.mean_diff:+.2f} points{interval}).")
+        lines.append(f"- `{row.method}` vs `{row.baseline}`: {row.verdict} ({row.mean_diff:+.2f} points{interval}){note}.")
     return lines + [""]
+
+
+def aggregate_flags(unconverged: pd.DataFrame, groups: dict[str, list[str]]) -> set[tuple[str, str]]:
+    "The (method, column) cells of `accuracy_table` an unconverged run (rows of `convergence_table`) enters: its task, its group's mean, Avg and Mean."
+    flags = set()
+    for method, task in zip(unconverged.method, unconverged.task):
+        flags |= {(method, task), (method, "Avg"), (method, "Mean")}
+        flags |= {(method, f"{group} mean") for group, members in groups.items() if task in members}
+    return flags
 
 
 def _accuracy_sections(long: pd.DataFrame, convergence: pd.DataFrame, groups: dict, methods: list[str] | None,
                        output_dir: Path) -> tuple[dict[str, pd.DataFrame], list[str]]:
     "One table per protocol (mean ± std over seeds, unconverged cells flagged), written as CSV; and their Markdown."
-    unconverged = convergence[~convergence.converged]
-    flags = set(zip(unconverged.method, unconverged.task))
+    flags = aggregate_flags(convergence[~convergence.converged], groups)
     tables, lines = {}, []
     for protocol in (p for p in PROTOCOLS if p in set(long.protocol)):
         table, spread = accuracy_table(long, protocol, groups, methods), spread_table(long, protocol, groups, methods)
@@ -384,7 +535,8 @@ def _convergence_section(convergence: pd.DataFrame) -> list[str]:
              f"{convergence.loss_drop_last.median():.1%}, largest {convergence.loss_drop_last.max():.1%} "
              "(per run in convergence.csv)."]
     if len(bad):
-        lines += ["", "Not converged (flagged † in the tables):", ""]
+        lines += ["", "Not converged (flagged †: its cell and every aggregate it enters, i.e. its group mean, Avg, Mean, "
+                  "paired comparisons and the figures' labels):", ""]
         lines += [f"- {r.method} / {r.task} / seed {r.seed}: val trend {r.val_trend_last:+.1f} points, loss fall "
                   f"{r.loss_drop_last:.1%} over the last epochs" for r in bad.itertuples()]
     return lines + [""]
@@ -402,8 +554,11 @@ class ReportContent:
     published: str | None = None                       # a published table to put beside ours (PUBLISHED_VTAB, PUBLISHED_FGVC), where backbone and data match
     probes: dict | None = None                         # task -> {pretrained, random_init, raw_pixels} linear-probe accuracy
     spectral_responses: dict | None = None             # name -> (H, W) array of a trained MoPPA, for a figure
+    spectral_run: str | None = None                    # which run those responses come from (experiment, task, seed)
     bench_csv: str | Path | None = None                # benchmark CSV for the cost figure
+    backbone: str | None = None                        # the model the accuracies are of, named beside the benchmark's
     note: str | None = None                            # a paragraph under the heading (e.g. which runs a view draws on)
+    tolerance: float = 0.0                             # points: differences within it are not called separated (claims.verdict)
 
 
 def _preamble(content: ReportContent) -> list[str]:
@@ -414,12 +569,18 @@ def _preamble(content: ReportContent) -> list[str]:
             "Every table names its protocol.", "", *([content.note, ""] if content.note else [])]
 
 
-def _probe_check_section(long: pd.DataFrame, paths: list[Path], protocol: str, output_dir: Path) -> list[str]:
+def _runs_of(unconverged: pd.DataFrame, method: str, columns: tuple[str, ...]) -> set[tuple[str, str]]:
+    "(task, column) cells of a per-task table that a `method`'s unconverged run enters."
+    return {(task, column) for task in unconverged.task[unconverged.method == method] for column in columns}
+
+
+def _probe_check_section(long: pd.DataFrame, paths: list[Path], protocol: str, output_dir: Path, unconverged: pd.DataFrame) -> list[str]:
     probe_check = linear_vs_probe(long, paths, protocol)
     if not len(probe_check): return []
     probe_check.to_csv(output_dir / "linear_vs_probe.csv")
     return [to_markdown(probe_check, f"The trained `linear` head (protocol `{protocol}`) against the closed-form probe "
-                                     "it started from (fit on the training split, weight decay chosen on the selection split), test %", index_name="task")]
+                                     "it started from (fit on the training split, weight decay chosen on the selection split), test %", index_name="task",
+                        flags=_runs_of(unconverged, "linear", ("linear", "difference")))]
 
 
 HEADROOM_NEEDED = {"Structured": 15.0}     # points full fine-tuning must gain over the probe on a task of the group; 5 elsewhere
@@ -437,7 +598,8 @@ def headroom_table(long: pd.DataFrame, paths: list[Path], groups: dict[str, list
     return pd.DataFrame(rows, columns=["task", "group", "probe", "full", "headroom", "needed", "meets", "seeds"])
 
 
-def _headroom_section(long: pd.DataFrame, paths: list[Path], groups: dict, protocol: str, output_dir: Path) -> list[str]:
+def _headroom_section(long: pd.DataFrame, paths: list[Path], groups: dict, protocol: str, output_dir: Path,
+                      unconverged: pd.DataFrame) -> list[str]:
     table = headroom_table(long, paths, groups, protocol)
     if table.empty: return []
     table.to_csv(output_dir / "headroom.csv", index=False)
@@ -446,13 +608,19 @@ def _headroom_section(long: pd.DataFrame, paths: list[Path], groups: dict, proto
                "adapting cannot beat the probe by much, so comparisons between methods measure little")
     return [to_markdown(table.set_index("task"), f"Headroom: full fine-tuning (protocol `{protocol}`, mean over seeds) against the "
                         "closed-form probe of the frozen backbone, test %; needed: 15 points on a structured task, 5 elsewhere",
-                        index_name="task"), f"Headroom: {verdict}.", ""]
+                        index_name="task", flags=_runs_of(unconverged, "full", ("full", "headroom"))), f"Headroom: {verdict}.", ""]
 
 
-def _comparison_sections(long: pd.DataFrame, protocol: str, compare: dict[str, list[str]] | None, output_dir: Path) -> list[str]:
-    lines = []
+def _comparison_sections(long: pd.DataFrame, protocol: str, compare: dict[str, list[str]] | None, output_dir: Path,
+                         unconverged: pd.DataFrame, tolerance: float = 0.0) -> list[str]:
+    "Paired comparisons per method, as CSV and Markdown; `unconverged`: True where an unconverged run is in a compared pair."
+    lines, runs = [], set(zip(long.method, long.task, long.seed))
+    bad = list(zip(unconverged.method, unconverged.task, unconverged.seed))
     for method, baselines in (compare or {}).items():
-        comparisons = paired_comparisons(long, protocol, [method], baselines)
+        comparisons = paired_comparisons(long, protocol, [method], baselines, tolerance=tolerance)
+        if not comparisons.empty:
+            comparisons["unconverged"] = [any(m in (r.method, r.baseline) and {(r.method, t, s), (r.baseline, t, s)} <= runs
+                                              for m, t, s in bad) for r in comparisons.itertuples()]
         comparisons.to_csv(output_dir / f"significance_{method.replace('+', '_')}.csv", index=False)
         lines += _markdown_comparisons(comparisons, protocol)
     return lines
@@ -466,7 +634,7 @@ def _inflation_section(long: pd.DataFrame, methods: list[str] | None, output_dir
                                    "method's tasks x seeds (how much selecting the epoch on test flatters it)", digits=2)]
 
 
-def _published_section(content: ReportContent, long: pd.DataFrame, output_dir: Path) -> list[str]:
+def _published_section(content: ReportContent, long: pd.DataFrame, output_dir: Path, flags: set) -> list[str]:
     if not content.published: return []
     pub = published_table(content.groups, content.published)
     pub.to_csv(output_dir / "table_published.csv")
@@ -476,7 +644,7 @@ def _published_section(content: ReportContent, long: pd.DataFrame, output_dir: P
     if not deltas.empty:
         deltas.to_csv(output_dir / "delta_published.csv")
         lines.append(to_markdown(deltas, "Ours (`best_test`, the protocol much published code reports) minus published, points: "
-                                         "same backbone and data, protocols alike but not identical", digits=2))
+                                         "same backbone and data, protocols alike but not identical", digits=2, flags=flags))
     return lines
 
 
@@ -489,25 +657,35 @@ def _backbone_probes_section(probes: dict | None, output_dir: Path) -> list[str]
 
 
 def _figures(long: pd.DataFrame, paths: list[Path], protocol: str, table: pd.DataFrame, content: ReportContent,
-             output_dir: Path) -> None:
-    "The figures of the report; `table`: the accuracy table of `protocol`, the main one."
+             output_dir: Path, unconverged: pd.DataFrame) -> None:
+    "The figures of the report; `table`: the accuracy table of `protocol`, the main one; `unconverged` runs mark their methods †."
     spread = spread_table(long, protocol, content.groups, content.methods)
-    save_figure(plot_accuracy_vs_params(table, f"{content.profile} profile, protocol: {PROTOCOLS[protocol]}", spread=spread),
-                output_dir / "accuracy_vs_params.png")
-    save_figure(plot_per_task(long, protocol, content.methods), output_dir / "per_task.png")
+    flagged, where = set(unconverged.method), f"experiment {content.experiment}, " if content.experiment else ""
+    methods = [m for m in (content.methods or sorted(long.method.unique())) if m in set(long.method)]
+    colours = method_colours(methods)                   # one mapping for every figure of the experiment
+    save_figure(plot_accuracy_vs_params(table, f"{where}{content.profile} profile: Avg accuracy, protocol: {PROTOCOLS[protocol]}",
+                                        spread=spread, flagged=flagged, colours=colours), output_dir / "accuracy_vs_params.png")
+    save_figure(plot_per_task(long, protocol, methods, flagged=set(zip(unconverged.method, unconverged.task)), colours=colours),
+                output_dir / "per_task.png")
     histories = _histories(paths)
     histories.to_csv(output_dir / "histories.csv", index=False)
-    save_figure(plot_training_curves(histories.dropna(subset=["val_acc"]), "val_acc"), output_dir / "training_curves.png")
-    weights = _route_weights_by_task(paths)
+    save_figure(plot_training_curves(histories.dropna(subset=["val_acc"]), "val_acc", flagged=flagged, methods=methods,
+                                     colours=colours), output_dir / "training_curves.png")
+    weights, seeds, tau_init = _route_weights_by_task(paths)
     if weights:
-        save_figure(plot_router_weights_by_task(weights, f"MoPPA static router weights after training (mean over seeds), {content.profile} profile"),
-                    output_dir / "router_weights.png")
+        runs = "one seed" if seeds == 1 else f"mean over {seeds} seeds"
+        save_figure(plot_router_weights_by_task(weights, f"MoPPA static router weights after training ({runs}), {where}{content.profile} "
+                                                         "profile; colour: change from the uniform 1/3",
+                                                init_sd=router_init_spread(tau_init, 3, seeds)), output_dir / "router_weights.png")
     if content.spectral_responses:
-        save_figure(plot_spectral_responses(content.spectral_responses,
-                                            f"Trained MoPPA spectral responses (mean over channels), {content.profile} profile"),
+        save_figure(plot_spectral_responses(content.spectral_responses, "Trained MoPPA spectral responses (mean over channels), "
+                                            f"{content.spectral_run or 'one run'}, {content.profile} profile"),
                     output_dir / "spectral_responses.png")
     if content.bench_csv is not None and Path(content.bench_csv).is_file():
-        save_figure(plot_cost(table, pd.read_csv(content.bench_csv), f"accuracy ({protocol}) vs cost"), output_dir / "cost.png")
+        save_figure(plot_cost(table, pd.read_csv(content.bench_csv), f"{where}accuracy (protocol {protocol}) against cost",
+                              accuracy_of=content.backbone or f"this experiment's backbone ({content.profile} profile)",
+                              bench_source=f"the benchmark ({Path(content.bench_csv).name})", flagged=flagged,
+                              colours=colours), output_dir / "cost.png")
 
 
 def write_report(runs_dir: str | Path,                   # folder with a <method>/results.json per method, at any depth
@@ -523,18 +701,19 @@ def write_report(runs_dir: str | Path,                   # folder with a <method
     if not paths: raise FileNotFoundError(f"No results.json of the methods {content.methods} under {runs_dir}")
     long, convergence = load_results(paths), convergence_table(paths)
     long.to_csv(output_dir / "results.csv", index=False); convergence.to_csv(output_dir / "convergence.csv", index=False)
+    unconverged = convergence[~convergence.converged]       # marks (†) every cell and aggregate its runs enter
     tables, sections = _accuracy_sections(long, convergence, content.groups, content.methods, output_dir)
     main_protocol = "val" if "val" in tables else next(iter(tables))
     single = ["One run per cell (one seed): no spread over seeds and no significance test; read differences as single runs.", ""]
     lines = [*_preamble(content), *(single if long.seed.nunique() == 1 else []), *sections, *_convergence_section(convergence),
-             *_probe_check_section(long, paths, main_protocol, output_dir),
-             *_headroom_section(long, paths, content.groups, main_protocol, output_dir),
-             *_comparison_sections(long, main_protocol, content.compare, output_dir),
+             *_probe_check_section(long, paths, main_protocol, output_dir, unconverged),
+             *_headroom_section(long, paths, content.groups, main_protocol, output_dir, unconverged),
+             *_comparison_sections(long, main_protocol, content.compare, output_dir, unconverged, content.tolerance),
              *_inflation_section(long, content.methods, output_dir),
-             *_published_section(content, long, output_dir),
+             *_published_section(content, long, output_dir, aggregate_flags(unconverged, content.groups)),
              *_backbone_probes_section(content.probes, output_dir)]
     (output_dir / "results.md").write_text("\n".join(lines))
-    _figures(long, paths, main_protocol, tables[main_protocol], content, output_dir)
+    _figures(long, paths, main_protocol, tables[main_protocol], content, output_dir, unconverged)
     return tables
 
 
@@ -592,6 +771,13 @@ def _backbone_probes(experiment: dict) -> dict | None:
     return {**probes, "mean": {kind: sum(p[kind] for p in probes.values()) / len(probes) for kind in next(iter(probes.values()))}}
 
 
+def _backbone_label(experiment: dict) -> str:
+    "The experiment's backbone in words: a timm model's name, or a local ViT's folder and input size."
+    backbone = experiment["backbone"]
+    if backbone["kind"] == "timm": return backbone["name"]
+    return f"the local ViT '{Path(backbone['path']).name}' ({experiment['preprocessing']['size']} px input)"
+
+
 def _task_groups(experiment: dict) -> dict[str, list[str]]:
     groups = {}
     for task, group in experiment["tasks"].items(): groups.setdefault(group, []).append(task)
@@ -619,6 +805,7 @@ def write_profile_report(params: dict,                   # the pipeline's parame
         if view_name in experiments or view.get("experiment") not in experiments:
             raise ValueError(f"report_views.{view_name}: a view needs a name of its own and one of the experiments {list(experiments)}")
     sections, first = {}, next(iter(experiments))
+    tolerance = (params.get("claims") or {}).get("cross_machine_tolerance", 0.0)
     for name, title in experiments.items():
         experiment = experiment_settings(params, name_of_profile, name)
         methods, ours = experiment_methods(experiment), experiment["methods"].get("ours", [])
@@ -626,8 +813,10 @@ def write_profile_report(params: dict,                   # the pipeline's parame
         write_report(Path(results_dir) / name, Path(output_dir) / name, ReportContent(
             _task_groups(experiment), methods=methods, profile=name_of_profile, title=title, experiment=name,
             compare=_comparisons(methods, ours), published=experiment.get("published"), probes=_backbone_probes(experiment),
-            bench_csv=bench_csv if name == first else None,
-            spectral_responses={k: v for k, v in responses.items() if "first" in k or "mixture" in k}))
+            bench_csv=bench_csv if name == first else None, backbone=_backbone_label(experiment),
+            spectral_responses={k: v for k, v in responses.items() if "first" in k or "mixture" in k},
+            spectral_run=f"run: experiment {name}, method moppa, task {next(iter(experiment['tasks']))}, "
+                         f"seed {experiment.get('seeds', [0])[0]}", tolerance=tolerance))
         sections[name] = title
         for view_name, view in views.items():
             if view["experiment"] != name: continue
@@ -638,10 +827,9 @@ def write_profile_report(params: dict,                   # the pipeline's parame
                     + (f" Not run by this profile's `{name}`, so not shown: {', '.join(f'`{m}`' for m in missing)}." if missing else ""))
             write_report(Path(results_dir) / name, Path(output_dir) / view_name, ReportContent(
                 _task_groups(experiment), methods=shown, profile=name_of_profile, title=view["title"], experiment=name,
-                compare=_comparisons(shown, [m for m in ours if m in shown]), note=note))
+                compare=_comparisons(shown, [m for m in ours if m in shown]), note=note, tolerance=tolerance))
             sections[view_name] = view["title"]
     from moppa_nb.claims import paper_claims
-    tolerance = (params.get("claims") or {}).get("cross_machine_tolerance", 0.0)
     paper_claims(results_dir, tolerance=tolerance).round(2).to_csv(Path(output_dir) / "paper_claims.csv", index=False)
     return combine_reports(name_of_profile, sections, output_dir)
 

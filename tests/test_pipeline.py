@@ -119,8 +119,9 @@ def test_every_paper_experiment_end_to_end_on_fake_vtab_and_fgvc(tmp_path):
             assert "minus published" in (tmp_path / "report" / name / "results.md").read_text() and "\nlora," in deltas, name
         else: assert not (tmp_path / "report" / name / "delta_published.csv").exists(), name
         heat = json.loads((tmp_path / "runs" / name / methods[1] / "results.json").read_text())
-        if name == "moppa_ablation":                                  # the variant's options reached apply_peft
-            assert heat["method"] == "moppa[heat]" and heat["peft_spec"] == {"moppa": {"branches": ["heat"]}}
+        if name == "moppa_ablation":                                  # the variant's and the profile's options reached apply_peft
+            assert heat["method"] == "moppa[heat]"
+            assert heat["peft_spec"] == {"moppa": {"branches": ["heat"], "route_reg_horizon": "schedule"}}
         run = json.loads((tmp_path / "runs" / name / methods[0] / next(iter(settings["tasks"])) / "seed0" / "identity.json").read_text())
         backbone_file = {"vtab_mim": "deit.safetensors", "vtab_mocov3": "vit-b-300ep.pth.tar"}.get(name, "vit.safetensors")
         assert run["backbone"]["file"].endswith(backbone_file), name
