@@ -26,7 +26,7 @@ import torch
 
 from .adapt import adapted_methods, count_trainable, method_names, save_adapter
 from .checkpoint import write_json
-from .identity import modules_identity
+from .identity import PACKAGE, modules_identity
 from .registry import get_method
 from .settings import (add_settings_arguments, command_settings, experiment_methods, experiment_settings, peft_spec, run_settings,
                               train_config, variant_spec)
@@ -34,18 +34,28 @@ from .sources import backbone_identity, data_fingerprint, initial_model, load_ta
 from .train import PROTOCOLS, RUN_FILES, fit, timeless
 
 # %% auto #0
-__all__ = ['ENGINE_MODULES', 'RUN_IDENTITY', 'WRITER_LOCK', 'RUN_RECORD', 'method_modules', 'code_identity', 'RunLocked',
-           'writer_lock', 'Run', 'plan_runs', 'task_data', 'run_identity', 'identity_changes', 'run_state', 'train_run',
-           'default_jobs', 'train_methods', 'run_experiment', 'run_method', 'summary_metrics', 'write_metrics',
-           'experiment_status', 'main']
+__all__ = ['ENGINE_MODULES', 'RUN_IDENTITY', 'WRITER_LOCK', 'RUN_RECORD', 'defining_module', 'method_modules', 'code_identity',
+           'RunLocked', 'writer_lock', 'Run', 'plan_runs', 'task_data', 'run_identity', 'identity_changes', 'run_state',
+           'train_run', 'default_jobs', 'train_methods', 'run_experiment', 'run_method', 'summary_metrics',
+           'write_metrics', 'experiment_status', 'main']
 
 # %% ../nbs/16d_runner.ipynb #612a7127
 ENGINE_MODULES = ("moppa_nb.train", "moppa_nb.sources")   # what every run executes: data, backbone, head, adapters, training loop
 
 
+def defining_module(cls: type) -> str:
+    "The package module that defines a method class; one a notebook re-ran into `__main__` is found in nbdev's symbol index."
+    if cls.__module__.startswith(PACKAGE + "."): return cls.__module__
+    from moppa_nb._modidx import d
+    found = [module for module, symbols in d["syms"].items() if f"{module}.{cls.__qualname__}" in symbols]
+    if len(found) == 1: return found[0]
+    raise ValueError(f"method class {cls.__qualname__} is defined in {cls.__module__}, outside {PACKAGE}: "
+                     "a run's code identity covers the package's modules only, so define the method in a package module")
+
+
 def method_modules(spec: str) -> list[str]:
     "The modules that define the methods of a spec ('lora+coeff': weight_space and coeff)."
-    return sorted({get_method(name).__module__ for name in method_names(spec)})
+    return sorted({defining_module(get_method(name)) for name in method_names(spec)})
 
 
 def code_identity(spec: str, package_dir: Path | None = None) -> dict[str, str]:
