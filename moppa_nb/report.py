@@ -602,7 +602,7 @@ def _headroom_section(long: pd.DataFrame, paths: list[Path], groups: dict, proto
                       unconverged: pd.DataFrame) -> list[str]:
     table = headroom_table(long, paths, groups, protocol)
     if table.empty: return []
-    table.to_csv(output_dir / "headroom.csv", index=False)
+    table.round(2).to_csv(output_dir / "headroom.csv", index=False)
     verdict = ("every task leaves the room it needs" if table.meets.all() else
                f"{', '.join(table.task[~table.meets])} leave{'s' if (~table.meets).sum() == 1 else ''} less room than needed: there, "
                "adapting cannot beat the probe by much, so comparisons between methods measure little")

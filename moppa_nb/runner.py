@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import fcntl
 import json
 import os
@@ -26,7 +27,7 @@ import torch
 
 from .adapt import adapted_methods, count_trainable, method_names, save_adapter
 from .checkpoint import write_json
-from .identity import PACKAGE, modules_identity
+from .identity import PACKAGE, module_file, modules_identity, package_modules
 from .registry import get_method
 from .settings import (add_settings_arguments, command_settings, experiment_methods, experiment_settings, peft_spec, run_settings,
                               train_config, variant_spec)
@@ -44,10 +45,10 @@ ENGINE_MODULES = ("moppa_nb.train", "moppa_nb.sources")   # what every run execu
 
 
 def defining_module(cls: type) -> str:
-    "The package module that defines a method class; one a notebook re-ran into `__main__` is found in nbdev's symbol index."
+    "The package module that defines a method class; one a notebook re-ran into `__main__` is found by its class statement."
     if cls.__module__.startswith(PACKAGE + "."): return cls.__module__
-    from moppa_nb._modidx import d
-    found = [module for module, symbols in d["syms"].items() if f"{module}.{cls.__qualname__}" in symbols]
+    found = [module for module in package_modules() if any(isinstance(node, ast.ClassDef) and node.name == cls.__qualname__
+                                                           for node in ast.parse(module_file(module).read_text()).body)]
     if len(found) == 1: return found[0]
     raise ValueError(f"method class {cls.__qualname__} is defined in {cls.__module__}, outside {PACKAGE}: "
                      "a run's code identity covers the package's modules only, so define the method in a package module")

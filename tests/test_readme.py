@@ -18,13 +18,14 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch):
 def test_update_readme_fills_empty_and_filled_sections_the_same_way(tmp_path):
     import subprocess, sys
     script = Path(__file__).parent.parent / "scripts" / "update_readme.py"
-    for source, body in (("reports/default/results.md", "| a |"), ("reports/bench/bench.md", "| b |"),
-                         ("reports/bench/interleaved.md", "| c |")):
+    import runpy
+    sections = runpy.run_path(str(script))["SECTIONS"]        # every section the script fills, each from its own file
+    for name, source in sections.items():
         (tmp_path / source).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / source).write_text(f"# Title\n\n{body}\n")
-    markers = "".join(f"<!-- {n}:start -->\n<!-- {n}:end -->\n" for n in ("results", "bench", "interleaved"))
+        (tmp_path / source).write_text(f"# Title\n\n| {name} |\n")
+    markers = "".join(f"<!-- {n}:start -->\n<!-- {n}:end -->\n" for n in sections)
     (tmp_path / "README.md").write_text("intro\n" + markers)
     for _ in range(2):                                   # first fill, then refill: same text
         subprocess.run([sys.executable, str(script)], cwd=tmp_path, check=True)
         text = (tmp_path / "README.md").read_text()
-        assert "<!-- bench:start -->\n| b |\n<!-- bench:end -->" in text and "# Title" not in text
+        assert "<!-- bench:start -->\n| bench |\n<!-- bench:end -->" in text and "# Title" not in text
