@@ -66,7 +66,7 @@ def accuracy_table(long: pd.DataFrame, protocol: str, groups: dict[str, list[str
     return table.loc[order]
 
 # %% ../nbs/17_report.ipynb #18ba83ad
-COUNT_COLUMNS = ("params", "seeds", "runs", "pairs")
+COUNT_COLUMNS = ("params", "seeds", "runs", "pairs", "tasks", "epochs")
 
 
 def to_markdown(table: pd.DataFrame, caption: str, digits: int = 1,
@@ -405,7 +405,8 @@ def plot_training_curves(histories: pd.DataFrame, metric: str = "test_acc",
     for ax in axes.flat[len(panels):]: ax.set_visible(False)
     for ax in axes[:, 0]: ax.set_ylabel(_METRICS.get(metric, metric), fontsize=8)
     for ax in axes[-1]: ax.set_xlabel("epoch", fontsize=8)
-    lines = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    lines = ({task: matplotlib.lines.Line2D([], [], color="0.3", ls=styles[task], lw=1.2) for task in tasks} if many  # styles, no method's colour
+             else {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())})
     if not many or len(tasks) > 1:
         fig.legend(lines.values(), lines.keys(), loc="outside lower center", ncol=min(len(lines), 6), fontsize=7, frameon=False)
     seeds = sorted(data.groupby(["method", "task"]).seed.nunique().unique())
