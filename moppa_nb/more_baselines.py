@@ -17,9 +17,9 @@ from torch import nn
 
 from .added_modules import ParallelBranch, hook_parallel_branch
 from .registry import (
-    FRACTION, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, Rule, ViTLayout, at_least, checked,
+    FRACTION, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, Rule, ViTLayout, at_least, check_rank, checked,
     register_method, subset_of)
-from .weight_space import LoRAOptions, LoRAQV, QVLowRank, WeightSpaceMethod, add_product, install_qv
+from .weight_space import LoRAOptions, LoRAQV, QVLowRank, WeightSpaceMethod, add_product, check_qv_rank, install_qv
 
 # %% auto #0
 __all__ = ['RLRR_TARGETS', 'RLRR_MOPPA_TARGETS', 'RLRR_RELEASED_SITES', 'RLRR_RELEASED', 'BIT_WIDTH', 'SPT_EXCLUDED',
@@ -181,6 +181,7 @@ class DoRA(WeightSpaceMethod):
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         for index, block in enumerate(model.blocks):
             refuse_hooked_layer(block.attn.qkv, self.name, f"block {index}'s attn.qkv")
+        check_qv_rank(model, self.options.rank, self.name)
         install_qv(model, self.prefix, lambda qkv: DoRAQV(qkv, self.options.rank, self.options.alpha))
 
 # %% ../nbs/09b_more_baselines.ipynb #7224bbd3
@@ -321,6 +322,7 @@ class BiLoRA(WeightSpaceMethod):
     identity_at_init = False      # a 1-bit factor cannot be 0
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
+        check_qv_rank(model, self.options.dim, self.name, option="dim")     # `dim` is the rank of its Q and V factors
         install_qv(model, self.prefix, lambda qkv: QuantisedQV(qkv.in_features, qkv.out_features // 3, self.options))
 
 # %% ../nbs/09b_more_baselines.ipynb #b3024361
@@ -478,6 +480,7 @@ class SPT(WeightSpaceMethod):
         def entry(parameter): return layers.setdefault(parameter.rsplit(".", 1)[0], ({}, []))
         for unit in o.allocation["structured"]:
             parameter, rows = units[unit]
+            check_rank(o.rank, math.prod(shapes[parameter][1:]), rows.stop - rows.start, self.name, unit)
             entry(parameter)[1].append(rows)
         for unit, index in [*((u, None) for u in o.allocation["full"]), *o.allocation["sparse"].items()]:
             parameter, rows = units[unit]

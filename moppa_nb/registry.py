@@ -20,8 +20,8 @@ from torch import nn
 __all__ = ['POSITIVE', 'NON_NEGATIVE', 'FRACTION', 'NON_EMPTY', 'OUTPUT_SCALE', 'WIDTH_BOUNDED_OPTIONS', 'BUILTIN_METHOD_MODULES',
            'PeftError', 'did_you_mean', 'type_ok', 'describe_type', 'Rule', 'at_least', 'subset_of', 'checked',
            'check_fields', 'MethodOptions', 'build_options', 'ViTLayout', 'vit_layout', 'check_options_fit',
-           'NoOptions', 'TrainingProgress', 'PeftMethod', 'register_method', 'composition_conflicts', 'list_methods',
-           'get_method']
+           'check_rank', 'NoOptions', 'TrainingProgress', 'PeftMethod', 'register_method', 'composition_conflicts',
+           'list_methods', 'get_method']
 
 # %% ../nbs/00_registry.ipynb #0fec4740
 class PeftError(ValueError):
@@ -188,6 +188,18 @@ def check_options_fit(method: str, options, layout: ViTLayout) -> None:
         if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= layout.embed_dim:
             raise PeftError(f"Option {key!r} of method {method!r} must be in [1, {layout.embed_dim}] (the model's token "
                             f"width), got {value}.")
+
+
+def check_rank(rank, in_features: int, out_features: int, method: str,
+               where: str = "the Q/V projection",   # the layer the factors adapt, as messages name it
+               option: str = "rank",                # the option that sets the rank (Bi-LoRA: 'dim')
+               ) -> None:
+    "Refuse, in one line, a low-rank factor's `rank` that is not an int in [1, min(in_features, out_features)] of the layer it adapts."
+    limit = min(in_features, out_features)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise PeftError(f"{method}: {option} must be a positive int, got {rank!r}; use {option} in [1, {limit}].")
+    if rank > limit:
+        raise PeftError(f"{method}: {option} {rank} exceeds min(in, out) = {limit} of {where}; use {option} <= {limit}.")
 
 # %% ../nbs/00_registry.ipynb #b81a1753
 @dataclass(frozen=True)

@@ -14,14 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import (
-    FRACTION, NON_NEGATIVE, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, ViTLayout, at_least, checked,
+    FRACTION, NON_NEGATIVE, OUTPUT_SCALE, MethodOptions, PeftError, PeftMethod, ViTLayout, at_least, check_rank, checked,
     register_method, subset_of)
 
 # %% auto #0
 __all__ = ['SSF_SITES', 'SSF_MOPPA_SITES', 'BLOCK_SITES', 'FACT_VTAB_CONFIGS', 'remove_method_modules', 'WeightSpaceMethod',
            'BackboneSubset', 'LinearProbe', 'FullFineTuning', 'BitFit', 'QVLowRank', 'add_product', 'install_qv',
-           'LoRAOptions', 'LoRAQV', 'LoRA', 'NOLAOptions', 'RandomBases', 'NOLAQV', 'NOLALinear', 'NOLA', 'SSFOptions',
-           'ScaleShift', 'ssf_targets', 'SSF', 'FacTOptions', 'fact_slices', 'FacTFactors', 'FacTBlock', 'FacT']
+           'check_qv_rank', 'LoRAOptions', 'LoRAQV', 'LoRA', 'NOLAOptions', 'RandomBases', 'NOLAQV', 'NOLALinear',
+           'NOLA', 'SSFOptions', 'ScaleShift', 'ssf_targets', 'SSF', 'FacTOptions', 'fact_slices', 'FacTFactors',
+           'FacTBlock', 'FacT']
 
 # %% ../nbs/07_weight_space.ipynb #04ce6379
 def remove_method_modules(model: nn.Module, prefix: str) -> None:
@@ -132,6 +133,13 @@ def install_qv(model: nn.Module, prefix: str, make: typing.Callable[[nn.Linear],
         setattr(block.attn, prefix, make(qkv).to(qkv.weight.device))
         qkv.register_forward_hook(getattr(block.attn, prefix).add_to_qkv)
 
+
+def check_qv_rank(model: nn.Module, rank, method: str, option: str = "rank") -> None:
+    "`check_rank` of `rank` against the Q and V slices (C_in x C_out / 3) of every block's fused `qkv`, before anything is installed."
+    for index, block in enumerate(model.blocks):
+        qkv = _qkv_of(block, index)
+        check_rank(rank, qkv.in_features, qkv.out_features // 3, method, "the Q/V projection", option)
+
 # %% ../nbs/07_weight_space.ipynb #edc44f55
 def _kaiming_bound(fan_in: int) -> float:
     "Bound of `kaiming_uniform_(a=sqrt(5))`, PyTorch's default for a linear layer's weight: 1/sqrt(fan_in)."
@@ -165,6 +173,7 @@ class LoRA(WeightSpaceMethod):
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         o = self.options
+        check_qv_rank(model, o.rank, self.name)
         install_qv(model, self.prefix, lambda qkv: LoRAQV(qkv.in_features, qkv.out_features // 3, o.rank, o.alpha))
 
 # %% ../nbs/07_weight_space.ipynb #5a9f0180
@@ -241,6 +250,7 @@ class NOLA(WeightSpaceMethod):
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         o = self.options
         if o.targets == "qv":
+            check_qv_rank(model, o.rank, self.name)
             qkv = _qkv_of(model.blocks[0], 0)
             model.peft_nola = RandomBases(o.num_bases, o.rank, qkv.in_features, qkv.out_features // 3, o.seed,
                                           o.bounds).to(qkv.weight.device)
@@ -249,6 +259,8 @@ class NOLA(WeightSpaceMethod):
         layers = [[block.get_submodule(f"mlp.{name}") for name in ("fc1", "fc2")] for block in model.blocks]
         if not all(isinstance(layer, nn.Linear) for pair in layers for layer in pair):
             raise PeftError("NOLA with targets='mlp' needs nn.Linear mlp.fc1 and mlp.fc2 in every block.")
+        for name, layer in zip(("fc1", "fc2"), layers[0]):
+            check_rank(o.rank, layer.in_features, layer.out_features, self.name, f"mlp.{name}")
         device = layers[0][0].weight.device
         model.peft_nola = nn.ModuleDict({name: RandomBases(o.num_bases, o.rank, layer.in_features, layer.out_features, o.seed,
                                                            o.bounds).to(device) for name, layer in zip(("fc1", "fc2"), layers[0])})
@@ -460,6 +472,7 @@ class FacT(WeightSpaceMethod):
 
     def install(self, model: nn.Module, layout: ViTLayout) -> None:
         o = self.options
+        check_rank(o.rank, layout.embed_dim, layout.embed_dim, self.name, f"its {layout.embed_dim} x {layout.embed_dim} weight slices")
         per_block = [fact_slices(block, layout.embed_dim, o.targets) for block in model.blocks]
         total = sum(o_ * i for slices in per_block for o_, i in slices.values())
         device = model.blocks[0].attn.qkv.weight.device

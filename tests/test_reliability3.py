@@ -16,16 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 
 import moppa_nb.data as data
 import moppa_nb.datasets as datasets
 from moppa_nb import PeftError, apply_peft, load_adapter, save_adapter
-from moppa_nb.adapt import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from moppa_nb.adapt import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapted_methods
 from moppa_nb.checkpoint import CHECKPOINT_NAME, CheckpointError
 from moppa_nb.data import (Preprocessing, TaskData, cache_root, load_fgvc_task, load_vtab_task, prune_cache, write_fgvc_task,
                            write_vtab_task)
 from moppa_nb.datasets import FGVC_SOURCES, MANIFEST, build_fgvc, build_vtab, extract, fake_fgvc_sources, fake_vtab_archive
+from moppa_nb.registry import build_options, check_rank, get_method, vit_layout
 from moppa_nb.testing import perturb_for_testing, tiny_vit, toy_task, toy_vit
 from moppa_nb.train import TrainConfig, fit
 
@@ -502,3 +504,47 @@ def test_the_papermill_engine_imports_on_its_own(first):
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=package_root,
                           env={**os.environ, "PYTHONPATH": str(package_root)})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- 8. LoRA-family ranks checked against the Q/V projection at apply time
+QV_RANK_OPTION = {"lora": "rank", "dora": "rank", "nola": "rank", "bi_lora": "dim"}    # the option that sets the Q/V factors' rank
+SMALL = {"nola": {"num_bases": 4}}                                                     # keeps NOLA's random bases small
+
+
+def no_method_modules(model) -> bool:
+    return not adapted_methods(model) and not any("peft_" in name for name, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("method", list(QV_RANK_OPTION))
+@pytest.mark.parametrize("rank", [100_000, 193])
+def test_a_rank_wider_than_the_qv_projection_is_refused_by_apply_peft(method, rank):
+    option, model = QV_RANK_OPTION[method], tiny_vit()                                 # Q/V slices of a 192-wide qkv: 192 x 192
+    with pytest.raises(PeftError) as error:
+        apply_peft(model, {method: {**SMALL.get(method, {}), option: rank}})
+    message = one_line(error)
+    assert method in message and option in message and str(rank) in message and "192" in message
+    assert no_method_modules(model)
+    apply_peft(tiny_vit(), {method: {**SMALL.get(method, {}), option: 192}})          # the widest rank that fits
+
+
+@pytest.mark.parametrize("method", list(QV_RANK_OPTION))
+def test_each_lora_family_method_checks_its_rank_when_it_installs(method):
+    "Installed by hand (no apply_peft checks before it), the method itself refuses the rank, before it adds any module."
+    option, cls = QV_RANK_OPTION[method], get_method(method)
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, device="meta")   # shapes only
+    with pytest.raises(PeftError) as error:
+        cls(build_options(cls.Options, method, {**SMALL.get(method, {}), option: 100_000})).install(model, vit_layout(model))
+    assert one_line(error) == f"{method}: {option} 100000 exceeds min(in, out) = 384 of the Q/V projection; use {option} <= 384."
+    assert no_method_modules(model)
+
+
+@pytest.mark.parametrize("method", list(QV_RANK_OPTION))
+@pytest.mark.parametrize("rank", [0, -4, 2.5, "8", True, None])
+def test_a_rank_that_is_not_a_positive_int_is_refused_in_one_line(method, rank):
+    option, model = QV_RANK_OPTION[method], tiny_vit()
+    with pytest.raises(PeftError) as error:
+        apply_peft(model, {method: {option: rank}})
+    assert option in one_line(error)
+    assert no_method_modules(model)
+    with pytest.raises(PeftError, match=rf"^{method}: {option} must be a positive int, got .*; use {option} in \[1, 192\]\.$"):
+        check_rank(rank, 192, 576 // 3, method, option=option)
