@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import time
 import tempfile
 import warnings
@@ -29,9 +30,9 @@ from .registry import (
 __all__ = ['MethodSpec', 'ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'ADAPTER_FORMAT', 'SKETCH_POINTS', 'parse_methods', 'method_names',
            'ModelSnapshot', 'head_prefixes', 'is_head_parameter', 'adapted_methods', 'apply_peft', 'count_trainable',
            'adapter_config', 'adapter_state_dict', 'tensor_sha256', 'tensor_hash_problem', 'frozen_sha256',
-           'tensor_sketch', 'same_sketch', 'backbone_identity', 'WriteError', 'process_alive', 'temporary_prefix',
-           'remove_stale_temporaries', 'atomic_write', 'save_adapter', 'read_adapter_files', 'load_adapter',
-           'merge_peft']
+           'tensor_sketch', 'same_sketch', 'backbone_identity', 'WriteError', 'process_alive', 'writer_host',
+           'writer_tag', 'writer_gone', 'temporary_gone', 'temporary_prefix', 'remove_stale_temporaries',
+           'atomic_write', 'save_adapter', 'read_adapter_files', 'load_adapter', 'merge_peft']
 
 # %% ../nbs/05_adapt.ipynb #037a0a97
 MethodSpec = str | list | tuple | dict
@@ -255,25 +256,46 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def writer_host() -> str:
+    "This machine's name as temporary files record their writer: `socket.gethostname()`, any character but `A-Za-z0-9._-` as '-'."
+    return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "unknown-host"
+
+
+def writer_tag() -> str:
+    "`<pid>@<host>`: this process, as the names of the temporary files it writes carry it."
+    return f"{os.getpid()}@{writer_host()}"
+
+
+def writer_gone(tag: str) -> bool:
+    "Whether the writer `<pid>@<host>` is a process of this host that is gone; another host's, a live one or a malformed tag: False."
+    match = re.fullmatch(r"(\d+)@(.+)", tag)
+    return match is not None and match[2] == writer_host() and not process_alive(int(match[1]))
+
+
+def temporary_gone(tag: str | None, path: Path, legacy_age_s: float = 3600) -> bool:
+    """Whether the temporary `path` that writer `tag` left can be removed: a `<pid>@<host>` writer only if `writer_gone`;
+    a name without the host (`<pid>` or none, written by older versions, maybe on another host) once older than `legacy_age_s`."""
+    if tag is not None and "@" in tag: return writer_gone(tag)
+    return time.time() - path.lstat().st_mtime > legacy_age_s
+
+
 def temporary_prefix(path: Path) -> str:
-    "How the temporary files and folders written for `path` begin: `.<name>.<pid>.` (so that a killed writer's are recognisable)."
-    return f".{path.name}.{os.getpid()}."
+    "How the temporary files and folders written for `path` begin: `.<name>.<pid>@<host>.` (so that a killed writer's are recognisable)."
+    return f".{path.name}.{writer_tag()}."
 
 
 def remove_stale_temporaries(folder: str | Path, name: str, legacy_age_s: float = 3600) -> list[Path]:
-    """Remove what a killed writer of `name` left in `folder`: `.<name>.<pid>.<random>.tmp` / `.partial` / `.old` of a process that is gone,
-    and `.<name>.<random>.tmp` (written before the pid was part of the name) older than `legacy_age_s`; return the removed paths."""
+    """Remove what a killed writer of `name` on this host left in `folder`: `.<name>.<pid>@<host>.<random>.tmp` / `.partial` / `.old`
+    whose process is gone (`temporary_gone`: another host's and a live process's stay; older names without the host once older
+    than `legacy_age_s`); return the removed paths."""
     folder, removed = Path(folder), []
-    named = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.[A-Za-z0-9_]+\.(tmp|partial|old)$")
-    legacy = re.compile(rf"^\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp$")
+    temporary = re.compile(rf"^\.{re.escape(name)}\.(?:(?P<tag>\d+(?:@.+)?)\.[A-Za-z0-9_]+\.(?:tmp|partial|old)|[a-z0-9_]{{8}}\.tmp)$")
     try: entries = list(folder.iterdir())
     except OSError: return removed
     for entry in entries:
-        match = named.match(entry.name)
+        match = temporary.match(entry.name)
         try:
-            stale = (match is not None and not process_alive(int(match[1]))) or (
-                legacy.match(entry.name) is not None and time.time() - entry.lstat().st_mtime > legacy_age_s)
-            if not stale: continue
+            if match is None or not temporary_gone(match["tag"], entry, legacy_age_s): continue
             if entry.is_dir() and not entry.is_symlink(): shutil.rmtree(entry)
             else: entry.unlink()
             removed.append(entry)
@@ -285,7 +307,7 @@ def remove_stale_temporaries(folder: str | Path, name: str, legacy_age_s: float 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, flush it to disk, then rename it over `path` (also used for checkpoints).
     A failed write removes the temporary file and raises `WriteError` naming `path` (the disk is full, or the write failed).
-    The temporary file is `.<name>.<pid>.<random>.tmp`; those a killed process left beside `path` are removed first."""
+    The temporary file is `.<name>.<pid>@<host>.<random>.tmp`; those a killed process of this host left beside `path` are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, path.name)
@@ -319,7 +341,7 @@ def _write_or_explain(path: Path, shown: Path, write: Callable[[Path], None]) ->
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     """Write `adapter.safetensors` and `adapter_config.json` to `directory` as a pair: both into a temporary folder there
-    (`.adapter.<pid>.<random>.partial`), then each renamed over the old one; a failed write leaves the old adapter as it was."""
+    (`.adapter.<pid>@<host>.<random>.partial`), then each renamed over the old one; a failed write leaves the old adapter as it was."""
     from safetensors.torch import save_file
     if getattr(model, "peft_merged", False):
         raise PeftError("The model was merged (merge_peft): its adapter is folded into the backbone weights, so it cannot "

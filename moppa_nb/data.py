@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .adapt import process_alive, remove_stale_temporaries, temporary_prefix
+from .adapt import remove_stale_temporaries, temporary_gone, temporary_prefix, writer_tag
 from .registry import at_least, check_fields, checked, did_you_mean
 
 # %% auto #0
@@ -130,7 +130,7 @@ def _as_uint8_image(image, where: str) -> np.ndarray:
 
 
 def staged_folder(target: Path) -> Path:
-    "A new, empty folder beside `target` to build it in: `.<name>.<pid>.<random>.partial` (those a killed build left are removed first)."
+    "A new, empty folder beside `target` to build it in: `.<name>.<pid>@<host>.<random>.partial` (those a killed build of this host left are removed first)."
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(target.parent, target.name)
     return Path(tempfile.mkdtemp(prefix=temporary_prefix(target), suffix=".partial", dir=target.parent))
@@ -372,8 +372,8 @@ def _read_cache(cached: Path, entries: list[tuple[str, int]], size: int) -> tupl
 
 
 def _write_cache(cached: Path, images: torch.Tensor, labels: torch.Tensor) -> None:
-    "Store a decoded split as `cached` (through `<name>.<pid>.tmp`); a cache that cannot be written is skipped with a warning."
-    partial = cached.with_suffix(f".{os.getpid()}.tmp")
+    "Store a decoded split as `cached` (through `<name>.<pid>@<host>.tmp`); a cache that cannot be written is skipped with a warning."
+    partial = cached.with_name(f"{cached.stem}.{writer_tag()}.tmp")
     try:
         with open(partial, "wb") as handle:
             torch.save({"images": images, "labels": labels}, handle)
@@ -440,14 +440,15 @@ def load_vtab_task(root: str | Path,                          # folder of tasks 
     return TaskData(name, num_classes, _load_splits(name, folder, lists, preprocessing, cache), preprocessing)
 
 # %% ../nbs/10_data.ipynb #e81d4f06
-# what the loaders write in a cache folder: <task>_<split>_<size>_<interpolation>_<hex digest>.pt, and <...>.<pid>.tmp while writing
-CACHE_ENTRY = re.compile(rf"^.+_\d+_(?:{'|'.join(INTERPOLATIONS)})_[0-9a-f]{{1,64}}(?:\.pt|\.(\d+)\.tmp)$")
+# what the loaders write in a cache folder: <task>_<split>_<size>_<interpolation>_<hex digest>.pt, and <...>.<pid>@<host>.tmp while
+# writing (<...>.<pid>.tmp before the host was part of the name)
+CACHE_ENTRY = re.compile(rf"^.+_\d+_(?:{'|'.join(INTERPOLATIONS)})_[0-9a-f]{{1,64}}(?:\.pt|\.(\d+(?:@.+)?)\.tmp)$")
 
 
 def prune_cache(cache_dir: str | Path | None = None,       # default: `default_cache_dir()`
                 older_than_days: float | None = None,      # None: every cached split; else those unused for this long
                 ) -> list[Path]:
-    """Delete the decoded splits (and partial writes of processes that are gone) of the cache; return the deleted files.
+    """Delete the decoded splits (and partial writes of this host's processes that are gone) of the cache; return the deleted files.
     Only files directly in the folder whose names are the loaders' (`CACHE_ENTRY`) are touched: checkpoints or anything else stay."""
     folder = resolve_cache_dir(cache_dir or True)
     if older_than_days is not None and (isinstance(older_than_days, bool) or not isinstance(older_than_days, (int, float))
@@ -458,8 +459,8 @@ def prune_cache(cache_dir: str | Path | None = None,       # default: `default_c
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         entry = CACHE_ENTRY.match(path.name)
         if entry is None or path.is_symlink() or not path.is_file(): continue
-        if entry[1] is not None and process_alive(int(entry[1])): continue     # a loader is writing it now
         try:
+            if entry[1] is not None and not temporary_gone(entry[1], path): continue   # a loader writes it, here or on another host
             if cutoff is None or path.stat().st_mtime < cutoff:
                 path.unlink(); deleted.append(path)
         except FileNotFoundError:

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -19,10 +20,12 @@ import pytest
 import timm
 import torch
 
+import moppa_nb.adapt as adapt
 import moppa_nb.data as data
 import moppa_nb.datasets as datasets
 from moppa_nb import PeftError, apply_peft, load_adapter, save_adapter
-from moppa_nb.adapt import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapted_methods
+from moppa_nb.adapt import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapted_methods, atomic_write, remove_stale_temporaries, writer_gone,
+                            writer_host, writer_tag)
 from moppa_nb.checkpoint import CHECKPOINT_NAME, CheckpointError
 from moppa_nb.data import (Preprocessing, TaskData, cache_root, load_fgvc_task, load_vtab_task, prune_cache, write_fgvc_task,
                            write_vtab_task)
@@ -208,14 +211,15 @@ def test_a_failed_adapter_write_leaves_the_old_adapter_loadable(failing, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_WEIGHTS])
 
 
-@pytest.mark.parametrize("owner", ["killed", "live"])
+@pytest.mark.parametrize("owner", ["killed", "live", "another host's", "older name without the host"])
 def test_a_killed_adapter_write_leaves_nothing_behind_at_the_next_save(owner, tmp_path):
-    pid = dead_pid() if owner == "killed" else os.getppid()
-    stale = tmp_path / f".adapter.{pid}.k1ll3d_x.partial"
+    tag = {"killed": f"{dead_pid()}@{writer_host()}", "live": f"{os.getppid()}@{writer_host()}",
+           "another host's": f"{dead_pid()}@another-host.example.org", "older name without the host": str(dead_pid())}[owner]
+    stale = tmp_path / f".adapter.{tag}.k1ll3d_x.partial"
     stale.mkdir(parents=True)
     (stale / ADAPTER_WEIGHTS).write_bytes(b"half")
     save_adapter(adapter_model(0), tmp_path)
-    assert stale.exists() == (owner == "live")
+    assert stale.exists() == (owner != "killed")                    # an older name goes only once an hour old
     load_adapter(tiny_vit(), tmp_path)
 
 
@@ -361,19 +365,26 @@ def test_resume_refuses_a_checkpoint_of_other_data_or_weights(change, tmp_path):
     assert "resume=False" in one_line(error)
 
 
-@pytest.mark.parametrize("left", ["killed writer's checkpoint", "killed writer's history", "legacy name, old", "live writer's"])
+KEPT = ("live writer's", "another host's writer's")
+
+
+@pytest.mark.parametrize("left", ["killed writer's checkpoint", "killed writer's history", "legacy name, old", "legacy pid-only name, old",
+                                  *KEPT])
 def test_temporary_files_of_a_killed_write_are_removed_at_the_next_run(left, tmp_path):
     task = toy_task(n=16)
     fit(lora_vit(), task, replace(CONFIG, epochs=1), tmp_path, progress=False)
-    name = {"killed writer's checkpoint": f".{CHECKPOINT_NAME}.{dead_pid()}.k1ll3d_x.tmp",
-            "killed writer's history": f".history.json.{dead_pid()}.k1ll3d_x.tmp",
+    here = writer_host()
+    name = {"killed writer's checkpoint": f".{CHECKPOINT_NAME}.{dead_pid()}@{here}.k1ll3d_x.tmp",
+            "killed writer's history": f".history.json.{dead_pid()}@{here}.k1ll3d_x.tmp",
             "legacy name, old": f".{CHECKPOINT_NAME}.abcd_123.tmp",
-            "live writer's": f".{CHECKPOINT_NAME}.{os.getppid()}.l1ve_xyz.tmp"}[left]
+            "legacy pid-only name, old": f".{CHECKPOINT_NAME}.{dead_pid()}.k1ll3d_x.tmp",
+            "live writer's": f".{CHECKPOINT_NAME}.{os.getppid()}@{here}.l1ve_xyz.tmp",
+            "another host's writer's": f".{CHECKPOINT_NAME}.{dead_pid()}@another-host.example.org.n0t_0urs.tmp"}[left]
     stale = tmp_path / name
     stale.write_bytes(b"half a checkpoint")
-    os.utime(stale, (time.time() - 2 * 86400,) * 2)
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)                                    # old: its age does not matter
     fit(lora_vit(), task, replace(CONFIG, epochs=1), tmp_path, progress=False)       # resumes (finished): no write at all
-    assert stale.exists() == (left == "live writer's")
+    assert stale.exists() == (left in KEPT)
 
 
 # ---------------------------------------------------------------- 6. adapter configs without their checks
@@ -548,3 +559,49 @@ def test_a_rank_that_is_not_a_positive_int_is_refused_in_one_line(method, rank):
     assert no_method_modules(model)
     with pytest.raises(PeftError, match=rf"^{method}: {option} must be a positive int, got .*; use {option} in \[1, 192\]\.$"):
         check_rank(rank, 192, 576 // 3, method, option=option)
+
+
+# ---------------------------------------------------------------- 9. temporary files name their writer's pid and host
+def test_writer_gone_only_for_a_dead_process_of_this_host():
+    here = writer_host()
+    assert writer_tag() == f"{os.getpid()}@{here}"
+    assert writer_gone(f"{dead_pid()}@{here}")
+    assert not writer_gone(f"{os.getpid()}@{here}") and not writer_gone(f"{os.getppid()}@{here}")     # live
+    assert not writer_gone(f"{dead_pid()}@another-host.example.org")                                    # not ours to judge
+    assert not any(writer_gone(tag) for tag in (str(dead_pid()), f"@{here}", f"x@{here}", ""))          # malformed
+
+
+def test_a_host_name_with_odd_characters_still_makes_a_temporary_name_cleanup_reads(tmp_path, monkeypatch):
+    monkeypatch.setattr(adapt.socket, "gethostname", lambda: "node 7/gpu.cluster")
+    assert writer_host() == "node-7-gpu.cluster"
+    seen = []
+    atomic_write(tmp_path / "metrics.json", lambda tmp: seen.append(tmp.name) or tmp.write_text("{}"))
+    assert re.fullmatch(rf"\.metrics\.json\.{os.getpid()}@node-7-gpu\.cluster\.[a-z0-9_]+\.tmp", seen[0])
+    killed = tmp_path / seen[0].replace(f".{os.getpid()}@", f".{dead_pid()}@", 1)
+    killed.write_text("half")
+    assert remove_stale_temporaries(tmp_path, "metrics.json") == [killed]
+
+
+@pytest.mark.parametrize("writer", ["dead here", "live here", "dead on another host", "pid only, fresh", "pid only, old"])
+def test_stale_temporaries_are_removed_only_for_dead_writers_of_this_host(writer, tmp_path):
+    tag = {"dead here": f"{dead_pid()}@{writer_host()}", "live here": f"{os.getppid()}@{writer_host()}",
+           "dead on another host": f"{dead_pid()}@another-host.example.org"}.get(writer, str(dead_pid()))
+    left = tmp_path / f".metrics.json.{tag}.abcd_123.tmp"
+    left.write_text("half")
+    if writer == "pid only, old": os.utime(left, (time.time() - 7200,) * 2)
+    atomic_write(tmp_path / "metrics.json", lambda tmp: tmp.write_text("{}"))
+    assert left.exists() == (writer not in ("dead here", "pid only, old"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["metrics.json", *([left.name] if left.exists() else [])])
+
+
+@pytest.mark.parametrize("writer", ["dead here", "live here", "dead on another host"])
+def test_prune_removes_only_partial_cache_writes_of_dead_loaders_of_this_host(writer, vtab_root, tmp_path):
+    cache = tmp_path / "cache"
+    load(vtab_root, cache)
+    entry = next(cache.glob("toy_*.pt"))
+    tag = {"dead here": f"{dead_pid()}@{writer_host()}", "live here": f"{os.getppid()}@{writer_host()}",
+           "dead on another host": f"{dead_pid()}@another-host.example.org"}[writer]
+    partial = entry.with_name(f"{entry.stem}.{tag}.tmp")
+    partial.write_bytes(b"half")
+    deleted = prune_cache(cache)
+    assert (partial in deleted) == (writer == "dead here") and partial.exists() == (writer != "dead here")
