@@ -258,7 +258,7 @@ def task_folder(root: str | Path, task: str) -> tuple[str, Path, int]:
     if not root.is_dir():
         raise FileNotFoundError(f"Task {task!r}: data root {root} does not exist; expected a folder with one "
                                 f"sub-folder per task (<root>/<task>/train800.txt, ...).")
-    present = sorted(p.name for p in root.iterdir() if p.is_dir())
+    present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))   # no scratch folder
     if (root / task / TASK_INFO).is_file():
         return task, root / task, read_task_info(root / task / TASK_INFO, task)["num_classes"]
     try:

@@ -22,14 +22,14 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from tempfile import TemporaryDirectory
+from tempfile import TemporaryDirectory, mkdtemp
 
 import numpy as np
 from PIL import Image
 from huggingface_hub import hf_hub_download
 from scipy.io import loadmat, savemat
 
-from .adapt import atomic_write
+from .adapt import atomic_write, remove_stale_temporaries, temporary_prefix
 from .data import (
     FGVC_SPLITS, FGVC_TASKS, TASK_INFO, VTAB_CLASSES, VTAB_SPLITS, VTAB_TASKS, building_folder, cache_root,
     canonical_fgvc_task, canonical_task, check_relative_path, read_json_split, read_list_file, task_group, write_vtab_task)
@@ -39,9 +39,9 @@ __all__ = ['VTAB_SOURCE', 'VPT_SPLITS_SOURCE', 'FGVC_SOURCES', 'ARCHIVE_SUFFIXES
            'FGVC_MARKERS', 'Source', 'SourceUnreachable', 'default_downloads', 'fetch_url', 'fetch_hub', 'fetch',
            'file_digests', 'verify', 'member_names', 'extract', 'unpack', 'folder_holding', 'move_contents',
            'fake_vtab_archive', 'fake_fgvc_sources', 'read_manifest', 'update_manifest', 'copy_regular_files',
-           'find_vtab_task_folders', 'complete_vtab_lists', 'convert_vtab_task', 'build_vtab', 'birds_records',
-           'flowers_records', 'dogs_records', 'cars_records', 'split_records', 'vpt_split_folders', 'check_fgvc_folder',
-           'build_fgvc', 'sources_table', 'main']
+           'staging_folder', 'find_vtab_task_folders', 'complete_vtab_lists', 'convert_vtab_task', 'build_vtab',
+           'birds_records', 'flowers_records', 'dogs_records', 'cars_records', 'split_records', 'vpt_split_folders',
+           'check_fgvc_folder', 'build_fgvc', 'sources_table', 'main']
 
 # %% ../nbs/10b_datasets.ipynb #44c985dd
 @dataclass(frozen=True)
@@ -421,10 +421,24 @@ def _vtab_name(folder_name: str) -> str | None:
         return None
 
 
+def staging_folder(root: Path, log=print) -> Path:
+    "This build's scratch folder `<root>/.staging.<pid>@<host>.<random>.partial`, after removing those killed builds of this host left."
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(root, "staging")
+    if (root / ".staging").is_dir():
+        log(f"note: {root / '.staging'} was left by a build of an earlier version and is no longer used; delete it once no build runs.")
+    return Path(mkdtemp(prefix=temporary_prefix(root / "staging"), suffix=".partial", dir=root))
+
+
+def _hidden(path: Path, under: Path) -> bool:
+    "Whether `path` is, or lies in, a dot-folder below `under` (a build's `.staging.*.partial`, a staged `.<task>.*.partial`, `.git`)."
+    return any(part.startswith(".") for part in path.relative_to(under).parts)
+
+
 def find_vtab_task_folders(folder: str | Path) -> dict[str, Path]:
-    "Task folders under `folder` (at any depth: folders named after a task, holding a `test.txt`), keyed by NOAH name."
-    found = {}
-    for test_list in sorted(Path(folder).rglob("test.txt"), key=lambda p: len(p.parts)):
+    "Task folders under `folder` (at any depth but in no dot-folder: folders named after a task, holding a `test.txt`), keyed by NOAH name."
+    found, folder = {}, Path(folder)
+    for test_list in sorted((p for p in folder.rglob("test.txt") if not _hidden(p, folder)), key=lambda p: len(p.parts)):
         name = _vtab_name(test_list.parent.name)
         if name is None: continue                     # not a task folder (another dataset, notes, ...)
         if name in found:
@@ -500,7 +514,7 @@ def build_vtab(root: str | Path,                   # folder of tasks to write, e
         source = {"from": str(archive.resolve()), **({} if archive.is_dir() else file_digests(archive))}
     read_manifest(root)                                   # a damaged manifest is refused before anything is replaced
     root.mkdir(parents=True, exist_ok=True)
-    staging, built = root / ".staging", {}
+    staging, built = staging_folder(root, log), {}
     try:
         if archive.is_dir():
             folders = find_vtab_task_folders(archive)
@@ -509,7 +523,7 @@ def build_vtab(root: str | Path,                   # folder of tasks to write, e
             folders = find_vtab_task_folders(extract(archive, staging, wanted_member))
         absent = [task for task in wanted if task not in folders]
         base = archive if archive.is_dir() else staging
-        incomplete = {task: sorted(p for p in base.rglob("*") if p.is_dir() and _vtab_name(p.name) == task)[:1]
+        incomplete = {task: sorted(p for p in base.rglob("*") if p.is_dir() and _vtab_name(p.name) == task and not _hidden(p, base))[:1]
                       for task in absent} if absent else {}
         incomplete = {task: found[0] for task, found in incomplete.items() if found}
         if incomplete:
@@ -606,9 +620,9 @@ def _fgvc_name(folder_name: str) -> str | None:
 
 
 def vpt_split_folders(folder: str | Path) -> dict[str, Path]:
-    "Folders holding VPT's json splits under `folder` (at any depth), keyed by FGVC dataset name."
-    found = {}
-    for train in sorted(Path(folder).rglob("train.json"), key=lambda p: len(p.parts)):
+    "Folders holding VPT's json splits under `folder` (at any depth but in no dot-folder), keyed by FGVC dataset name."
+    found, folder = {}, Path(folder)
+    for train in sorted((p for p in folder.rglob("train.json") if not _hidden(p, folder)), key=lambda p: len(p.parts)):
         name = _fgvc_name(train.parent.name)
         if name is not None and name not in found:
             found[name] = train.parent
@@ -658,7 +672,7 @@ def build_fgvc(root: str | Path,                       # FGVC root to write, e.g
         if not split_path.exists(): raise FileNotFoundError(f"The VPT split archive {split_path} does not exist.")
         split_source = {"from": str(split_path.resolve()), **({} if split_path.is_dir() else file_digests(split_path))}
     root.mkdir(parents=True, exist_ok=True)
-    staging, built = root / ".staging", {}
+    staging, built = staging_folder(root, log), {}
     try:
         if splits == "vpt":
             split_folders = vpt_split_folders(split_path if split_path.is_dir() else

@@ -3,15 +3,21 @@ import dataclasses
 import http.server
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 import tarfile
 import threading
 import zipfile
 
 import pytest
 
+from moppa_nb.adapt import writer_host, writer_tag
 from moppa_nb.data import FGVC_TASKS, VTAB_CLASSES, Preprocessing, load_fgvc_task, load_vtab_task
 from moppa_nb.datasets import (FGVC_SOURCES, MANIFEST, VTAB_SOURCE, Source, SourceUnreachable, build_fgvc, build_vtab,
-                               extract, fake_fgvc_sources, fake_vtab_archive, fetch, file_digests, main, verify)
+                               extract, fake_fgvc_sources, fake_vtab_archive, fetch, file_digests, find_vtab_task_folders, main,
+                               staging_folder, verify)
 
 UNCHECKED = {name: tuple(dataclasses.replace(s, sha256=None, md5=None, size=None) for s in files)
              for name, files in FGVC_SOURCES.items()}     # the fakes are not the published files
@@ -89,7 +95,7 @@ def test_vtab_noah_archive_is_converted(tmp_path, suffix):
         assert data.record()["split_sizes"] == {"train800": 6, "val200": 3, "train800val200": 9, "test": 4}
         assert data["train800val200"][1].tolist() == data["train800"][1].tolist() + data["val200"][1].tolist()
         assert built[task]["derived_lists"] == ["train800val200"]
-    assert not (tmp_path / "vtab-1k" / ".staging").exists()
+    assert not [p for p in (tmp_path / "vtab-1k").iterdir() if p.name.startswith(".")]        # no scratch folder left
     assert json.loads((tmp_path / "vtab-1k" / MANIFEST).read_text())["cifar"]["source"]["sha256"] == file_digests(archive)["sha256"]
 
 
@@ -231,3 +237,52 @@ def test_data_walkthrough_of_data_readme_on_fake_vtab(tmp_path):
     assert "prepare" in run(".venv/bin/dvc", "stage", "list", cwd=second)     # a dep on data/ beside data/vtab-1k.dvc parses
     data = load_vtab_task(second / "data" / "vtab-1k", "kitti", Preprocessing(size=6), cache_dir=False)
     assert data.num_classes == VTAB_CLASSES["kitti"] and len(data["test"][1]) == 5
+
+
+# ---------------------------------------------------------------- each build stages in a folder of its own
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def scratch(root) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(".staging"))
+
+
+@pytest.mark.parametrize("left", ["killed build here", "live build here", "another host's build", "earlier version's .staging"])
+def test_a_leftover_staging_folder_neither_breaks_a_build_nor_doubles_a_task(left, tmp_path):
+    archive = fake_vtab_archive(tmp_path / "vtab-1k.zip", {"dtd": "dtd"})                 # holds vtab-1k/dtd
+    quiet = dict(expected_sizes=None, log=lambda line: None)
+    build_vtab(tmp_path / "first", ["dtd"], archive, **quiet)
+    root = tmp_path / "vtab-1k"
+    name = {"killed build here": f".staging.{dead_pid()}@{writer_host()}.k1ll3d_x.partial",
+            "live build here": f".staging.{os.getppid()}@{writer_host()}.l1ve_xyz.partial",
+            "another host's build": f".staging.{dead_pid()}@another-host.example.org.n0t_0urs.partial",
+            "earlier version's .staging": ".staging"}[left]
+    shutil.copytree(tmp_path / "first" / "dtd", root / name / "dtd")                       # extracted there in another layout
+    built = build_vtab(root, ["dtd"], archive, **quiet)                                      # no "Task 'dtd' appears twice"
+    assert built["dtd"]["split_sizes"]["test"] == 5
+    assert scratch(root) == ([] if left == "killed build here" else [name])                 # its own scratch folder is gone too
+    assert list(find_vtab_task_folders(root)) == ["dtd"]                                     # dot-folders are not looked in
+    build_vtab(tmp_path / "copy", ["dtd"], root, **quiet)                                    # a built root as a folder source
+
+
+@pytest.mark.parametrize("builder", ["vtab", "fgvc"])
+def test_a_failed_build_removes_its_staging_folder(builder, tmp_path):
+    if builder == "vtab":
+        archive = fake_vtab_archive(tmp_path / "vtab-1k.zip", {"dtd": "dtd"})
+        with pytest.raises(ValueError, match="differ from VTAB-1K's"):
+            build_vtab(tmp_path / "root", ["dtd"], archive, log=lambda line: None)          # the fake's sizes are not VTAB-1K's
+    else:
+        fake_fgvc_sources("flowers", tmp_path / "downloads")
+        with pytest.raises(ValueError, match="holds no json splits"):
+            build_fgvc(tmp_path / "root", ["flowers"], "vpt", split_archive=tmp_path / "downloads", downloads=tmp_path / "downloads",
+                       sources=UNCHECKED, log=lambda line: None)
+    assert scratch(tmp_path / "root") == []
+
+
+def test_two_builders_get_two_staging_folders(tmp_path):
+    first, second = staging_folder(tmp_path, log=lambda line: None), staging_folder(tmp_path, log=lambda line: None)
+    assert first != second and first.is_dir() and second.is_dir()                           # the live writer's own stay
+    assert all(p.name.startswith(f".staging.{writer_tag()}.") and p.name.endswith(".partial") for p in (first, second))
