@@ -32,8 +32,9 @@ __all__ = ['BACKBONE_WEIGHTS', 'BACKBONE_CONFIG', 'INPUT_NORMALIZATION', 'MOBILE
            'MASK_RATIO', 'UNIT_SHARE', 'MOMENTUM', 'MOBILENET_FILE', 'IMAGENET_MEAN', 'IMAGENET_STD', 'PretrainConfig',
            'build_backbone', 'mobilenet_v2_imagenet', 'teacher_maps', 'distill_backbone', 'patch_pixels',
            'random_masks', 'masked_features', 'mim_backbone', 'random_views', 'contrastive_loss',
-           'contrastive_backbone', 'BackboneCorrupted', 'save_backbone', 'load_backbone', 'pretrain_backbone',
-           'vit_features', 'pixel_features', 'task_features', 'fit_linear', 'linear_probe_accuracy']
+           'contrastive_backbone', 'supervised_backbone', 'BackboneCorrupted', 'save_backbone', 'load_backbone',
+           'pretrain_backbone', 'vit_features', 'pixel_features', 'task_features', 'fit_linear',
+           'linear_probe_accuracy']
 
 # %% ../nbs/12_pretrain.ipynb #305897fb
 BACKBONE_WEIGHTS, BACKBONE_CONFIG = "backbone.safetensors", "backbone.json"
@@ -41,7 +42,7 @@ INPUT_NORMALIZATION = "half"           # the backbone's inputs: pixels / 127.5 -
 
 
 MOBILENET_BLOCK = Rule(lambda block: 0 <= block <= 6, "in [0, 6] (MobileNetV2's 7 blocks)")
-OBJECTIVES = ("distill", "mim", "contrastive")   # teacher maps per token; masked-image modelling; MoCo v3-style contrast of two views
+OBJECTIVES = ("distill", "mim", "contrastive", "supervised")   # teacher maps per token; masked-image modelling; MoCo v3-style contrast of two views; upstream labels
 OBJECTIVE = Rule(lambda objective: objective in OBJECTIVES, f"one of {OBJECTIVES}")
 MASK_RATIO = Rule(lambda ratio: 0 < ratio < 1, "in (0, 1)")
 UNIT_SHARE = Rule(lambda share: 0 < share <= 1, "in (0, 1]")
@@ -56,14 +57,14 @@ class PretrainConfig:
     embed_dim: int = checked(128, at_least(1))           # token width
     depth: int = checked(4, at_least(1))                 # transformer blocks
     num_heads: int = checked(4, at_least(1))             # attention heads
-    objective: str = checked("distill", OBJECTIVE)       # 'distill' (teacher maps), 'mim' (masked-image modelling) or 'contrastive'
+    objective: str = checked("distill", OBJECTIVE)       # 'distill' (teacher maps), 'mim' (masked-image modelling), 'contrastive' or 'supervised'
     upstream_images: int = checked(20_000, at_least(1))  # Fashion-MNIST training images pre-trained on
     teacher_resolution: int = checked(112, at_least(1))  # distill: side the teacher sees (its block-4 map is then 7 x 7)
     teacher_block: int = checked(4, MOBILENET_BLOCK)     # distill: MobileNetV2 block whose output is the per-token target
     mask_ratio: float = checked(0.5, MASK_RATIO)         # mim: fraction of patch tokens masked in each image
     temperature: float = checked(0.2, POSITIVE)          # contrastive: softmax temperature (MoCo v3's 0.2)
     momentum: float = checked(0.99, MOMENTUM)            # contrastive: first momentum of the key encoder, cosine to 1 (MoCo v3's 0.99)
-    crop_scale: float = checked(0.35, UNIT_SHARE)        # contrastive: smallest area share of a view's random crop
+    crop_scale: float = checked(0.35, UNIT_SHARE)        # contrastive, supervised: smallest area share of a view's random crop
     steps: int = checked(600, at_least(1))               # optimiser steps
     batch_size: int = checked(128, at_least(1))          # images per step
     lr: float = checked(1e-3, POSITIVE)                  # peak AdamW learning rate (cosine to 0 after warm-up)
@@ -302,6 +303,25 @@ def contrastive_backbone(images: torch.Tensor,      # uint8 (N, H, W) grey upstr
     return student, _pretrain(student, extra, batch_loss, len(images), config, progress, after_step=update_momentum_encoder)
 
 
+def supervised_backbone(images: torch.Tensor,       # uint8 (N, H, W) grey upstream images, H = W = img_size
+                        labels: torch.Tensor,       # int64 (N,) their classes
+                        config: PretrainConfig = PretrainConfig(objective="supervised"),
+                        progress: bool = False) -> tuple[VisionTransformer, list[float]]:
+    "Supervised classification of random views (crops, flips, brightness and contrast), as the papers' IN-21K ViT: a linear head on the pooled features."
+    if labels.shape != (len(images),):
+        raise ValueError(f"supervised pre-training needs one label per image: {len(images)} images, labels of shape {tuple(labels.shape)}.")
+    torch.manual_seed(config.seed)
+    student = build_backbone(config.architecture())
+    head = nn.Linear(config.embed_dim, int(labels.max()) + 1)
+    inputs = _upstream_inputs(images, config)
+
+    def batch_loss(batch, flips, generator):              # random_views draws its own flips
+        views = random_views(inputs[batch], generator, config.crop_scale).expand(-1, 3, -1, -1)
+        return F.cross_entropy(head(student.forward_head(student.forward_features(views), pre_logits=True)), labels[batch])
+
+    return student, _pretrain(student, list(head.parameters()), batch_loss, len(images), config, progress)
+
+
 class BackboneCorrupted(ValueError):
     "A saved backbone whose files are damaged: unreadable, or a tensor that differs from the sha256 recorded in backbone.json."
 
@@ -364,14 +384,18 @@ def load_backbone(path: str | Path,                # folder with backbone.json +
 def pretrain_backbone(output_dir: str | Path,                       # where backbone.safetensors / .json go
                       config: PretrainConfig = PretrainConfig(),
                       images: np.ndarray | None = None,             # uint8 (N, 28, 28) upstream pool (default: Fashion-MNIST train)
-                      progress: bool = False) -> dict:
-    "The default backbones' pre-training: an upstream subset, the objective (teacher maps + distillation, or MIM), save. Returns backbone.json's content."
+                      progress: bool = False,
+                      labels: np.ndarray | None = None,             # int (N,) classes of `images` (objective 'supervised')
+                      ) -> dict:
+    "The default backbones' pre-training: an upstream subset, the objective (teacher maps + distillation, MIM, contrastive or supervised), save. Returns backbone.json's content."
     from moppa_nb.mini_vtab import fashion_mnist_arrays
     started = time.perf_counter()
     source = "given images" if images is not None else "Fashion-MNIST train (Debian dataset-fashion-mnist)"
-    if images is None: images, _ = fashion_mnist_arrays("train")
-    subset = np.random.default_rng(config.seed).permutation(len(images))[:config.upstream_images]
-    images = torch.from_numpy(np.ascontiguousarray(images[np.sort(subset)]))
+    if images is None: images, labels = fashion_mnist_arrays("train")
+    if config.objective == "supervised" and labels is None:
+        raise ValueError("objective 'supervised' needs the images' labels: pass labels=, or no images (Fashion-MNIST's are used).")
+    subset = np.sort(np.random.default_rng(config.seed).permutation(len(images))[:config.upstream_images])
+    images = torch.from_numpy(np.ascontiguousarray(images[subset]))
     if config.objective == "distill":
         grid = config.img_size // config.patch_size
         maps = teacher_maps(mobilenet_v2_imagenet(), images, config.teacher_resolution, config.teacher_block, grid)
@@ -384,6 +408,11 @@ def pretrain_backbone(output_dir: str | Path,                       # where back
         student, losses = mim_backbone(images, config, progress)
         objective = (f"masked-image modelling: {config.mask_ratio:.0%} of patch tokens masked, their standardised pixels "
                      "predicted by a linear layer (no teacher, no labels)")
+    elif config.objective == "supervised":
+        teacher_s = 0.0
+        student, losses = supervised_backbone(images, torch.from_numpy(np.asarray(labels)[subset]).long(), config, progress)
+        objective = (f"supervised: classes of random views (crops of {config.crop_scale:.0%} to 100% of the area, flips, "
+                     f"brightness and contrast), cross-entropy of a linear head on the pooled features (no teacher)")
     else:
         teacher_s = 0.0
         student, losses = contrastive_backbone(images, config, progress)

@@ -186,3 +186,26 @@ def test_tiny_contrastive_pretraining_learns_to_tell_images_apart(tmp_path, monk
     assert np.mean(losses[:5]) == pytest.approx(chance, abs=0.1), (losses[:5], chance)
     assert np.mean(losses[-20:]) < chance - 0.1 and np.mean(losses[-20:]) < np.mean(losses[:20]) - 0.1, losses
     assert summary["final_loss"] == pytest.approx(float(np.mean(losses[-50:])))    # deterministic: the same recipe, the same losses
+
+
+def test_tiny_supervised_pretraining_learns_the_upstream_classes(tmp_path, monkeypatch):
+    """objective 'supervised': no teacher is built, labels are required, its recipe is recorded, and the cross-entropy on
+    random views of striped images (classes: the stripes' period) starts at chance and falls below it."""
+    import moppa_nb.pretrain as pretrain
+    monkeypatch.setattr(pretrain, "mobilenet_v2_imagenet", lambda: pytest.fail("supervised must not build the teacher"))
+    config = PretrainConfig(objective="supervised", embed_dim=48, depth=1, num_heads=2, upstream_images=256, steps=100,
+                            batch_size=32, warmup_steps=10, lr=1e-3, crop_scale=0.8)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(4, size=256)
+    rows = np.arange(28)[None, :] + rng.integers(28, size=(256, 1))
+    stripes = (np.sin(2 * np.pi * rows / np.array([2.5, 4, 7, 14])[labels][:, None]) > 0) * 200 + 30
+    images = np.ascontiguousarray(np.broadcast_to(stripes[:, :, None], (256, 28, 28)).astype(np.uint8))
+    with pytest.raises(ValueError, match="needs the images' labels"): pretrain_backbone(tmp_path / "none", config, images=images)
+    summary = pretrain_backbone(tmp_path / "sup", config, images=images, labels=labels)
+    saved = json.loads((tmp_path / "sup" / BACKBONE_CONFIG).read_text())
+    assert saved["recipe"]["objective"] == "supervised" and saved["objective"].startswith("supervised")
+    losses = pretrain.supervised_backbone(torch.from_numpy(images), torch.from_numpy(labels), config)[1]
+    chance = np.log(4)
+    assert np.mean(losses[:5]) == pytest.approx(chance, abs=0.3), (losses[:5], chance)
+    assert np.mean(losses[-20:]) < chance - 0.3, losses
+    assert summary["final_loss"] == pytest.approx(float(np.mean(losses[-50:])))    # deterministic: the same recipe, the same losses
