@@ -394,6 +394,8 @@ def pretrain_backbone(output_dir: str | Path,                       # where back
     if images is None: images, labels = fashion_mnist_arrays("train")
     if config.objective == "supervised" and labels is None:
         raise ValueError("objective 'supervised' needs the images' labels: pass labels=, or no images (Fashion-MNIST's are used).")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"labels must give one class per image: {len(images)} images, {len(labels)} labels.")
     subset = np.sort(np.random.default_rng(config.seed).permutation(len(images))[:config.upstream_images])
     images = torch.from_numpy(np.ascontiguousarray(images[subset]))
     if config.objective == "distill":
