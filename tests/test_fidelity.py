@@ -450,3 +450,71 @@ def test_route_regularisation_horizon_as_mopdo_decays_it(horizon, cooldown):
         official = max(0.0, 1 - 2 * epoch / total)
         if official == 0: assert term is None
         else: torch.testing.assert_close(-term, official * entropy, rtol=1e-6, atol=1e-9)
+
+
+# --- SNELL: ssfgunner/SNELL, model/vision_transformer_timm.py (KLoRA, SNELL, AttentionSNELLParallel, MlpSNELLParallel) ---
+
+def official_snell_weight(in_qs: torch.Tensor, out_qs: torch.Tensor, init_thres: float) -> torch.Tensor:
+    "SNELL.pathIntegrals then SNELL.sparsify (KLoRA.pathIntegrals alone when init_thres is 0), num_Hs 2, SCALE_FACTOR_fc 0.1."
+    coeff = 0.1 * torch.tensor([(-1) ** h for h in range(in_qs.shape[0])], dtype=in_qs.dtype)[:, None, None]
+    weight = torch.sum(coeff * torch.cdist(in_qs, out_qs, p=2), dim=0)
+    if init_thres == 0:
+        return weight
+    weight_abs = weight.detach().abs()
+    thres = torch.quantile(weight_abs.flatten(), init_thres)
+    return weight * F.threshold(weight_abs, float(thres), 0)
+
+
+@pytest.mark.parametrize("init_thres", [0.0, 0.7])
+def test_snell_matches_vision_transformer_timm_py(init_thres):
+    ours, official = adapted({"snell": {"rank": 4, "sparsity": init_thres}})
+    pairs = []
+
+    def kernel(delta):
+        "In_Qs, Out_Qs of one TuningModule, from ours."
+        in_qs, out_qs = leaf(delta.inputs), leaf(delta.outputs)
+        pairs.extend([(delta.inputs, in_qs, lambda g: g), (delta.outputs, out_qs, lambda g: g)])
+        return in_qs, out_qs
+
+    def tuned(x, kernels):                            # TuningModule.forward, eval: DropPath is the identity
+        return F.linear(x, official_snell_weight(*kernels, init_thres).T)
+
+    for block, mine in zip(official.blocks, ours.blocks):
+        qkv = mine.attn.qkv.peft_snell.parts
+        q, k, v = (kernel(qkv[t]) for t in ("query", "key", "value"))
+        o = kernel(mine.attn.proj.peft_snell.parts["proj"])
+        f1, f2 = kernel(mine.mlp.fc1.peft_snell.parts["fc1"]), kernel(mine.mlp.fc2.peft_snell.parts["fc2"])
+
+        def forward(self, x, attn_mask=None, is_causal=False, q=q, k=k, v=v, o=o, f1=f1, f2=f2):
+            h = self.norm1(x)                          # AttentionSNELLParallel.forward on separate q, k, v
+            B, N, C = h.shape
+            W, b = self.attn.qkv.weight, self.attn.qkv.bias
+            heads = self.attn.num_heads
+            split = lambda t: t.reshape(B, N, heads, C // heads).permute(0, 2, 1, 3)
+            query = split(F.linear(h, W[:C], b[:C]) + tuned(h, q))
+            key = split(F.linear(h, W[C:2 * C], b[C:2 * C]) + tuned(h, k))
+            value = split(F.linear(h, W[2 * C:], b[2 * C:]) + tuned(h, v))
+            attn = ((query @ key.transpose(-2, -1)) * (C // heads) ** -0.5).softmax(dim=-1)
+            context = (attn @ value).transpose(1, 2).reshape(B, N, C)
+            x = x + self.attn.proj(context) + tuned(context, o)
+            h = self.norm2(x)                          # MlpSNELLParallel.forward
+            hidden = self.mlp.act(self.mlp.fc1(h) + tuned(h, f1))
+            return x + self.mlp.fc2(hidden) + tuned(hidden, f2)
+        block.forward = types.MethodType(forward, block)
+    official.cls_token = nn.Parameter(leaf(ours.cls_token))   # freeze_stages keeps the class token trainable
+    pairs.append((ours.cls_token, official.cls_token, lambda g: g))
+    compare(ours, official, pairs)
+
+
+def test_snell_released_init_and_placement():
+    "kaiming_uniform_(a=sqrt(5)) on In_Qs (H, in, r/2): fan_in in * r/2, bound 1/sqrt(fan_in); Out_Qs likewise; dropout and DropPath 0.1."
+    model = apply_peft(tiny_vit(), "snell")
+    qkv = model.blocks[0].attn.qkv.peft_snell
+    query = qkv.parts["query"]
+    assert tuple(query.inputs.shape) == (2, 192, 4) and tuple(query.outputs.shape) == (2, 192, 4)
+    bound = 1 / math.sqrt(192 * 4)
+    assert 0.9 * bound < query.inputs.abs().max() <= bound and 0.9 * bound < query.outputs.abs().max() <= bound
+    fc1 = model.blocks[0].mlp.fc1.peft_snell.parts["fc1"]
+    assert 0.9 / math.sqrt(768 * 4) < fc1.outputs.abs().max() <= 1 / math.sqrt(768 * 4)
+    assert qkv.dropout.p == 0.1 and query.drop_path.drop_prob == 0.1
+    assert isinstance(model.blocks[0].attn.proj.peft_snell.dropout, nn.Identity)

@@ -101,12 +101,12 @@ def method_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 def test_the_table_covers_every_registered_method_and_one_registered_here():
     assert set(list_methods()) <= set(CASES)
     assert CASES["test_channel_scale"] == ("test_channel_scale", True, False)   # from the class, no table entry
-    expected = {"moppa": False, "coeff": True, "vpt": False, "lora": True, "bi_adapter": False, "bi_lora": False}
+    expected = {"moppa": False, "coeff": True, "vpt": False, "lora": True, "bi_adapter": False, "bi_lora": False, "snell": False}
     assert {name: CASES[name][1] for name in expected} == expected               # what the methods declare
 
 
 BUILT_IN = {"linear", "full", "bitfit", "vpt", "adapter", "adaptformer", "lora", "ssf", "fact", "nola", "coeff", "moppa",
-            "rlrr", "dora", "bi_adapter", "bi_lora", "spt"}
+            "rlrr", "dora", "bi_adapter", "bi_lora", "spt", "snell"}
 
 
 def test_every_method_is_registered():
