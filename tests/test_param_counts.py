@@ -22,6 +22,7 @@ EXPECTED = {
     "dora": 12 * 2 * (8 * (768 + 768) + 768),                            # 313,344: LoRA rank 8 on Q, V + magnitudes
     "bi_adapter": 12 * 2 * 768 * 32,                                      # 589,824, bottleneck 32, no biases
     "bi_lora": 12 * 2 * 2 * 768 * 32,                                     # 1,179,648, rank 32 on Q and V
+    "snell": 12 * 8 * (4 * (768 + 768) + 2 * (768 + 3072)) + 768,          # 1,327,872: SNELL-8 on all six maps, class token
 }
 VARIANTS = {
     "fact-tt-attention": ({"fact": {"targets": "attention"}}, 2 * 16 * 768 + 48 * 16 ** 2),       # 36,864 (0.04M)
@@ -38,6 +39,8 @@ VARIANTS = {
     "dora+coeff": (["dora", "coeff"], 313_344 + 1_728),
     "coeff-identity": ({"coeff": {"parameterisation": "identity"}}, 1_728),
     "coeff-random": ({"coeff": {"parameterisation": "random"}}, 1_728),
+    "snell-32": ({"snell": {"rank": 32}}, 12 * 32 * (4 * (768 + 768) + 2 * (768 + 3072)) + 768),   # 5,309,184: the released VTAB-1K rank
+    "snell+coeff": (["snell", "coeff"], 1_327_872 + 1_728),
 }
 
 
@@ -65,3 +68,17 @@ def test_meta_device_counts_are_the_real_models():
     model = apply_peft(vit_b("cpu"), ["lora", "coeff", "ssf"])
     assert count_trainable(model) == EXPECTED["lora"] + EXPECTED["coeff"] + EXPECTED["ssf"]
     assert count_trainable(model, exclude_head=False) == count_trainable(model) + 768 * 100 + 100
+
+
+def test_paper_profile_vpt_deep_counts_per_task():
+    """The paper profile's VPT-Deep prompt lengths per task (a public config, see params.yaml): 12 x 768 x n per task, mean
+    0.68M over the 19 tasks, not the published 0.53M, whose per-task lengths no public file gives (README says so)."""
+    from pathlib import Path
+    from moppa_nb.settings import experiment_settings, load_params, peft_spec
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    experiment = experiment_settings(params, "paper", "vtab")
+    counts = {task: count_trainable(apply_peft(vit_b(), peft_spec(experiment, "vpt", task))) for task in experiment["tasks"]}
+    assert counts["dmlab"] == 12 * 100 * 768 and counts["sun397"] == 12 * 5 * 768      # the official demo's final runs
+    assert round(sum(counts.values()) / len(counts) / 1e6, 2) == 0.68
+    shallow = count_trainable(apply_peft(vit_b(), peft_spec(experiment, "vpt[shallow]", "dmlab")))
+    assert shallow == 50 * 768

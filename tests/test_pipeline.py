@@ -605,7 +605,8 @@ def test_report_views_name_an_experiment_and_methods_the_paper_profile_runs():
         assert name not in params["experiments"] and view["experiment"] in params["experiments"]
         assert set(view["methods"]) <= set(experiment_methods(experiment_settings(params, "paper", view["experiment"]))), name
     coeff = params["report_views"]["coeff_vtab"]["methods"]
-    assert coeff == ["linear", "adapter", "vpt", "lora", "coeff", "fact", "fact+coeff", "lora+coeff"]   # Coeff-Tuning's table
+    assert coeff == ["linear", "adapter", "vpt", "lora", "coeff", "fact", "fact+coeff", "snell[8]", "snell+coeff[8]",
+                     "lora+coeff"]   # Coeff-Tuning's table (SNELL-8 and SNELL-8 + Coeff: its composed rows)
 
 
 def test_runs_in_worker_processes_compute_what_one_process_computes(tmp_path):
