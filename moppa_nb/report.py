@@ -21,10 +21,10 @@ from .train import PROTOCOLS                 # one protocol table: the rule each
 
 # %% auto #0
 __all__ = ['COUNT_COLUMNS', 'CONVERGENCE', 'PUBLISHED_VTAB', 'PUBLISHED_FGVC', 'PALETTE', 'METHOD_COLOURS', 'FLAG_NOTE',
-           'TIMING_COLUMNS', 'HEADROOM_NEEDED', 'load_results', 'accuracy_table', 'to_markdown', 'spread_table',
-           'paired_comparisons', 'run_convergence', 'convergence_table', 'protocol_inflation', 'published_results',
-           'published_vtab', 'published_table', 'published_deltas', 'save_figure', 'method_colours',
-           'plot_accuracy_vs_params', 'plot_per_task', 'plot_router_weights', 'router_init_spread',
+           'TIMING_COLUMNS', 'HEADROOM_NEEDED', 'ANALYSIS_IMAGES', 'load_results', 'accuracy_table', 'to_markdown',
+           'spread_table', 'paired_comparisons', 'run_convergence', 'convergence_table', 'protocol_inflation',
+           'published_results', 'published_vtab', 'published_table', 'published_deltas', 'save_figure',
+           'method_colours', 'plot_accuracy_vs_params', 'plot_per_task', 'plot_router_weights', 'router_init_spread',
            'plot_router_weights_by_task', 'plot_spectral_responses', 'plot_training_curves', 'plot_cost',
            'probe_accuracies', 'linear_vs_probe', 'aggregate_flags', 'ReportContent', 'headroom_table', 'write_report',
            'combine_reports', 'write_profile_report', 'main']
@@ -762,6 +762,56 @@ def _trained_responses(method_dir: Path, experiment: dict) -> dict:
     return out
 
 
+ANALYSIS_IMAGES = 64       # test images the analyses of trained runs read (moppa_nb.analysis)
+
+
+def _trained_model(method_dir: Path, experiment: dict):
+    "The trained model of a method's run on the experiment's first task and seed, from its saved adapter; None if it has none."
+    from moppa_nb.adapt import load_adapter
+    from moppa_nb.sources import build_model
+    adapter = method_dir / next(iter(experiment["tasks"])) / f"seed{experiment.get('seeds', [0])[0]}" / "adapter"
+    if not adapter.is_dir(): return None
+    num_classes = json.loads((adapter / "adapter_config.json").read_text())["num_classes"]
+    return load_adapter(build_model(experiment, num_classes), adapter).eval()
+
+
+def _trained_analyses(runs_dir: Path, output_dir: Path, experiment: dict, methods: list[str], run: str) -> list[str]:
+    "Query ranks and maps of the backbone, LoRA and MoPPA, and Coeff-Tuning's distance from the simplex, for one trained run each."
+    import torch
+    from moppa_nb.analysis import hull_table, plot_hull_table, plot_query_analysis, query_features, query_map, query_ranks
+    from moppa_nb.sources import build_model, load_task
+    trained = {m: _trained_model(runs_dir / m, experiment) for m in ("lora", "moppa", "coeff") if m in methods}
+    trained = {m: model for m, model in trained.items() if model is not None}
+    if not trained: return []
+    task, split = next(iter(experiment["tasks"])), experiment["train"]["test_split"]
+    data = load_task(experiment, task, splits=(split,))
+    images = data.preprocessing.normalize(data[split][0][:ANALYSIS_IMAGES])
+    lines = []
+    queried = {m: model for m, model in trained.items() if m in ("lora", "moppa")}
+    if queried:
+        models = {"backbone": build_model(experiment, data.num_classes).eval(), **queried}
+        grid = tuple(int(g) for g in models["backbone"].patch_embed.grid_size)
+        with torch.no_grad():
+            ranks = {label: query_ranks(model, images) for label, model in models.items()}
+            maps = {label: query_map(query_features(model, images[:1])[-1][0], grid) for label, model in models.items()}
+        table = pd.DataFrame(ranks, index=pd.Index(range(1, len(next(iter(ranks.values()))) + 1), name="block"))
+        table.round(3).to_csv(output_dir / "query_ranks.csv")
+        save_figure(plot_query_analysis(ranks, maps, f"Effective rank of the query features and query maps (last block, one test "
+                                                     f"image): {run}"), output_dir / "query_ranks.png")
+        lines += [to_markdown(table, f"Effective rank of the patch tokens' query features per block, mean over {len(images)} test "
+                                     f"images of one trained run each ({run}); the backbone is the frozen model (MoPPA's analysis)",
+                              digits=2, index_name="block"), ""]
+    if "coeff" in trained:
+        hull = hull_table(trained["coeff"], images)
+        hull.round(4).to_csv(output_dir / "coeff_hull.csv", index=False)
+        save_figure(plot_hull_table(hull, f"Coeff-Tuning's mixed attention maps outside the simplex: {run}"), output_dir / "coeff_hull.png")
+        lines += [to_markdown(hull.set_index(hull.block + 1).drop(columns="block"),
+                              f"Coeff-Tuning's mixed attention rows outside the probability simplex (their outputs leave the convex "
+                              f"hull of the values; a softmax row never does), {len(images)} test images, {run}: share of rows and "
+                              "their excess (negative mass plus |row sum - 1|)", digits=3, index_name="block"), ""]
+    return lines
+
+
 def _backbone_probes(experiment: dict) -> dict | None:
     "The linear probes of the experiment's backbone on its tasks (a local backbone's probes.json, written by the backbone stage)."
     backbone = experiment["backbone"]
@@ -818,6 +868,11 @@ def write_profile_report(params: dict,                   # the pipeline's parame
             spectral_responses={k: v for k, v in responses.items() if "first" in k or "mixture" in k},
             spectral_run=f"run: experiment {name}, method moppa, task {next(iter(experiment['tasks']))}, "
                          f"seed {experiment.get('seeds', [0])[0]}", tolerance=tolerance))
+        analyses = _trained_analyses(Path(results_dir) / name, Path(output_dir) / name, experiment, methods,
+                                     f"experiment {name}, task {next(iter(experiment['tasks']))}, seed {experiment.get('seeds', [0])[0]}")
+        if analyses:
+            report = Path(output_dir) / name / "results.md"
+            report.write_text(report.read_text() + "\n" + "\n".join(analyses))
         sections[name] = title
         for view_name, view in views.items():
             if view["experiment"] != name: continue
