@@ -84,7 +84,8 @@ def paper_params(tmp_path: Path) -> dict:
     paper["preprocessing"]["size"] = 32
     paper["train"].update(epochs=2, warmup_epochs=1, cooldown_epochs=1, batch_size=8, checkpoint_every=1, device="cpu")
     paper["task_train"] = {"moppa": {"dtd": {**paper["task_train"]["moppa"]["dtd"], "batch_size": 4}}}
-    paper["task_options"] = {method: {"dtd": per_task["dtd"]} for method, per_task in paper["task_options"].items()}   # FacT's dtd rank
+    paper["task_options"] = {method: {"dtd": per_task["dtd"]} if "dtd" in per_task else {}   # FacT's dtd rank, VPT's length, SNELL's
+                             for method, per_task in paper["task_options"].items()}                 # sparsity; vpt[shallow]: none
     params["profile"] = "paper"
     return params
 
