@@ -113,13 +113,15 @@ def plot_convex_hull_toy(seed: int = 0, values: int = 6, heads: int = 3, rows: i
 # %% ../nbs/17c_analysis.ipynb #a11a0018
 def plot_query_analysis(ranks: dict[str, np.ndarray],      # label -> effective rank per block
                         maps: dict[str, np.ndarray],       # label -> (H, W) query map of one image, last block
-                        title: str) -> plt.Figure:
+                        title: str,
+                        colours: dict[str, str] | None = None,   # label -> colour (the report's one colour per method)
+                        ) -> plt.Figure:
     "Effective rank of the query features per block (left) and query maps of one image (right), one column per label."
     fig = plt.figure(figsize=(4 + 1.6 * len(maps), 3.4), dpi=80)
     grid = fig.add_gridspec(1, 1 + len(maps), width_ratios=[2.5] + [1] * len(maps))
     ax = fig.add_subplot(grid[0])
     for label, values in ranks.items():
-        ax.plot(np.arange(1, len(values) + 1), values, marker="o", label=label)
+        ax.plot(np.arange(1, len(values) + 1), values, marker="o", label=label, color=(colours or {}).get(label))
     ax.set_xlabel("block"); ax.set_ylabel("effective rank of the queries"); ax.legend(fontsize=8)
     ax.set_xticks(np.arange(1, len(next(iter(ranks.values()))) + 1))
     for column, (label, image) in enumerate(maps.items(), start=1):
@@ -131,13 +133,13 @@ def plot_query_analysis(ranks: dict[str, np.ndarray],      # label -> effective 
     return fig
 
 
-def plot_hull_table(table: pd.DataFrame, title: str) -> plt.Figure:
+def plot_hull_table(table: pd.DataFrame, title: str, colour: str = "tab:orange") -> plt.Figure:
     "Per block: the share of mixed attention rows outside the simplex, and their mean excess."
     fig, axes = plt.subplots(1, 2, figsize=(7, 3), dpi=80)
     blocks = table.block + 1
-    axes[0].bar(blocks, 100 * table.outside, color="tab:orange"); axes[0].set_ylim(0, 100)
+    axes[0].bar(blocks, 100 * table.outside, color=colour); axes[0].set_ylim(0, 100)
     axes[0].set_ylabel("rows outside the simplex (%)")
-    axes[1].bar(blocks, table.mean_excess, color="tab:orange"); axes[1].set_ylim(0, None)
+    axes[1].bar(blocks, table.mean_excess, color=colour); axes[1].set_ylim(0, None)
     axes[1].set_ylabel("mean excess")
     for ax in axes: ax.set_xlabel("block"); ax.set_xticks(blocks)
     fig.suptitle(title, fontsize=10)

@@ -786,7 +786,7 @@ def _trained_analyses(runs_dir: Path, output_dir: Path, experiment: dict, method
     task, split = next(iter(experiment["tasks"])), experiment["train"]["test_split"]
     data = load_task(experiment, task, splits=(split,))
     images = data.preprocessing.normalize(data[split][0][:ANALYSIS_IMAGES])
-    lines = []
+    lines, colours = [], method_colours(methods)
     queried = {m: model for m, model in trained.items() if m in ("lora", "moppa")}
     if queried:
         models = {"backbone": build_model(experiment, data.num_classes).eval(), **queried}
@@ -797,14 +797,16 @@ def _trained_analyses(runs_dir: Path, output_dir: Path, experiment: dict, method
         table = pd.DataFrame(ranks, index=pd.Index(range(1, len(next(iter(ranks.values()))) + 1), name="block"))
         table.round(3).to_csv(output_dir / "query_ranks.csv")
         save_figure(plot_query_analysis(ranks, maps, f"Effective rank of the query features and query maps (last block, one test "
-                                                     f"image): {run}"), output_dir / "query_ranks.png")
+                                                     f"image): {run}", {**colours, "backbone": METHOD_COLOURS["linear"]}),
+                    output_dir / "query_ranks.png")
         lines += [to_markdown(table, f"Effective rank of the patch tokens' query features per block, mean over {len(images)} test "
                                      f"images of one trained run each ({run}); the backbone is the frozen model (MoPPA's analysis)",
                               digits=2, index_name="block"), ""]
     if "coeff" in trained:
         hull = hull_table(trained["coeff"], images)
         hull.round(4).to_csv(output_dir / "coeff_hull.csv", index=False)
-        save_figure(plot_hull_table(hull, f"Coeff-Tuning's mixed attention maps outside the simplex: {run}"), output_dir / "coeff_hull.png")
+        save_figure(plot_hull_table(hull, f"Coeff-Tuning's mixed attention maps outside the simplex: {run}", colours["coeff"]),
+                    output_dir / "coeff_hull.png")
         lines += [to_markdown(hull.set_index(hull.block + 1).drop(columns="block"),
                               f"Coeff-Tuning's mixed attention rows outside the probability simplex (their outputs leave the convex "
                               f"hull of the values; a softmax row never does), {len(images)} test images, {run}: share of rows and "
