@@ -49,11 +49,12 @@ def compare(ours: nn.Module, official: nn.Module, pairs: list, x: torch.Tensor |
 
 
 _PLAIN = {}
+VIT_DEFAULTS: dict = {}      # tiny_vit's arguments for every test (empty: ViT-Ti's width; `test_official_forms_on_vit_s` sets ViT-S's)
 
 
 def plain_vit(**kwargs) -> nn.Module:
-    "The float64 tiny ViT both sides start from (two blocks, width 192, MLP 768)."
-    model = tiny_vit(**kwargs).double().eval()
+    "The float64 tiny ViT both sides start from (two blocks, width 192, MLP 768, unless VIT_DEFAULTS says otherwise)."
+    model = tiny_vit(**{**VIT_DEFAULTS, **kwargs}).double().eval()
     _PLAIN["model"] = copy.deepcopy(model)
     return model
 
@@ -63,9 +64,9 @@ def tiny_reference(x: torch.Tensor) -> torch.Tensor:
         return _PLAIN["model"](x)
 
 
-def adapted(methods) -> tuple[nn.Module, nn.Module]:
-    "(ours, a plain copy for the official forwards), ours perturbed so that every trainable tensor is non-zero."
-    plain = plain_vit()
+def adapted(methods, **vit) -> tuple[nn.Module, nn.Module]:
+    "(ours, a plain copy for the official forwards), ours perturbed so that every trainable tensor is non-zero; `vit`: tiny_vit's arguments."
+    plain = plain_vit(**vit)
     ours = apply_peft(copy.deepcopy(plain), methods).double().eval()
     torch.manual_seed(3)
     perturb_for_testing(ours, scale=0.2)
@@ -465,9 +466,12 @@ def official_snell_weight(in_qs: torch.Tensor, out_qs: torch.Tensor, init_thres:
     return weight * F.threshold(weight_abs, float(thres), 0)
 
 
-@pytest.mark.parametrize("init_thres", [0.0, 0.7])
-def test_snell_matches_vision_transformer_timm_py(init_thres):
-    ours, official = adapted({"snell": {"rank": 4, "sparsity": init_thres}})
+VIT_S = {"embed_dim": 384, "num_heads": 6}      # ViT-S/16's width and heads (two blocks)
+
+
+@pytest.mark.parametrize("init_thres, vit", [(0.0, {}), (0.7, {}), (0.7, VIT_S)], ids=["klora", "snell", "snell-vit-s"])
+def test_snell_matches_vision_transformer_timm_py(init_thres, vit):
+    ours, official = adapted({"snell": {"rank": 4, "sparsity": init_thres}}, **vit)
     pairs = []
 
     def kernel(delta):
@@ -518,3 +522,13 @@ def test_snell_released_init_and_placement():
     assert 0.9 / math.sqrt(768 * 4) < fc1.outputs.abs().max() <= 1 / math.sqrt(768 * 4)
     assert qkv.dropout.p == 0.1 and query.drop_path.drop_prob == 0.1
     assert isinstance(model.blocks[0].attn.proj.peft_snell.dropout, nn.Identity)
+
+
+@pytest.mark.parametrize("check", [test_fact_tk_official_layout_matches_fact_tk_py, test_fact_tt_matches_fact_tt_py,
+                                   test_adaptformer_paper_form_reads_norm2, test_nola_released_form_matches_nola2_on_the_mlp,
+                                   test_rlrr_released_matches_networks_py], ids=lambda check: check.__name__[5:])
+def test_official_forms_on_vit_s(check, monkeypatch):
+    "The same comparisons on ViT-S/16's width and heads (384, 6; two blocks): the official forms hold at another width."
+    monkeypatch.setitem(globals(), "VIT_DEFAULTS", VIT_S)
+    check()
+    assert _PLAIN["model"].embed_dim == 384 and _PLAIN["model"].blocks[0].attn.num_heads == 6
