@@ -781,11 +781,13 @@ def _trained_analyses(runs_dir: Path, output_dir: Path, experiment: dict, method
     "Query ranks and maps of the backbone, LoRA and MoPPA, and Coeff-Tuning's distance from the simplex, for one trained run each."
     import torch
     from moppa_nb.analysis import hull_table, plot_hull_table, plot_query_analysis, query_features, query_map, query_ranks
+    from moppa_nb.settings import run_settings, train_config
     from moppa_nb.sources import build_model, load_task
     trained = {m: _trained_model(runs_dir / m, experiment) for m in ("lora", "moppa", "coeff") if m in methods}
     trained = {m: model for m, model in trained.items() if model is not None}
     if not trained: return []
-    task, split = next(iter(experiment["tasks"])), experiment["train"]["test_split"]
+    task = next(iter(experiment["tasks"]))
+    split = train_config(run_settings(experiment, next(iter(trained)), task), seed=0).test_split   # the split the runs test on
     data = load_task(experiment, task, splits=(split,))
     images = data.preprocessing.normalize(data[split][0][:ANALYSIS_IMAGES])
     lines, colours = [], method_colours(methods)
