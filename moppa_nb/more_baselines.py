@@ -545,8 +545,8 @@ class KernelisedDelta(nn.Module):
         if self.sparsity == 0: return merged
         magnitude = merged.detach().abs()
         flat = magnitude.flatten()
-        cut = torch.quantile(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat, self.sparsity).item()
-        return merged * F.threshold(magnitude, cut, 0.0)
+        cut = torch.quantile(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat, self.sparsity)
+        return merged * (magnitude * (magnitude > cut))        # F.threshold(|M|, q, 0), without a host sync per layer and step
 
 
 class SNELLDeltas(nn.Module):

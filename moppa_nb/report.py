@@ -746,24 +746,6 @@ def combine_reports(profile: str,                        # the profile's name, i
     return path
 
 # %% ../nbs/17_report.ipynb #6bb86cae
-def _trained_responses(method_dir: Path, experiment: dict) -> dict:
-    "MoPPA's trained responses (branch and mixture, first and last block, mean over channels) from a run's adapter; {} if none."
-    import torch
-    from moppa_nb.adapt import load_adapter
-    from moppa_nb.sources import build_model
-    adapter = method_dir / next(iter(experiment["tasks"])) / f"seed{experiment.get('seeds', [0])[0]}" / "adapter"
-    if not adapter.is_dir(): return {}
-    num_classes = json.loads((adapter / "adapter_config.json").read_text())["num_classes"]
-    model, out = load_adapter(build_model(experiment, num_classes), adapter), {}
-    with torch.no_grad():
-        for label, block in (("first block", model.blocks[0]), ("last block", model.blocks[-1])):
-            operator = block.peft_moppa
-            for branch, response in operator.responses().items():
-                out[f"{branch}, {label}"] = response.expand(*operator.layout.grid, operator.layout.embed_dim).mean(-1).numpy()
-            out[f"mixture, {label}"] = operator.mixed_response(operator.router()).mean(-1).numpy()
-    return out
-
-
 ANALYSIS_IMAGES = 64       # test images the analyses of trained runs read (moppa_nb.analysis)
 
 
@@ -775,6 +757,20 @@ def _trained_model(method_dir: Path, experiment: dict):
     if not adapter.is_dir(): return None
     num_classes = json.loads((adapter / "adapter_config.json").read_text())["num_classes"]
     return load_adapter(build_model(experiment, num_classes), adapter).eval()
+
+
+def _trained_responses(method_dir: Path, experiment: dict) -> dict:
+    "MoPPA's trained responses (branch and mixture, first and last block, mean over channels) from a run's adapter; {} if none."
+    import torch
+    model, out = _trained_model(method_dir, experiment), {}
+    if model is None: return out
+    with torch.no_grad():
+        for label, block in (("first block", model.blocks[0]), ("last block", model.blocks[-1])):
+            operator = block.peft_moppa
+            for branch, response in operator.responses().items():
+                out[f"{branch}, {label}"] = response.expand(*operator.layout.grid, operator.layout.embed_dim).mean(-1).numpy()
+            out[f"mixture, {label}"] = operator.mixed_response(operator.router()).mean(-1).numpy()
+    return out
 
 
 def _trained_analyses(runs_dir: Path, output_dir: Path, experiment: dict, methods: list[str], run: str) -> list[str]:

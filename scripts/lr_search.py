@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("the default's data or backbone is missing: run `dvc repro prepare backbone` first")
     profile["seeds"] = [int(seed) for seed in args.seeds.split(",")]
     lrs, methods = [float(lr) for lr in args.lrs.split(",")], args.methods.split(",")
-    in_use = {m: run_settings(experiment_settings(params, "default", "vtab"), m, next(iter(profile["tasks"])))["lr"] for m in methods}
+    vtab = experiment_settings(params, "default", "vtab")     # the main table's settings: the rate it uses per (method, task)
     rows = []
     for method in methods:
         for lr in lrs:
@@ -44,13 +44,15 @@ def main(argv: list[str] | None = None) -> None:
             trial["profiles"]["default"].setdefault("method_train", {}).setdefault(method, {})["lr"] = lr
             results = run_method(method, trial, args.out / "runs" / method / f"lr{lr:g}", profile="default", jobs=args.jobs)
             rows += [{"method": method, "lr": lr, "task": run["task"], "group": run["group"], "seed": run["seed"],
-                      "val": 100 * run["summary"]["val"]["val_acc"], "test": 100 * run["summary"]["val"]["test_acc"]}
+                      "val": 100 * run["summary"]["val"]["val_acc"], "test": 100 * run["summary"]["val"]["test_acc"],
+                      "params_lr": run_settings(vtab, method, run["task"])["lr"]}
                      for run in results["runs"]]
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "lr_search.csv", index=False)
     by_group = table.groupby(["method", "group", "lr"], sort=False)[["val", "test"]].mean().reset_index()
     chosen = by_group.loc[by_group.groupby(["method", "group"], sort=False).val.idxmax()]
-    chosen = chosen.assign(params_lr=chosen.method.map(in_use)).rename(columns={"lr": "selected_lr"})
+    in_use = table.groupby(["method", "group"], sort=False).params_lr.first()
+    chosen = chosen.assign(params_lr=[in_use[m, g] for m, g in zip(chosen.method, chosen.group)]).rename(columns={"lr": "selected_lr"})
     chosen = chosen.round({"val": 2, "test": 2})                      # learning rates as they are
     chosen.to_csv(args.out / "lr_selected.csv", index=False)
     print(by_group.pivot_table(index=["method", "lr"], columns="group", values="val", sort=False).round(1).to_markdown())
