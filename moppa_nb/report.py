@@ -27,7 +27,7 @@ __all__ = ['COUNT_COLUMNS', 'CONVERGENCE', 'PUBLISHED_VTAB', 'PUBLISHED_FGVC', '
            'method_colours', 'plot_accuracy_vs_params', 'plot_per_task', 'plot_router_weights', 'router_init_spread',
            'plot_router_weights_by_task', 'plot_spectral_responses', 'plot_training_curves', 'plot_cost',
            'probe_accuracies', 'linear_vs_probe', 'aggregate_flags', 'ReportContent', 'headroom_table', 'write_report',
-           'combine_reports', 'write_profile_report', 'main']
+           'combine_reports', 'lr_selection_table', 'lr_search_section', 'write_profile_report', 'main']
 
 # %% ../nbs/17_report.ipynb #c0b9018a
 def load_results(paths: list[str | Path]) -> pd.DataFrame:
@@ -723,6 +723,7 @@ def write_report(runs_dir: str | Path,                   # folder with a <method
 def combine_reports(profile: str,                        # the profile's name, in the heading
                     experiments: dict[str, str],         # experiment (or view of one) -> title, in report order
                     reports_dir: str | Path,             # holds <experiment>/results.md
+                    extra: list[str] = (),               # Markdown lines of profile-wide sections, before the papers' claims
                     ) -> Path:
     "Write `reports_dir/results.md`: every experiment's report in order, one `##` section each (README copies this file)."
     reports_dir = Path(reports_dir)
@@ -733,6 +734,7 @@ def combine_reports(profile: str,                        # the profile's name, i
         source = reports_dir / name / "results.md"
         if not source.is_file(): raise FileNotFoundError(f"No report of experiment {name!r} at {source}: run its write_report first")
         lines += [("#" + line if line.startswith("#") else line) for line in source.read_text().splitlines()] + [""]
+    lines += list(extra)
     claims = reports_dir / "paper_claims.csv"
     if claims.is_file():                                  # written by write_profile_report (moppa_nb.claims)
         table = pd.read_csv(claims)[["claim", "paper_numbers", "ours", "ci_low", "ci_high", "verdict"]].set_index("claim")
@@ -744,6 +746,59 @@ def combine_reports(profile: str,                        # the profile's name, i
     path = reports_dir / "results.md"
     path.write_text("\n".join(lines))
     return path
+
+# %% ../nbs/17_report.ipynb #e5c58e99
+def lr_selection_table(search: pd.DataFrame,     # scripts/lr_search.py's lr_search.csv: method, lr, task, group, seed, val, test[, converged]
+                       experiment: dict,         # settings of the experiment whose rates are checked (moppa_nb.settings.experiment_settings)
+                       ) -> pd.DataFrame:
+    "Per (method, group): the rate with the best mean val200 accuracy, its val and test (%), the rate `experiment` trains the method with on the group's tasks (`in_use`), and whether they agree."
+    from moppa_nb.settings import experiment_methods, run_settings
+    missing = {"method", "lr", "task", "group", "seed", "val", "test"} - set(search.columns)
+    if missing: raise ValueError(f"The search's table lacks the columns {sorted(missing)}")
+    search = search.sort_values("lr", kind="stable")                 # idxmax keeps the first: ties go to the smaller rate
+    by_group = search.groupby(["method", "group", "lr"], sort=False)[["val", "test"]].mean().reset_index()
+    chosen = by_group.loc[by_group.groupby(["method", "group"], sort=False).val.idxmax()].rename(columns={"lr": "selected_lr"})
+    chosen = chosen.set_index(["method", "group"]).loc[search[["method", "group"]].drop_duplicates().itertuples(index=False)].reset_index()
+    ran, groups = experiment_methods(experiment), _task_groups(experiment)
+    used = [sorted({float(run_settings(experiment, m, task)["lr"]) for task in groups[g]}) if m in ran and g in groups else []
+            for m, g in zip(chosen.method, chosen.group)]
+    chosen["in_use"] = [", ".join(f"{lr:g}" for lr in rates) or "not run" for rates in used]
+    chosen["agrees"] = [rates == [lr] for rates, lr in zip(used, chosen.selected_lr)]
+    if "converged" in search:                                         # every run of the selected rate passed the check
+        passed = search.groupby(["method", "group", "lr"]).converged.all()
+        chosen["converged"] = [bool(passed[m, g, lr]) for m, g, lr in zip(chosen.method, chosen.group, chosen.selected_lr)]
+    return chosen
+
+
+def lr_search_section(search: pd.DataFrame, experiment: dict, name: str, output_dir: str | Path,
+                      source: str = "scripts/lr_search.py") -> list[str]:
+    "The report's section on the search: val200 per method and rate, and the selection against experiment `name`'s rates (writes lr_selection.csv)."
+    table = lr_selection_table(search, experiment)
+    table.round({"val": 2, "test": 2}).to_csv(Path(output_dir) / "lr_selection.csv", index=False)
+    grid = search.pivot_table(index=["method", "lr"], columns="group", values="val", sort=False)
+    grid.index = [f"{m} {lr:g}" for m, lr in grid.index]
+    yes_no = {column: table[column].map({True: "yes", False: "no"}) for column in ("agrees", "converged") if column in table}
+    shown = table.assign(selected_lr=table.selected_lr.map("{:g}".format), **yes_no).set_index(table.method + ", " + table.group)
+    rates = search.groupby("method", sort=False).lr.apply(set)
+    common = set.intersection(*rates)
+    grown = "; ".join(f"{m}: {', '.join(f'{lr:g}' for lr in sorted(r - common))}" for m, r in rates.items() if r - common)
+    lr_note = ", ".join(f"{lr:g}" for lr in sorted(common)) + (f"; grown past an end where a method's best rate for a group sat "
+                                                               f"there and beat its neighbour, {grown}" if grown else "")
+    seeds = ", ".join(map(str, sorted(search.seed.unique())))
+    disagree = table[~table.agrees]
+    verdict = (f"Every rate experiment `{name}` trains with is the selected one." if disagree.empty else
+               f"Experiment `{name}` does not train with the selected rate for: "
+               + ", ".join(f"{m} on {g} ({u} instead of {s:g})" for m, g, u, s in disagree[["method", "group", "in_use", "selected_lr"]].itertuples(index=False)) + ".")
+    return ["## Learning rates selected on val200", "",
+            f"`{source}` trained every method at the same grid of learning rates ({lr_note}) on every task, seed {seeds}, "
+            "with the recipe of `params.yaml` otherwise, and selected per method and task group the rate with the best val200 "
+            "accuracy (the epoch val200 selects, mean over the group's tasks and seeds; test never selects).", "",
+            to_markdown(grid, "val200 accuracy (%) of the epoch val200 selects, per method and learning rate (-: training diverged, "
+                        "a non-finite loss, on some task at that rate: never selected)", index_name="method, lr"),
+            to_markdown(shown.drop(columns=["method", "group"]), f"The selection (val, test: %, protocol `val`), and the rate experiment "
+                        f"`{name}` trains with (`in_use`); `converged`: every run of the selected rate passed the report's check "
+                        "(reports/<profile>/lr_selection.csv)", index_name="method, group"),
+            verdict, ""]
 
 # %% ../nbs/17_report.ipynb #6bb86cae
 ANALYSIS_IMAGES = 64       # test images the analyses of trained runs read (moppa_nb.analysis)
@@ -849,6 +904,7 @@ def write_profile_report(params: dict,                   # the pipeline's parame
                          output_dir: str | Path,         # <experiment>/ (and <view>/) per section, and results.md
                          bench_csv: str | Path | None = None,   # the benchmark's table, for the cost figure
                          profile: str | None = None,     # profile name (default: params['profile'])
+                         lr_search: str | Path | None = None,   # folder of scripts/lr_search.py's lr_search.csv: its section
                          ) -> Path:
     "Every experiment's report (and its views) of the profile, and `results.md` joining them; the latter's path."
     from moppa_nb.settings import experiment_methods, experiment_settings, profile_settings
@@ -889,7 +945,10 @@ def write_profile_report(params: dict,                   # the pipeline's parame
             sections[view_name] = view["title"]
     from moppa_nb.claims import paper_claims
     paper_claims(results_dir, tolerance=tolerance).round(2).to_csv(Path(output_dir) / "paper_claims.csv", index=False)
-    return combine_reports(name_of_profile, sections, output_dir)
+    search = Path(lr_search) / "lr_search.csv" if lr_search is not None else None
+    extra = (lr_search_section(pd.read_csv(search), experiment_settings(params, name_of_profile, first), first, output_dir,
+                               f"scripts/lr_search.py ({search})") if search is not None and search.is_file() else [])
+    return combine_reports(name_of_profile, sections, output_dir, extra)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -899,11 +958,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", required=True, help="runs/<profile>: <experiment>/<method>/results.json")
     parser.add_argument("--output", required=True, help="reports/<profile>")
     parser.add_argument("--bench", default=None, help="the benchmark's CSV (reports/bench/bench.csv), for the cost figure")
+    parser.add_argument("--lr-search", default=None, help="folder of scripts/lr_search.py's lr_search.csv (reports/lr_search/<profile>): "
+                                                          "its section, when the file is there")
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
     params, profile = command_settings(args, "report")
     profile = profile["name"]
-    combined = write_profile_report(params, args.results, args.output, args.bench, profile)
+    combined = write_profile_report(params, args.results, args.output, args.bench, profile, args.lr_search)
     print(f"Report of profile {profile!r}: {combined} (tables of every experiment), figures in {args.output}/<experiment>/; "
           "`python scripts/update_readme.py` copies the tables into README.md.", file=sys.stderr)
 
