@@ -759,7 +759,8 @@ def lr_selection_table(search: pd.DataFrame,     # scripts/lr_search.py's lr_sea
     by_group = search.groupby(["method", "group", "lr"], sort=False)[["val", "test"]].mean().reset_index()
     chosen = by_group.loc[by_group.groupby(["method", "group"], sort=False).val.idxmax()].rename(columns={"lr": "selected_lr"})
     chosen = chosen.set_index(["method", "group"]).loc[search[["method", "group"]].drop_duplicates().itertuples(index=False)].reset_index()
-    ran, groups = experiment_methods(experiment), _task_groups(experiment)
+    ran, groups = experiment_methods(experiment), {}
+    for task, group in experiment["tasks"].items(): groups.setdefault(group, []).append(task)
     used = [sorted({float(run_settings(experiment, m, task)["lr"]) for task in groups[g]}) if m in ran and g in groups else []
             for m, g in zip(chosen.method, chosen.group)]
     chosen["in_use"] = [", ".join(f"{lr:g}" for lr in rates) or "not run" for rates in used]
