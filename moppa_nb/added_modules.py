@@ -26,14 +26,15 @@ class VPTOptions(MethodOptions):
     "Options of the `vpt` method."
     num_tokens: int = checked(50, at_least(1))   # prompt tokens n (50 is the count used for the parameter table)
     deep: bool = True                            # VPT-Deep: new prompts before every block; VPT-Shallow: before the first block only
+    dropout: float = checked(0.0, FRACTION)      # dropout on the prompts as they enter a block, one mask per image (training only)
 
 
 class BlockPrompts(nn.Module):
     "The prompt tokens one block sees after the prefix tokens: inserted before the first block, replaced before the others."
-    def __init__(self, layout: ViTLayout, num_tokens: int, bound: float, insert: bool):
+    def __init__(self, layout: ViTLayout, num_tokens: int, bound: float, insert: bool, dropout: float = 0.0):
         super().__init__()
         self.prompts = nn.Parameter(torch.empty(num_tokens, layout.embed_dim).uniform_(-bound, bound))
-        self.num_prefix, self.insert = layout.num_prefix_tokens, insert
+        self.num_prefix, self.insert, self.dropout = layout.num_prefix_tokens, insert, dropout
         self.plain_tokens = layout.num_tokens
 
     def _check(self, x: torch.Tensor, expected: int, where: str) -> None:
@@ -45,7 +46,7 @@ class BlockPrompts(nn.Module):
         x, p, n = args[0], self.num_prefix, self.prompts.shape[0]
         self._check(x, self.plain_tokens if self.insert else self.plain_tokens + n, "entering a prompted block")
         rest = x[:, p:] if self.insert else x[:, p + n:]
-        prompts = self.prompts.to(x.dtype).expand(x.shape[0], -1, -1)
+        prompts = F.dropout(self.prompts.to(x.dtype).expand(x.shape[0], -1, -1), self.dropout, self.training)
         return (torch.cat([x[:, :p], prompts, rest], dim=1), *args[1:])
 
     def leave(self, norm: nn.Module, args: tuple) -> tuple:
@@ -71,7 +72,8 @@ class VPT(PeftMethod):
         bound = prompt_bound(model, layout.embed_dim)
         prompted = model.blocks if self.options.deep else model.blocks[:1]
         for index, block in enumerate(prompted):
-            block.peft_vpt = BlockPrompts(layout, self.options.num_tokens, bound, insert=index == 0).to(block.norm1.weight.device)
+            block.peft_vpt = BlockPrompts(layout, self.options.num_tokens, bound, insert=index == 0,
+                                          dropout=self.options.dropout).to(block.norm1.weight.device)
             block.register_forward_pre_hook(block.peft_vpt.enter)
         model.norm.register_forward_pre_hook(model.blocks[0].peft_vpt.leave)
 

@@ -250,6 +250,24 @@ def test_vpt_with_moppa_is_refused_when_applied():
     assert not adapted_methods(model) and not any(m._forward_pre_hooks for m in model.modules())
 
 
+def test_vpt_prompt_dropout_masks_each_image_in_training_only():
+    """VPT's code drops prompt entries after expanding them to the batch (one mask per image), never at evaluation."""
+    x = torch.randn(4, 3, IMAGE, IMAGE)
+    dropped = apply_peft(tiny_vit(), {"vpt": {"num_tokens": 4, "dropout": 0.3}})
+    plain = apply_peft(tiny_vit(), {"vpt": {"num_tokens": 4}})
+    plain.load_state_dict(dropped.state_dict())
+    torch.testing.assert_close(dropped.eval()(x), plain.eval()(x))
+    seen = []
+    dropped.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(args[0][:, 2:6].detach()))   # after CLS + register
+    torch.manual_seed(0)
+    dropped.train()(x)
+    zeros = seen[0] == 0
+    assert 0.2 < zeros.float().mean() < 0.4
+    assert not all(torch.equal(zeros[0], zeros[i]) for i in range(1, 4))
+    with pytest.raises(Exception, match="dropout"):
+        apply_peft(tiny_vit(), {"vpt": {"dropout": 1.5}})
+
+
 @pytest.mark.parametrize("methods", [["ssf", "rlrr"], ["lora", "dora"], ["ssf", "dora"]])
 def test_methods_reading_the_frozen_weight_come_first(methods):
     """RLRR and DoRA build W' from W: after SSF or LoRA on the same layer, hook and merge would disagree."""
