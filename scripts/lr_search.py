@@ -3,8 +3,8 @@
     python scripts/lr_search.py [--output reports/lr_search/default] [--runs runs/lr_search/default]
         [--methods linear,lora,adapter,coeff,moppa,lora+coeff] [--lrs 0.001,0.003,0.01,0.03] [--seeds 0]
 
-Trains each method at each learning rate of the grid with the default profile's recipe otherwise (`params.yaml`: train,
-method_train, task_train; only the method's `lr` replaced, on every task), on the data and backbone that `dvc repro`
+Trains each method at each learning rate of the grid with the main table's recipe otherwise (`params.yaml`: the default
+profile's `vtab` experiment, its train, method_train, task_train; only the method's `lr` replaced, on every task), on the data and backbone that `dvc repro`
 prepared (artifacts/default/...). Where a method's best rate for a group sits at an end of its grid and beats its
 neighbour there, the grid grows by a half-decade step past that end (0.03 -> 0.1, 0.001 -> 0.0003), up to --max-rates
 rates, so no selection is left at an edge the search never looked past; every method gets the same rule. Writes OUTPUT/lr_search.csv, one row per run (method, lr, task, group, seed, val and
@@ -29,16 +29,19 @@ from moppa_nb.report import lr_selection_table, run_convergence   # noqa: E402
 from moppa_nb.runner import run_method   # noqa: E402
 from moppa_nb.settings import experiment_settings, load_params   # noqa: E402
 
+EXPERIMENT = "vtab"   # the main table: its recipe (epochs, tasks) is the search's
+
 
 def search_runs(params: dict, method: str, lr: float, runs: Path, jobs: int | None) -> list[dict]:
-    "Train (or read back) `method` at `lr` on every task and seed of the default profile; one row per run."
+    "Train (or read back) `method` at `lr` on every task and seed of the main table (`vtab`, default profile); one row per run."
     trial = copy.deepcopy(params)
     profile = trial["profiles"]["default"]
-    per_task = profile.setdefault("task_train", {}).setdefault(method, {})
-    for task in profile["tasks"]:            # task_train comes last in run_settings: the rate params.yaml selected is replaced
-        per_task[task] = {**per_task.get(task, {}), "lr": lr}
+    merged = experiment_settings(trial, "default", EXPERIMENT).get("task_train", {}).get(method, {})
+    vtab = profile["experiments"][EXPERIMENT]
+    # task_train comes last in run_settings and an experiment's entry replaces the profile's: only the rate is replaced
+    vtab.setdefault("task_train", {})[method] = {task: {**merged.get(task, {}), "lr": lr} for task in profile["tasks"]}
     try:
-        results = run_method(method, trial, runs / method / f"lr{lr:g}", profile="default", jobs=jobs)
+        results = run_method(method, trial, runs / method / f"lr{lr:g}", profile="default", experiment=EXPERIMENT, jobs=jobs)
     except FloatingPointError as error:     # a non-finite loss on some task: the rate is out for the method (no val, never selected)
         print(f"{method} at lr {lr:g} diverged: {error}", file=sys.stderr)
         return [{"method": method, "lr": lr, "task": task, "group": group, "seed": seed, "val": float("nan"), "test": float("nan"),
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     table.to_csv(args.output / "lr_search.csv", index=False)
     print(table.pivot_table(index=["method", "lr"], columns="group", values="val", sort=False).round(1).to_markdown())
     print()
-    chosen = lr_selection_table(table, experiment_settings(params, "default", "vtab"))
+    chosen = lr_selection_table(table, experiment_settings(params, "default", EXPERIMENT))
     print(chosen.round({"val": 2, "test": 2}).to_markdown(index=False, floatfmt="g"))
 
 

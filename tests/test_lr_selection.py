@@ -62,3 +62,21 @@ def test_the_main_table_uses_the_selected_rates(search_and_main_table):
     search, vtab = search_and_main_table
     table = lr_selection_table(search, vtab)
     assert table.agrees.all(), "params.yaml does not train with the val200 selection:\n" + table[~table.agrees].to_string()
+
+
+def test_the_search_trains_with_the_main_tables_recipe(monkeypatch, tmp_path):
+    """Only the rate differs from what `vtab` trains: its epochs per task (60 on location), for every method."""
+    from moppa_nb.settings import run_settings
+    script, params = _lr_search_script(), load_params(ROOT / "params.yaml")
+    vtab, seen = experiment_settings(params, "default", "vtab"), {}
+
+    def fake_run_method(method, trial, output_dir, profile=None, experiment=None, jobs=None):
+        settings = experiment_settings(trial, profile, experiment)
+        seen[method] = {task: run_settings(settings, method, task) for task in settings["tasks"]}
+        return {"runs": []}
+
+    monkeypatch.setattr(script, "run_method", fake_run_method)
+    for method in ("linear", "adapter", "moppa"):
+        script.search_runs(params, method, 0.0123, tmp_path, jobs=1)
+        for task, settings in seen[method].items():
+            assert settings == {**run_settings(vtab, method, task), "lr": 0.0123}, (method, task)
