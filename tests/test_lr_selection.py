@@ -65,7 +65,7 @@ def test_the_main_table_uses_the_selected_rates(search_and_main_table):
 
 
 def test_the_search_trains_with_the_main_tables_recipe(monkeypatch, tmp_path):
-    """Only the rate differs from what `vtab` trains: its epochs per task (60 on location), for every method."""
+    """Only the rate differs from what `vtab` trains (its epochs per task, e.g. 30 on location), for every method."""
     from moppa_nb.settings import run_settings
     script, params = _lr_search_script(), load_params(ROOT / "params.yaml")
     vtab, seen = experiment_settings(params, "default", "vtab"), {}

@@ -264,7 +264,7 @@ def test_vpt_prompt_dropout_masks_each_image_in_training_only():
     zeros = seen[0] == 0
     assert 0.2 < zeros.float().mean() < 0.4
     assert not all(torch.equal(zeros[0], zeros[i]) for i in range(1, 4))
-    with pytest.raises(Exception, match="dropout"):
+    with pytest.raises(PeftError, match=r"dropout must be in \[0, 1\)"):
         apply_peft(tiny_vit(), {"vpt": {"dropout": 1.5}})
 
 
