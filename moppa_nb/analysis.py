@@ -116,9 +116,10 @@ def plot_query_analysis(ranks: dict[str, np.ndarray],      # label -> effective 
                         title: str,
                         colours: dict[str, str] | None = None,   # label -> colour (the report's one colour per method)
                         ) -> plt.Figure:
-    "Effective rank of the query features per block (left) and query maps of one image (right), one column per label."
-    fig = plt.figure(figsize=(4 + 1.6 * len(maps), 3.4), dpi=80)
-    grid = fig.add_gridspec(1, 1 + len(maps), width_ratios=[2.5] + [1] * len(maps))
+    "Effective rank of the query features per block (left) and query maps of one image (right) on one shared colour scale."
+    fig = plt.figure(figsize=(4.6 + 1.6 * len(maps), 3.4), dpi=80)
+    grid = fig.add_gridspec(1, 2 + len(maps), width_ratios=[2.5] + [1] * len(maps) + [0.08])
+    scale = max(float(np.abs(image).max()) for image in maps.values()) or 1.0   # one symmetric scale: maps compare
     ax = fig.add_subplot(grid[0])
     for label, values in ranks.items():
         ax.plot(np.arange(1, len(values) + 1), values, marker="o", label=label, color=(colours or {}).get(label))
@@ -126,8 +127,9 @@ def plot_query_analysis(ranks: dict[str, np.ndarray],      # label -> effective 
     ax.set_xticks(np.arange(1, len(next(iter(ranks.values()))) + 1))
     for column, (label, image) in enumerate(maps.items(), start=1):
         sub = fig.add_subplot(grid[column])
-        sub.imshow(image, cmap="RdBu_r", vmin=-np.abs(image).max(), vmax=np.abs(image).max())
+        shown = sub.imshow(image, cmap="RdBu_r", vmin=-scale, vmax=scale)
         sub.set_title(label, fontsize=9); sub.set_xticks([]); sub.set_yticks([])
+    fig.colorbar(shown, cax=fig.add_subplot(grid[-1]), label="first principal component")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
