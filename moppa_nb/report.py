@@ -621,9 +621,9 @@ def _comparison_sections(long: pd.DataFrame, protocol: str, compare: dict[str, l
     bad = list(zip(unconverged.method, unconverged.task, unconverged.seed))
     for method, baselines in (compare or {}).items():
         comparisons = paired_comparisons(long, protocol, [method], baselines, tolerance=tolerance)
-        if not comparisons.empty:
-            comparisons["unconverged"] = [any(m in (r.method, r.baseline) and {(r.method, t, s), (r.baseline, t, s)} <= runs
-                                              for m, t, s in bad) for r in comparisons.itertuples()]
+        if comparisons.empty: continue             # no method pair shares two (task, seed) runs: no test, no file
+        comparisons["unconverged"] = [any(m in (r.method, r.baseline) and {(r.method, t, s), (r.baseline, t, s)} <= runs
+                                          for m, t, s in bad) for r in comparisons.itertuples()]
         comparisons.to_csv(output_dir / f"significance_{method.replace('+', '_')}.csv", index=False)
         lines += _markdown_comparisons(comparisons, protocol)
     return lines
