@@ -12,7 +12,8 @@ def _runs(folder: Path, accuracies: dict[str, dict[tuple[str, int], float]]) -> 
     for method, runs in accuracies.items():
         (folder / method).mkdir(parents=True)
         (folder / method / "results.json").write_text(json.dumps({"method": method, "runs": [
-            {"task": task, "seed": seed, "summary": {"val": {"test_acc": acc}}} for (task, seed), acc in runs.items()]}))
+            {"task": task, "group": "G", "seed": seed, "summary": {"val": {"test_acc": acc}}}
+            for (task, seed), acc in runs.items()], "trainable_params": 0}))
     return folder
 
 
