@@ -13,7 +13,7 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['DECISION_RULE', 'MOPPA', 'COEFF', 'NOAH_LORA', 'CLAIMS', 'CLAIM_COLUMNS', 'paired_differences', 'nested_interval',
-           'detectable_difference', 'verdict', 'Claim', 'paper_claims']
+           'detectable_difference', 'verdict', 'Claim', 'experiment_results', 'paper_claims']
 
 # %% ../nbs/17b_claims.ipynb #ed61fe37
 DECISION_RULE = ("separated when the 95% interval of the mean paired difference (bootstrap over tasks, then over seeds "
@@ -108,18 +108,22 @@ CLAIM_COLUMNS = ("claim", "paper_numbers", "ours", "ci_low", "ci_high", "verdict
                  "tasks", "seeds", "source")
 
 
-def paper_claims(results_dir: str | Path,              # <experiment>/<method>/results.json
+def experiment_results(folder: str | Path) -> pd.DataFrame | None:
+    "An experiment's long table (moppa_nb.report.load_results) from its runs (`<method>/results.json`) or its report section (`results.csv`); None if neither is there."
+    from moppa_nb.report import load_results
+    paths = sorted(Path(folder).glob("*/results.json"))
+    if paths: return load_results(paths)
+    return pd.read_csv(Path(folder) / "results.csv") if (Path(folder) / "results.csv").is_file() else None
+
+
+def paper_claims(results_dir: str | Path,              # <experiment>/ per experiment: its runs, or its report section
                  claims: tuple[Claim, ...] = CLAIMS,
                  protocol: str = "val",
                  tolerance: float = 0.0) -> pd.DataFrame:    # the cross-machine tolerance, points (`verdict`)
-    "Every claim whose experiment's runs exist under `results_dir`, with ours (points), the interval and the verdict."
-    from moppa_nb.report import load_results
+    "Every claim whose experiment's runs (or report) exist under `results_dir`, with ours (points), the interval and the verdict."
     rows, loaded = [], {}
     for claim in claims:
-        folder = Path(results_dir) / claim.experiment
-        if claim.experiment not in loaded:
-            paths = sorted(folder.glob("*/results.json"))
-            loaded[claim.experiment] = load_results(paths) if paths else None
+        if claim.experiment not in loaded: loaded[claim.experiment] = experiment_results(Path(results_dir) / claim.experiment)
         long = loaded[claim.experiment]
         diffs = (paired_differences(long, claim.method, claim.baseline, protocol) if long is not None   # the experiment did not run
              else pd.DataFrame(columns=["task", "seed", "diff"]))

@@ -27,7 +27,8 @@ __all__ = ['COUNT_COLUMNS', 'CONVERGENCE', 'PUBLISHED_VTAB', 'PUBLISHED_FGVC', '
            'method_colours', 'plot_accuracy_vs_params', 'plot_per_task', 'plot_router_weights', 'router_init_spread',
            'plot_router_weights_by_task', 'plot_spectral_responses', 'plot_training_curves', 'plot_cost',
            'probe_accuracies', 'linear_vs_probe', 'aggregate_flags', 'ReportContent', 'headroom_table', 'write_report',
-           'combine_reports', 'lr_selection_table', 'lr_search_section', 'write_profile_report', 'main']
+           'combine_reports', 'lr_selection_table', 'lr_search_section', 'write_experiment_report', 'write_view_report',
+           'join_reports', 'write_profile_report', 'main']
 
 # %% ../nbs/17_report.ipynb #c0b9018a
 def load_results(paths: list[str | Path]) -> pd.DataFrame:
@@ -900,6 +901,102 @@ def _comparisons(methods: list[str], ours: list[str]) -> dict[str, list[str]] | 
     return compare or None
 
 
+def _tolerance(params: dict) -> float:
+    return (params.get("claims") or {}).get("cross_machine_tolerance", 0.0)
+
+
+def _views(params: dict) -> dict[str, dict]:
+    "`report_views`, each checked to have a name of its own and to name one of the experiments."
+    experiments, views = params["experiments"], params.get("report_views") or {}
+    for view_name, view in views.items():
+        if view_name in experiments or view.get("experiment") not in experiments:
+            raise ValueError(f"report_views.{view_name}: a view needs a name of its own and one of the experiments {list(experiments)}")
+    return views
+
+
+def write_experiment_report(params: dict,                # the pipeline's parameters (moppa_nb.settings.load_params)
+                            name: str,                   # one of params['experiments']
+                            runs_dir: str | Path,        # the experiment's runs: <method>/results.json
+                            output_dir: str | Path,      # its section: results.md, CSVs, figures
+                            bench_csv: str | Path | None = None,   # the benchmark's table: the first experiment's cost figure
+                            profile: str | None = None,  # profile name (default: params['profile'])
+                            ) -> Path:
+    "One experiment's section of the report (dvc.yaml's `report@<experiment>`): tables, figures and analyses of its runs; its results.md."
+    from moppa_nb.settings import experiment_methods, experiment_settings, profile_settings
+    name_of_profile, experiments = profile_settings(params, profile)["name"], params["experiments"]
+    if name not in experiments: raise ValueError(f"Unknown experiment {name!r}: params.yaml's experiments are {list(experiments)}")
+    runs_dir, output_dir, first = Path(runs_dir), Path(output_dir), name == next(iter(experiments))
+    experiment = experiment_settings(params, name_of_profile, name)
+    methods, ours = experiment_methods(experiment), experiment["methods"].get("ours", [])
+    task, seed = next(iter(experiment["tasks"])), experiment.get("seeds", [0])[0]
+    responses = _trained_responses(runs_dir / "moppa", experiment) if "moppa" in methods else {}
+    write_report(runs_dir, output_dir, ReportContent(
+        _task_groups(experiment), methods=methods, profile=name_of_profile, title=experiments[name], experiment=name,
+        compare=_comparisons(methods, ours), published=experiment.get("published"), probes=_backbone_probes(experiment),
+        bench_csv=bench_csv if first else None, backbone=_backbone_label(experiment),
+        spectral_responses={k: v for k, v in responses.items() if "first" in k or "mixture" in k},
+        spectral_run=f"run: experiment {name}, method moppa, task {task}, seed {seed}", tolerance=_tolerance(params)))
+    analyses = _trained_analyses(runs_dir, output_dir, experiment, methods, f"experiment {name}, task {task}, seed {seed}")
+    report = output_dir / "results.md"
+    if analyses: report.write_text(report.read_text() + "\n" + "\n".join(analyses))
+    return report
+
+
+def write_view_report(params: dict,                      # the pipeline's parameters
+                      view_name: str,                    # one of params['report_views']
+                      runs_dir: str | Path,              # the runs of the view's experiment: <method>/results.json
+                      output_dir: str | Path,            # the view's section
+                      profile: str | None = None,        # profile name (default: params['profile'])
+                      ) -> Path:
+    "A view's section (dvc.yaml's `report_view@<view>`): some of an experiment's methods, from its runs; its results.md."
+    from moppa_nb.settings import experiment_methods, experiment_settings, profile_settings
+    name_of_profile, views = profile_settings(params, profile)["name"], _views(params)
+    if view_name not in views: raise ValueError(f"Unknown view {view_name!r}: params.yaml's report_views are {list(views)}")
+    view = views[view_name]
+    name = view["experiment"]
+    experiment = experiment_settings(params, name_of_profile, name)
+    ran, ours = experiment_methods(experiment), experiment["methods"].get("ours", [])
+    shown, missing = [m for m in view["methods"] if m in ran], [m for m in view["methods"] if m not in ran]
+    not_run = f"Not run by this profile's `{name}`, so not shown: {', '.join(f'`{m}`' for m in missing)}."
+    output_dir = Path(output_dir)
+    if not shown:                              # a profile whose experiment ran none of the view's methods: a section that says so
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "results.md").write_text(f"# {view['title']}\n\nNo table: {not_run}\n")
+        return output_dir / "results.md"
+    note = f"Drawn from the runs of experiment `{name}` (no training of its own)." + (f" {not_run}" if missing else "")
+    write_report(runs_dir, output_dir, ReportContent(
+        _task_groups(experiment), methods=shown, profile=name_of_profile, title=view["title"], experiment=name,
+        compare=_comparisons(shown, [m for m in ours if m in shown]), note=note, tolerance=_tolerance(params)))
+    return output_dir / "results.md"
+
+
+def join_reports(params: dict,                           # the pipeline's parameters
+                 reports_dir: str | Path,                # <experiment>/ and <view>/ sections, written before
+                 profile: str | None = None,             # profile name (default: params['profile'])
+                 lr_search: str | Path | None = None,    # folder of scripts/lr_search.py's lr_search.csv: its section
+                 ) -> Path:
+    "`paper_claims.csv` from the sections' results.csv, `lr_selection.csv`, and `results.md` joining every section in order (dvc.yaml's `results`)."
+    from moppa_nb.claims import paper_claims
+    from moppa_nb.settings import experiment_settings, profile_settings
+    name_of_profile, views = profile_settings(params, profile)["name"], _views(params)
+    sections = {}
+    for name, title in params["experiments"].items():      # each experiment, then its views
+        sections[name] = title
+        sections.update({view_name: view["title"] for view_name, view in views.items() if view["experiment"] == name})
+    paper_claims(reports_dir, tolerance=_tolerance(params)).round(2).to_csv(Path(reports_dir) / "paper_claims.csv", index=False)
+    first = next(iter(params["experiments"]))               # the search checks the rates of the first experiment
+    search = Path(lr_search) / "lr_search.csv" if lr_search is not None else None
+    if search is not None and search.is_file():
+        extra = lr_search_section(pd.read_csv(search), experiment_settings(params, name_of_profile, first), first, reports_dir,
+                                  f"scripts/lr_search.py ({search})")
+    else:                                                   # a profile nobody searched yet: the section and the table say so
+        pd.DataFrame(columns=["method", "group", "selected_lr", "val", "test", "in_use", "agrees"]).to_csv(
+            Path(reports_dir) / "lr_selection.csv", index=False)
+        extra = ["## Learning rates selected on val200", "", f"No search of profile {name_of_profile!r}: `scripts/lr_search.py` "
+                 f"writes its runs to reports/lr_search/{name_of_profile}/lr_search.csv, and this section reads them.", ""]
+    return combine_reports(name_of_profile, sections, reports_dir, extra)
+
+
 def write_profile_report(params: dict,                   # the pipeline's parameters (moppa_nb.settings.load_params)
                          results_dir: str | Path,        # <experiment>/<method>/results.json
                          output_dir: str | Path,         # <experiment>/ (and <view>/) per section, and results.md
@@ -907,67 +1004,47 @@ def write_profile_report(params: dict,                   # the pipeline's parame
                          profile: str | None = None,     # profile name (default: params['profile'])
                          lr_search: str | Path | None = None,   # folder of scripts/lr_search.py's lr_search.csv: its section
                          ) -> Path:
-    "Every experiment's report (and its views) of the profile, and `results.md` joining them; the latter's path."
-    from moppa_nb.settings import experiment_methods, experiment_settings, profile_settings
-    name_of_profile, experiments = profile_settings(params, profile)["name"], params["experiments"]
-    views = params.get("report_views") or {}
-    for view_name, view in views.items():
-        if view_name in experiments or view.get("experiment") not in experiments:
-            raise ValueError(f"report_views.{view_name}: a view needs a name of its own and one of the experiments {list(experiments)}")
-    sections, first = {}, next(iter(experiments))
-    tolerance = (params.get("claims") or {}).get("cross_machine_tolerance", 0.0)
-    for name, title in experiments.items():
-        experiment = experiment_settings(params, name_of_profile, name)
-        methods, ours = experiment_methods(experiment), experiment["methods"].get("ours", [])
-        responses = _trained_responses(Path(results_dir) / name / "moppa", experiment) if "moppa" in methods else {}
-        write_report(Path(results_dir) / name, Path(output_dir) / name, ReportContent(
-            _task_groups(experiment), methods=methods, profile=name_of_profile, title=title, experiment=name,
-            compare=_comparisons(methods, ours), published=experiment.get("published"), probes=_backbone_probes(experiment),
-            bench_csv=bench_csv if name == first else None, backbone=_backbone_label(experiment),
-            spectral_responses={k: v for k, v in responses.items() if "first" in k or "mixture" in k},
-            spectral_run=f"run: experiment {name}, method moppa, task {next(iter(experiment['tasks']))}, "
-                         f"seed {experiment.get('seeds', [0])[0]}", tolerance=tolerance))
-        analyses = _trained_analyses(Path(results_dir) / name, Path(output_dir) / name, experiment, methods,
-                                     f"experiment {name}, task {next(iter(experiment['tasks']))}, seed {experiment.get('seeds', [0])[0]}")
-        if analyses:
-            report = Path(output_dir) / name / "results.md"
-            report.write_text(report.read_text() + "\n" + "\n".join(analyses))
-        sections[name] = title
-        for view_name, view in views.items():
-            if view["experiment"] != name: continue
-            ran = experiment_methods(experiment)
-            shown, missing = [m for m in view["methods"] if m in ran], [m for m in view["methods"] if m not in ran]
-            if not shown: continue                   # a profile whose experiment ran none of the view's methods has no such table
-            note = (f"Drawn from the runs of experiment `{name}` (no training of its own)."
-                    + (f" Not run by this profile's `{name}`, so not shown: {', '.join(f'`{m}`' for m in missing)}." if missing else ""))
-            write_report(Path(results_dir) / name, Path(output_dir) / view_name, ReportContent(
-                _task_groups(experiment), methods=shown, profile=name_of_profile, title=view["title"], experiment=name,
-                compare=_comparisons(shown, [m for m in ours if m in shown]), note=note, tolerance=tolerance))
-            sections[view_name] = view["title"]
-    from moppa_nb.claims import paper_claims
-    paper_claims(results_dir, tolerance=tolerance).round(2).to_csv(Path(output_dir) / "paper_claims.csv", index=False)
-    search = Path(lr_search) / "lr_search.csv" if lr_search is not None else None
-    extra = (lr_search_section(pd.read_csv(search), experiment_settings(params, name_of_profile, first), first, output_dir,
-                               f"scripts/lr_search.py ({search})") if search is not None and search.is_file() else [])
-    return combine_reports(name_of_profile, sections, output_dir, extra)
+    "Every experiment's section and every view's, then `results.md` joining them (what dvc.yaml's report stages do one by one); its path."
+    results_dir, output_dir = Path(results_dir), Path(output_dir)
+    for name in params["experiments"]:
+        write_experiment_report(params, name, results_dir / name, output_dir / name, bench_csv, profile)
+    for view_name, view in _views(params).items():
+        write_view_report(params, view_name, results_dir / view["experiment"], output_dir / view_name, profile)
+    return join_reports(params, output_dir, profile, lr_search)
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
     from moppa_nb.settings import add_settings_arguments, command_settings
-    parser = argparse.ArgumentParser(description="Write a profile's report: tables and figures per experiment (dvc.yaml's report stage).")
-    parser.add_argument("--results", required=True, help="runs/<profile>: <experiment>/<method>/results.json")
-    parser.add_argument("--output", required=True, help="reports/<profile>")
+    parser = argparse.ArgumentParser(description="Write a profile's report, or one part of it (dvc.yaml's report stages): "
+                                                 "an experiment's section, a view's, or the join of the sections.")
+    part = parser.add_mutually_exclusive_group()
+    part.add_argument("--experiment", default=None, help="one experiment's section: --results runs/<profile>/<experiment>, "
+                                                         "--output reports/<profile>/<experiment>")
+    part.add_argument("--view", default=None, help="one view's section: --results runs/<profile>/<its experiment>, --output reports/<profile>/<view>")
+    part.add_argument("--join", action="store_true", help="results.md, paper_claims.csv and lr_selection.csv from the sections under "
+                                                         "--output reports/<profile>")
+    parser.add_argument("--results", default=None, help="runs/<profile> (the whole report), or the runs of the one experiment")
+    parser.add_argument("--output", required=True, help="reports/<profile> (the whole report, --join), or the one section's folder")
     parser.add_argument("--bench", default=None, help="the benchmark's CSV (reports/bench/bench.csv), for the cost figure")
     parser.add_argument("--lr-search", default=None, help="folder of scripts/lr_search.py's lr_search.csv (reports/lr_search/<profile>): "
                                                           "its section, when the file is there")
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
-    params, profile = command_settings(args, "report")
+    if not args.join and args.results is None: parser.error("--results is needed but with --join")
+    params, profile = command_settings(args, "report", args.experiment)
     profile = profile["name"]
-    combined = write_profile_report(params, args.results, args.output, args.bench, profile, args.lr_search)
-    print(f"Report of profile {profile!r}: {combined} (tables of every experiment), figures in {args.output}/<experiment>/; "
-          "`python scripts/update_readme.py` copies the tables into README.md.", file=sys.stderr)
+    if args.view is not None and args.view not in (params.get("report_views") or {}):
+        raise SystemExit(f"report: {args.params}: view {args.view!r} is not one of `report_views` {list(params.get('report_views') or {})}")
+    if args.experiment is not None:
+        written = write_experiment_report(params, args.experiment, args.results, args.output, args.bench, profile)
+    elif args.view is not None:
+        written = write_view_report(params, args.view, args.results, args.output, profile)
+    elif args.join:
+        written = join_reports(params, args.output, profile, args.lr_search)
+    else:
+        written = write_profile_report(params, args.results, args.output, args.bench, profile, args.lr_search)
+    print(f"Report of profile {profile!r}: {written}; `python scripts/update_readme.py` copies the tables into README.md.", file=sys.stderr)
 
 
 if __name__ == "__main__" and "__file__" in globals():   # `python -m moppa_nb.report`, not when the notebook runs

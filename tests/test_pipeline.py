@@ -25,6 +25,7 @@ from moppa_nb.datasets import FGVC_SOURCES, build_fgvc, fake_fgvc_sources
 from moppa_nb.experiment import (RunLocked, SettingsError, check_profile, experiment_methods, experiment_settings,
                                  main, prepare_backbone, prepare_backbones, prepare_data, profile_settings, run_method, writer_lock)
 from moppa_nb.report import ReportContent, accuracy_table, combine_reports, load_results, write_report
+from moppa_nb.report import main as report_main
 
 ROOT = Path(__file__).parent.parent
 TASKS = {"dtd": "Natural", "smallnorb_ele": "Structured"}
@@ -236,7 +237,7 @@ def run_notebook(notebook: str, output: Path, parameters: dict, cwd: Path):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_training_and_report_notebooks_smoke(tmp_path):
+def test_training_and_report_notebooks_smoke(tmp_path, monkeypatch):
     params = paper_params(tmp_path)
     params["profiles"]["paper"]["tasks"] = {"dtd": "Natural"}
     params["experiments"] = {"vtab": "VTAB-1K"}
@@ -250,7 +251,19 @@ def test_training_and_report_notebooks_smoke(tmp_path):
                  {"results_dir": "runs", "output_dir": "report", "bench_csv": "none.csv"}, tmp_path)
     assert (tmp_path / "report" / "results.md").read_text().startswith("# Results: paper profile")
     assert (tmp_path / "report" / "vtab" / "spectral_responses.png").is_file()
-    assert not (tmp_path / "report" / "coeff_vtab").exists()    # a view none of whose methods this experiment ran: no section
+    view = (tmp_path / "report" / "coeff_vtab" / "results.md").read_text()    # a view none of whose methods this experiment ran
+    assert "No table: Not run by this profile's `vtab`" in view and not list((tmp_path / "report" / "coeff_vtab").glob("*.csv"))
+    # dvc.yaml's report stages, one part at a time, write what the whole report writes, byte for byte
+    monkeypatch.chdir(tmp_path)
+    for part in (["--experiment", "vtab", "--results", "runs/vtab", "--output", "parts/vtab", "--bench", "none.csv"],
+                 ["--view", "coeff_vtab", "--results", "runs/vtab", "--output", "parts/coeff_vtab"], ["--join", "--output", "parts"]):
+        report_main(part)
+    written = sorted(p.relative_to(tmp_path / "report") for p in (tmp_path / "report").rglob("*") if p.suffix in (".md", ".csv"))
+    assert written == sorted(p.relative_to(tmp_path / "parts") for p in (tmp_path / "parts").rglob("*") if p.suffix in (".md", ".csv"))
+    for path in written: assert (tmp_path / "parts" / path).read_bytes() == (tmp_path / "report" / path).read_bytes(), path
+    for part, error in ((["--experiment", "vtabb", "--results", "runs/vtab", "--output", "x"], "experiment 'vtabb' is not one of"),
+                        (["--view", "coeff", "--results", "runs/vtab", "--output", "x"], "view 'coeff' is not one of")):
+        with pytest.raises(SystemExit, match=error): report_main(part)
 
 
 SYSTEM_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1", "LANG": "C.UTF-8"}
@@ -496,8 +509,23 @@ def test_training_stages_depend_on_their_experiment_and_every_profile_wide_key()
 
 
 STAGE_MODULES = {"prepare": ["moppa_nb.prepare"], "backbone": ["moppa_nb.prepare"], "train": ["moppa_nb.runner"],
-                 "bench": ["moppa_nb.bench"], "report": ["moppa_nb.report"]}   # the module each stage's command runs
-RESOLVES_METHODS = {"train", "bench", "report"}      # stages that look methods up: the registry imports every built-in method's module
+                 "bench": ["moppa_nb.bench"], "report": ["moppa_nb.report"], "report_view": ["moppa_nb.report"],
+                 "results": ["moppa_nb.report"]}   # the module each stage's command runs
+RESOLVES_METHODS = {"train", "bench", "report", "report_view"}  # stages that look methods up: the registry imports every built-in method's module
+
+
+def test_report_stages_are_one_per_experiment_and_view_and_a_join_of_them_all():
+    """`report@<experiment>` reads its experiment's runs only, `report_view@<view>` its experiment's, and `results` joins every
+    section params.yaml names (so a retrained experiment re-runs its section and the join, nothing else)."""
+    params, stages = yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert stages["report"]["foreach"] == "${experiments}" and stages["report_view"]["foreach"] == "${report_views}"
+    assert "runs/${profile}/${key}" in stages["report"]["do"]["deps"] and "runs/${profile}" not in stages["report"]["do"]["deps"]
+    assert "runs/${profile}/${item.experiment}" in stages["report_view"]["do"]["deps"]
+    assert "profiles.${profile}.experiments.${key}" in stages["report"]["do"]["params"]
+    sections = [d for d in stages["results"]["deps"] if d.startswith("reports/${profile}/")]
+    assert sorted(sections) == sorted(f"reports/${{profile}}/{name}" for name in [*params["experiments"], *params["report_views"]])
+    assert [next(iter(o)) for o in stages["results"]["outs"]] == [f"reports/${{profile}}/{name}" for name in
+                                                                  ("results.md", "paper_claims.csv", "lr_selection.csv")]
 
 
 def test_stage_dependencies_are_the_import_graph_of_their_module():

@@ -1,0 +1,23 @@
+"""scripts/kernel_fingerprint.py: a line that two machines can compare, the same on every run on one machine."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fingerprint(**env) -> dict:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts/kernel_fingerprint.py"), "--steps", "3", "--no-probes"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_same_machine_and_kernels_give_the_same_fingerprint_and_other_kernels_are_named():
+    first, second = _fingerprint(), _fingerprint()
+    assert first["weights_sha256"] == second["weights_sha256"] and first["last_loss"] == second["last_loss"]
+    assert len(first["weights_sha256"]) == 64 and first["ATEN_CPU_CAPABILITY"] is None
+    pinned = _fingerprint(ATEN_CPU_CAPABILITY="default", MKL_CBWR="COMPATIBLE")
+    assert (pinned["capability"], pinned["ATEN_CPU_CAPABILITY"], pinned["MKL_CBWR"]) == ("DEFAULT", "default", "COMPATIBLE")
