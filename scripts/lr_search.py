@@ -2,6 +2,7 @@
 
     python scripts/lr_search.py [--output reports/lr_search/default] [--runs runs/lr_search/default]
         [--methods linear,lora,adapter,coeff,moppa,lora+coeff] [--lrs 0.001,0.003,0.01,0.03] [--seeds 0]
+        [--tasks location] [--epochs location=60]
 
 Trains each method at each learning rate of the grid with the main table's recipe otherwise (`params.yaml`: the default
 profile's `vtab` experiment, its train, method_train, task_train; only the method's `lr` replaced, on every task), on the data and backbone that `dvc repro`
@@ -14,6 +15,8 @@ selection of `moppa_nb.report.lr_selection_table`: per method and task group the
 (mean over the group's tasks and seeds; test never selects), beside the rate the main table (`vtab`) trains with. The
 report stage shows the same section from the committed OUTPUT (`--lr-search`); `params.yaml` carries the selected
 rates in `task_train` and tests/test_lr_selection.py checks that they agree. Runs are read back when RUNS holds them.
+`--tasks` searches some of the tasks only and `--epochs` trains a task for that many epochs, every method alike: a
+longer recipe under test, before `params.yaml` adopts it (give such a search its own --output and --runs).
 """
 import argparse
 import copy
@@ -32,14 +35,15 @@ from moppa_nb.settings import experiment_settings, load_params   # noqa: E402
 EXPERIMENT = "vtab"   # the main table: its recipe (epochs, tasks) is the search's
 
 
-def search_runs(params: dict, method: str, lr: float, runs: Path, jobs: int | None) -> list[dict]:
-    "Train (or read back) `method` at `lr` on every task and seed of the main table (`vtab`, default profile); one row per run."
+def search_runs(params: dict, method: str, lr: float, runs: Path, jobs: int | None, epochs: dict[str, int] | None = None) -> list[dict]:
+    "Train (or read back) `method` at `lr` (and `epochs` per task, where given) on every task and seed of the main table (`vtab`, default profile); one row per run."
     trial = copy.deepcopy(params)
     profile = trial["profiles"]["default"]
     merged = experiment_settings(trial, "default", EXPERIMENT).get("task_train", {}).get(method, {})
     vtab = profile["experiments"][EXPERIMENT]
     # task_train comes last in run_settings and an experiment's entry replaces the profile's: only the rate is replaced
-    vtab.setdefault("task_train", {})[method] = {task: {**merged.get(task, {}), "lr": lr} for task in profile["tasks"]}
+    vtab.setdefault("task_train", {})[method] = {task: {**merged.get(task, {}), "lr": lr, **({"epochs": epochs[task]} if task in (epochs or {}) else {})}
+                                                 for task in profile["tasks"]}
     try:
         results = run_method(method, trial, runs / method / f"lr{lr:g}", profile="default", experiment=EXPERIMENT, jobs=jobs)
     except FloatingPointError as error:     # a non-finite loss on some task: the rate is out for the method (no val, never selected)
@@ -79,12 +83,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds")
     parser.add_argument("--max-rates", type=int, default=6, help="the most rates a method's grid may grow to")
     parser.add_argument("--jobs", type=int, default=None, help="worker processes (default: as the pipeline chooses)")
+    parser.add_argument("--tasks", default=None, help="comma-separated tasks (default: every task of the default profile)")
+    parser.add_argument("--epochs", default=None, help="task=epochs,...: train these tasks this many epochs, every method alike")
     args = parser.parse_args(argv)
     params = load_params()
     profile = params["profiles"]["default"]
+    profile["seeds"] = [int(seed) for seed in args.seeds.split(",")]
+    if args.tasks is not None:
+        unknown = [task for task in args.tasks.split(",") if task not in profile["tasks"]]
+        if unknown: parser.error(f"--tasks: {unknown} are not tasks of the default profile {list(profile['tasks'])}")
+        profile["tasks"] = {task: group for task, group in profile["tasks"].items() if task in args.tasks.split(",")}
+    epochs = {}
+    for item in (args.epochs.split(",") if args.epochs else []):
+        task, _, count = item.partition("=")
+        if task not in profile["tasks"] or not count.isdigit() or int(count) < 1:
+            parser.error(f"--epochs: {item!r} is not task=epochs for a searched task {list(profile['tasks'])}")
+        epochs[task] = int(count)
     if not (Path(profile["backbone"]["path"]) / "backbone.json").exists() or not Path(profile["data"]["root"]).is_dir():
         parser.error("the default's data or backbone is missing: run `dvc repro prepare backbone` first")
-    profile["seeds"] = [int(seed) for seed in args.seeds.split(",")]
     lrs, methods = [float(lr) for lr in args.lrs.split(",")], args.methods.split(",")
     rows = []
     for method in methods:
@@ -92,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         while True:
             for lr in grid:
                 if not any(row["method"] == method and row["lr"] == lr for row in rows):
-                    rows += search_runs(params, method, lr, args.runs, args.jobs)
+                    rows += search_runs(params, method, lr, args.runs, args.jobs, epochs)
             wider = grid_extension(pd.DataFrame([row for row in rows if row["method"] == method]))
             if not wider or len(grid) >= args.max_rates: break
             grid = sorted(grid + wider)

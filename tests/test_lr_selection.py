@@ -80,3 +80,32 @@ def test_the_search_trains_with_the_main_tables_recipe(monkeypatch, tmp_path):
         script.search_runs(params, method, 0.0123, tmp_path, jobs=1)
         for task, settings in seen[method].items():
             assert settings == {**run_settings(vtab, method, task), "lr": 0.0123}, (method, task)
+
+
+def test_a_longer_recipe_under_test_changes_the_epochs_of_its_tasks_only(monkeypatch, tmp_path):
+    """`--epochs location=60`: every method trains location 60 epochs, the other tasks and settings as `vtab`."""
+    from moppa_nb.settings import run_settings
+    script, params = _lr_search_script(), load_params(ROOT / "params.yaml")
+    vtab, seen = experiment_settings(params, "default", "vtab"), {}
+
+    def fake_run_method(method, trial, output_dir, profile=None, experiment=None, jobs=None):
+        settings = experiment_settings(trial, profile, experiment)
+        seen[method] = {task: run_settings(settings, method, task) for task in settings["tasks"]}
+        return {"runs": []}
+
+    monkeypatch.setattr(script, "run_method", fake_run_method)
+    for method in ("adapter", "coeff"):
+        script.search_runs(params, method, 0.03, tmp_path, jobs=1, epochs={"location": 60})
+        for task, settings in seen[method].items():
+            expected = {**run_settings(vtab, method, task), "lr": 0.03, **({"epochs": 60} if task == "location" else {})}
+            assert settings == expected, (method, task)
+
+
+def test_the_search_refuses_unknown_tasks_and_malformed_epochs(capsys):
+    script = _lr_search_script()
+    for argv, error in ((["--tasks", "locaton"], "['locaton'] are not tasks"), (["--epochs", "location=0"], "'location=0' is not task=epochs"),
+                        (["--tasks", "mnist", "--epochs", "location=60"], "'location=60' is not task=epochs")):
+        try: script.main(argv)
+        except SystemExit: pass
+        else: raise AssertionError(f"{argv} was accepted")
+        assert error in capsys.readouterr().err, argv
