@@ -1,22 +1,30 @@
 """Print, as one JSON line, what this machine's CPU kernels compute: a fingerprint to compare across machines.
 
-    python scripts/kernel_fingerprint.py [--steps 40] [--no-probes]
-    ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE python scripts/kernel_fingerprint.py
+    python scripts/kernel_fingerprint.py [--steps 40] [--no-probes] [--portable]
+    ATEN_CPU_CAPABILITY=avx2 python scripts/kernel_fingerprint.py
 
 Two computations the pipeline's numbers rest on, from fixed inputs: `steps` AdamW steps of the default profile's ViT
 (random init, seed 0, random images and labels; the SHA-256 of the final weights, the last loss to 10 digits) and the
 closed-form linear probe of raw pixels on each default task (test %, after `dvc repro prepare`). Two machines whose lines
 agree compute these bit for bit; lines that differ show what floating point alone changes. The settings that select the
-kernels (torch's `ATEN_CPU_CAPABILITY`, MKL's `MKL_CBWR`) and the thread count are part of the line: compare like with like.
+kernels (torch's `ATEN_CPU_CAPABILITY`, MKL's `MKL_CBWR`, oneDNN on or off) and the thread count are part of the line:
+compare like with like. `--portable` computes with the kernels least tied to one CPU: torch's unvectorised ones, MKL's
+SSE2 code path (conditional numerical reproducibility), oneDNN off (its kernels are compiled for the CPU at hand) and 2
+threads, at about 2.5 times the time of a step.
 """
 import argparse
 import hashlib
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
+
+
+PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}   # read once, when torch and MKL start
+PORTABLE_THREADS = 2
 
 
 def cpu_model() -> str:
@@ -59,10 +67,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="AdamW steps of the training fingerprint")
     parser.add_argument("--no-probes", action="store_true", help="skip the raw-pixel probes (they need `dvc repro prepare`)")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--portable", action="store_true", help="the kernels least tied to one CPU (see above)")
     args = parser.parse_args()
+    if args.portable:
+        if any(os.environ.get(key) != value for key, value in PORTABLE_ENV.items()):     # start again with them set
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PORTABLE_ENV})
+        torch.backends.mkldnn.enabled = False
+        torch.set_num_threads(PORTABLE_THREADS)
     line = {"cpu": cpu_model(), "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
             "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"), "MKL_CBWR": os.environ.get("MKL_CBWR"),
-            "threads": torch.get_num_threads(), **training_fingerprint(args.steps)}
+            "onednn": torch.backends.mkldnn.enabled, "threads": torch.get_num_threads(), **training_fingerprint(args.steps)}
     if not args.no_probes: line["raw_pixel_probe"] = probe_fingerprint(args.params)
     print(json.dumps(line))
 
