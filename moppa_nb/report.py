@@ -983,6 +983,9 @@ def join_reports(params: dict,                           # the pipeline's parame
     for name, title in params["experiments"].items():      # each experiment, then its views
         sections[name] = title
         sections.update({view_name: view["title"] for view_name, view in views.items() if view["experiment"] == name})
+    missing = [name for name in sections if not (Path(reports_dir) / name / "results.md").is_file()]
+    if missing: raise FileNotFoundError(f"No section of {missing} under {reports_dir}: run their report stages first "
+                                        f"(dvc repro report@<experiment> / report_view@<view>)")
     paper_claims(reports_dir, tolerance=_tolerance(params)).round(2).to_csv(Path(reports_dir) / "paper_claims.csv", index=False)
     first = next(iter(params["experiments"]))               # the search checks the rates of the first experiment
     search = Path(lr_search) / "lr_search.csv" if lr_search is not None else None
@@ -1031,7 +1034,7 @@ def main(argv: list[str] | None = None) -> None:
                                                           "its section, when the file is there")
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
-    if not args.join and args.results is None: parser.error("--results is needed but with --join")
+    if not args.join and args.results is None: parser.error("--results is needed unless --join")
     params, profile = command_settings(args, "report", args.experiment)
     profile = profile["name"]
     if args.view is not None and args.view not in (params.get("report_views") or {}):
@@ -1041,7 +1044,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.view is not None:
         written = write_view_report(params, args.view, args.results, args.output, profile)
     elif args.join:
-        written = join_reports(params, args.output, profile, args.lr_search)
+        try: written = join_reports(params, args.output, profile, args.lr_search)
+        except FileNotFoundError as error: raise SystemExit(f"report: {error}") from None
     else:
         written = write_profile_report(params, args.results, args.output, args.bench, profile, args.lr_search)
     print(f"Report of profile {profile!r}: {written}; `python scripts/update_readme.py` copies the tables into README.md.", file=sys.stderr)
