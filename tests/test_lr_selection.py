@@ -64,41 +64,36 @@ def test_the_main_table_uses_the_selected_rates(search_and_main_table):
     assert table.agrees.all(), "params.yaml does not train with the val200 selection:\n" + table[~table.agrees].to_string()
 
 
-def test_the_search_trains_with_the_main_tables_recipe(monkeypatch, tmp_path):
+def _searched_settings(monkeypatch, method: str, lr: float, **options) -> tuple[dict, dict]:
+    "The settings `search_runs` trains `method` with per task (training stubbed out), and vtab's own."
+    from moppa_nb.settings import run_settings
+    script, params = _lr_search_script(), load_params(ROOT / "params.yaml")
+    seen = {}
+
+    def fake_run_method(method, trial, output_dir, profile=None, experiment=None, jobs=None):
+        settings = experiment_settings(trial, profile, experiment)
+        seen.update({task: run_settings(settings, method, task) for task in settings["tasks"]})
+        return {"runs": []}
+
+    monkeypatch.setattr(script, "run_method", fake_run_method)
+    script.search_runs(params, method, lr, Path("unused"), jobs=1, **options)
+    vtab = experiment_settings(params, "default", "vtab")
+    return seen, {task: run_settings(vtab, method, task) for task in vtab["tasks"]}
+
+
+def test_the_search_trains_with_the_main_tables_recipe(monkeypatch):
     """Only the rate differs from what `vtab` trains (its epochs per task, e.g. 30 on location), for every method."""
-    from moppa_nb.settings import run_settings
-    script, params = _lr_search_script(), load_params(ROOT / "params.yaml")
-    vtab, seen = experiment_settings(params, "default", "vtab"), {}
-
-    def fake_run_method(method, trial, output_dir, profile=None, experiment=None, jobs=None):
-        settings = experiment_settings(trial, profile, experiment)
-        seen[method] = {task: run_settings(settings, method, task) for task in settings["tasks"]}
-        return {"runs": []}
-
-    monkeypatch.setattr(script, "run_method", fake_run_method)
     for method in ("linear", "adapter", "moppa"):
-        script.search_runs(params, method, 0.0123, tmp_path, jobs=1)
-        for task, settings in seen[method].items():
-            assert settings == {**run_settings(vtab, method, task), "lr": 0.0123}, (method, task)
+        searched, main_table = _searched_settings(monkeypatch, method, 0.0123)
+        assert searched == {task: {**settings, "lr": 0.0123} for task, settings in main_table.items()}, method
 
 
-def test_a_longer_recipe_under_test_changes_the_epochs_of_its_tasks_only(monkeypatch, tmp_path):
+def test_a_longer_recipe_under_test_changes_the_epochs_of_its_tasks_only(monkeypatch):
     """`--epochs location=60`: every method trains location 60 epochs, the other tasks and settings as `vtab`."""
-    from moppa_nb.settings import run_settings
-    script, params = _lr_search_script(), load_params(ROOT / "params.yaml")
-    vtab, seen = experiment_settings(params, "default", "vtab"), {}
-
-    def fake_run_method(method, trial, output_dir, profile=None, experiment=None, jobs=None):
-        settings = experiment_settings(trial, profile, experiment)
-        seen[method] = {task: run_settings(settings, method, task) for task in settings["tasks"]}
-        return {"runs": []}
-
-    monkeypatch.setattr(script, "run_method", fake_run_method)
     for method in ("adapter", "coeff"):
-        script.search_runs(params, method, 0.03, tmp_path, jobs=1, epochs={"location": 60})
-        for task, settings in seen[method].items():
-            expected = {**run_settings(vtab, method, task), "lr": 0.03, **({"epochs": 60} if task == "location" else {})}
-            assert settings == expected, (method, task)
+        searched, main_table = _searched_settings(monkeypatch, method, 0.03, epochs={"location": 60})
+        assert searched == {task: {**settings, "lr": 0.03, **({"epochs": 60} if task == "location" else {})}
+                            for task, settings in main_table.items()}, method
 
 
 def test_the_search_refuses_unknown_tasks_and_malformed_epochs(capsys):
