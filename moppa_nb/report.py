@@ -1039,15 +1039,16 @@ def main(argv: list[str] | None = None) -> None:
     profile = profile["name"]
     if args.view is not None and args.view not in (params.get("report_views") or {}):
         raise SystemExit(f"report: {args.params}: view {args.view!r} is not one of `report_views` {list(params.get('report_views') or {})}")
-    if args.experiment is not None:
-        written = write_experiment_report(params, args.experiment, args.results, args.output, args.bench, profile)
-    elif args.view is not None:
-        written = write_view_report(params, args.view, args.results, args.output, profile)
-    elif args.join:
-        try: written = join_reports(params, args.output, profile, args.lr_search)
-        except FileNotFoundError as error: raise SystemExit(f"report: {error}") from None
-    else:
-        written = write_profile_report(params, args.results, args.output, args.bench, profile, args.lr_search)
+    try:                                     # runs or sections not there yet: one line naming them, no traceback
+        if args.experiment is not None:
+            written = write_experiment_report(params, args.experiment, args.results, args.output, args.bench, profile)
+        elif args.view is not None:
+            written = write_view_report(params, args.view, args.results, args.output, profile)
+        elif args.join:
+            written = join_reports(params, args.output, profile, args.lr_search)
+        else:
+            written = write_profile_report(params, args.results, args.output, args.bench, profile, args.lr_search)
+    except FileNotFoundError as error: raise SystemExit(f"report: {error}") from None
     print(f"Report of profile {profile!r}: {written}; `python scripts/update_readme.py` copies the tables into README.md.", file=sys.stderr)
 
 

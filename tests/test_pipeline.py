@@ -263,7 +263,8 @@ def test_training_and_report_notebooks_smoke(tmp_path, monkeypatch):
     for path in written: assert (tmp_path / "parts" / path).read_bytes() == (tmp_path / "report" / path).read_bytes(), path
     for part, error in ((["--experiment", "vtabb", "--results", "runs/vtab", "--output", "x"], "experiment 'vtabb' is not one of"),
                         (["--view", "coeff", "--results", "runs/vtab", "--output", "x"], "view 'coeff' is not one of"),
-                        (["--join", "--output", "runs"], r"No section of \['vtab', 'coeff_vtab'\] under runs")):
+                        (["--join", "--output", "runs"], r"No section of \['vtab', 'coeff_vtab'\] under runs"),
+                        (["--experiment", "vtab", "--results", "norun", "--output", "x"], "report: No results.json of the methods")):
         with pytest.raises(SystemExit, match=error): report_main(part)
 
 
