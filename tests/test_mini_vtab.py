@@ -20,7 +20,7 @@ def all_splits():
 
 
 def test_task_table():
-    assert len(MINI_TASKS) == 7 and [len(tasks) for tasks in MINI_GROUPS.values()] == [2, 2, 3]
+    assert len(MINI_TASKS) == 8 and [len(tasks) for tasks in MINI_GROUPS.values()] == [2, 3, 3]
     assert sorted(t for tasks in MINI_GROUPS.values() for t in tasks) == sorted(MINI_TASKS)
 
 
@@ -50,13 +50,21 @@ def test_animal_mnist_is_deduplicated():
 
 
 def test_generation_is_deterministic_and_seeded(all_splits):
-    for task in ("textures", "location", "mnist"):
+    for task in ("textures", "blood_cells", "location", "mnist"):
         again = mini_task_splits(task, seed=0, test_size=TEST_SIZE)
         for split in again:
             np.testing.assert_array_equal(again[split][0], all_splits[task][split][0])
             np.testing.assert_array_equal(again[split][1], all_splits[task][split][1])
         other = mini_task_splits(task, seed=1, test_size=TEST_SIZE)
         assert not np.array_equal(other["train800"][0], all_splits[task]["train800"][0])
+
+
+def test_blood_cells_are_drawn_independently_with_every_type_in_every_split(all_splits):
+    """Drawn one by one (no shared source image between splits, unlike textures): the splits' class shares agree."""
+    shares = {split: np.bincount(labels, minlength=6) / len(labels) for split, (_, labels) in all_splits["blood_cells"].items()
+              if split != "test"}
+    assert MINI_TASKS["blood_cells"].num_classes == 6 and all((share > 0.1).all() for share in shares.values())
+    assert np.abs(shares["train800"] - shares["val200"]).max() < 0.08
 
 
 def test_unknown_task_suggests():
