@@ -236,7 +236,7 @@ def drawn_splits(draw: Callable, rng: np.random.Generator, test_size: int) -> di
         splits[split] = (np.stack(images), np.array(labels, dtype=np.int64))
     return splits
 
-# %% ../nbs/11_mini_vtab.ipynb #68219741
+# %% ../nbs/11_mini_vtab.ipynb #a8fa1e3a
 BLOOD_CELL_CLASSES = ("lymphocyte", "monocyte", "neutrophil", "band_neutrophil", "eosinophil", "basophil")
 CELL_JITTER = 4.0        # px: the most the cell's centre moves off the image centre, along x and along y
 
