@@ -20,17 +20,16 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from .registry import did_you_mean
-from .data import cache_root, write_fgvc_task, write_vtab_task
+from .data import write_fgvc_task, write_vtab_task
+from .fashion_mnist import fashion_mnist_arrays
 
 # %% auto #0
 __all__ = ['IMAGE_SIZE', 'TRAIN_SIZE', 'VAL_SIZE', 'TEXTURE_SOURCES', 'BLOCK', 'BLOCK_SHARES', 'SUPERSAMPLE', 'SHAPES',
-           'BLOOD_CELL_CLASSES', 'CELL_JITTER', 'MINI_TASKS', 'MINI_GROUPS', 'FASHION_MNIST_FILES',
-           'FASHION_MNIST_PACKAGE', 'FGVC_TRAIN_SIZE', 'FGVC_VAL_SIZE', 'MINI_FGVC_TASKS', 'split_sizes',
-           'sample_splits', 'image_hashes', 'deduplicate', 'animal_mnist_arrays', 'mnist_arrays', 'resize_all',
-           'digits_arrays', 'texture_images', 'textures_splits', 'shape_polygon', 'draw_shapes', 'location_image',
-           'orientation_image', 'count_image', 'drawn_splits', 'blood_cell_image', 'MiniTask', 'task_rng',
-           'mini_task_splits', 'build_mini_vtab', 'fashion_mnist_dir', 'fetch_fashion_mnist', 'read_idx',
-           'fashion_mnist_arrays', 'fashion_fgvc_splits', 'build_mini_fgvc']
+           'BLOOD_CELL_CLASSES', 'CELL_JITTER', 'MINI_TASKS', 'MINI_GROUPS', 'FGVC_TRAIN_SIZE', 'FGVC_VAL_SIZE',
+           'MINI_FGVC_TASKS', 'split_sizes', 'sample_splits', 'image_hashes', 'deduplicate', 'animal_mnist_arrays',
+           'mnist_arrays', 'resize_all', 'digits_arrays', 'texture_images', 'textures_splits', 'shape_polygon',
+           'draw_shapes', 'location_image', 'orientation_image', 'count_image', 'drawn_splits', 'blood_cell_image',
+           'MiniTask', 'task_rng', 'mini_task_splits', 'build_mini_vtab', 'fashion_fgvc_splits', 'build_mini_fgvc']
 
 # %% ../nbs/11_mini_vtab.ipynb #15fc4d2f
 IMAGE_SIZE = 28                                  # side of every mini-VTAB image, px
@@ -360,70 +359,6 @@ def build_mini_vtab(root: str | Path,                 # folder to write the task
         folders[task] = write_vtab_task(root, task, splits, num_classes=spec.num_classes,
                                         info={"group": spec.group, "source": spec.source, "seed": seed, "test_size": test_size})
     return folders
-
-# %% ../nbs/11_mini_vtab.ipynb #3d400704
-FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
-
-
-def fashion_mnist_dir() -> Path:
-    "Where `fetch_fashion_mnist` keeps the IDX files: `cache_root() / 'fashion-mnist'` (`$MOPPA_NB_CACHE`, else `~/.cache/moppa_nb`)."
-    return cache_root() / "fashion-mnist"
-
-
-def _has_fashion_mnist(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in FASHION_MNIST_FILES)
-
-
-def fetch_fashion_mnist(dest: str | Path | None = None) -> Path:
-    "Fetch Debian's Fashion-MNIST package without root (apt-get download + dpkg -x) into `dest`; return `dest`."
-    import shutil, subprocess, tempfile as _tempfile
-    dest = Path(dest) if dest else fashion_mnist_dir()
-    if _has_fashion_mnist(dest): return dest
-    system = Path("/usr/share/datasets/fashion-mnist")
-    with _tempfile.TemporaryDirectory() as work:
-        work = Path(work)
-        if not _has_fashion_mnist(system):
-            download = subprocess.run(["apt-get", "download", FASHION_MNIST_PACKAGE], cwd=work, capture_output=True, text=True)
-            if download.returncode != 0:
-                private = [f"-o Dir::State::Lists={work / 'lists'}", f"-o Dir::Cache={work / 'cache'}", "-o Debug::NoLocking=1"]
-                for sub in ("lists/partial", "cache/archives/partial"): (work / sub).mkdir(parents=True)
-                options = [part for option in private for part in option.split(" ", 1)]
-                for command in (["apt-get", *options, "update"], ["apt-get", *options, "download", FASHION_MNIST_PACKAGE]):
-                    result = subprocess.run(command, cwd=work, capture_output=True, text=True)
-                    if result.returncode != 0:
-                        raise RuntimeError(f"Could not fetch Debian package {FASHION_MNIST_PACKAGE!r} ({' '.join(command)}):\n"
-                                           f"{download.stderr}{result.stderr}")
-            deb = next(work.glob(f"{FASHION_MNIST_PACKAGE}_*.deb"))
-            subprocess.run(["dpkg", "-x", str(deb), str(work / "root")], check=True, capture_output=True)
-            system = work / "root" / "usr" / "share" / "datasets" / "fashion-mnist"
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in FASHION_MNIST_FILES:
-            shutil.copyfile(system / name, dest / name)
-    return dest
-
-
-def read_idx(path: Path) -> np.ndarray:
-    "An IDX (MNIST-format) array from a gzip file."
-    with gzip.open(path, "rb") as f: data = f.read()
-    if data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file.")
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
-def fashion_mnist_arrays(split: str = "train", folder: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    "Fashion-MNIST `split` ('train': 60,000, 'test': 10,000) as uint8 28 x 28 images and labels."
-    if split not in ("train", "test"): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    candidates = [Path(folder)] if folder else [fashion_mnist_dir(), Path("/usr/share/datasets/fashion-mnist")]
-    found = next((c for c in candidates if _has_fashion_mnist(c)), None)
-    if found is None:
-        raise FileNotFoundError(f"Fashion-MNIST not found in {[str(c) for c in candidates]}; fetch it (no root needed) with "
-                                "`python -c 'from moppa_nb.mini_vtab import fetch_fashion_mnist; fetch_fashion_mnist()'`.")
-    prefix = "train" if split == "train" else "t10k"
-    return read_idx(found / f"{prefix}-images-idx3-ubyte.gz"), read_idx(found / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
 
 # %% ../nbs/11_mini_vtab.ipynb #a7f3c9d2
 FGVC_TRAIN_SIZE, FGVC_VAL_SIZE = 1200, 300       # mini-FGVC training / validation images

