@@ -8,7 +8,8 @@ default backbone, which `dvc repro` (stage `backbone`) pre-trained under artifac
 Markdown table (and writes OUT/headroom.csv): per task the probe, full fine-tuning (protocol `val`), their difference and
 whether it reaches what issue #25 asks (15 points on a structured task, 5 elsewhere), and full's convergence. Choosing
 the default's tasks by this table is choosing them by a method-neutral reference: no adapter's result enters it.
-Two runs at a time, one thread each (as the pipeline runs them); ~25 minutes on 2 cores for 7 tasks and one seed.
+Two runs at a time, one thread each (as the pipeline runs them); ~25 minutes on 2 cores for the 7 tasks of 2026-12-05 and one
+seed (`blood_cells`, added later: about 5 minutes for 3 seeds, two runs at a time).
 """
 import argparse
 import os
