@@ -28,8 +28,9 @@ __all__ = ['IMAGE_SIZE', 'TRAIN_SIZE', 'VAL_SIZE', 'TEXTURE_SOURCES', 'BLOCK', '
            'BLOOD_CELL_CLASSES', 'CELL_JITTER', 'MINI_TASKS', 'MINI_GROUPS', 'FGVC_TRAIN_SIZE', 'FGVC_VAL_SIZE',
            'MINI_FGVC_TASKS', 'split_sizes', 'sample_splits', 'image_hashes', 'deduplicate', 'animal_mnist_arrays',
            'mnist_arrays', 'resize_all', 'digits_arrays', 'texture_images', 'textures_splits', 'shape_polygon',
-           'draw_shapes', 'location_image', 'orientation_image', 'count_image', 'drawn_splits', 'blood_cell_image',
-           'MiniTask', 'task_rng', 'mini_task_splits', 'build_mini_vtab', 'fashion_fgvc_splits', 'build_mini_fgvc']
+           'draw_supersampled', 'draw_shapes', 'location_image', 'orientation_image', 'count_image', 'drawn_splits',
+           'blood_cell_image', 'MiniTask', 'task_rng', 'mini_task_splits', 'build_mini_vtab', 'fashion_fgvc_splits',
+           'build_mini_fgvc']
 
 # %% ../nbs/11_mini_vtab.ipynb #15fc4d2f
 IMAGE_SIZE = 28                                  # side of every mini-VTAB image, px
@@ -177,13 +178,19 @@ def shape_polygon(kind: str, x: float, y: float, radius: float, angle: float) ->
     return np.stack([x + r * np.cos(t), y - r * np.sin(t)], axis=1)
 
 
+def draw_supersampled(paint: Callable, size: int = IMAGE_SIZE) -> np.ndarray:
+    "Anti-aliased uint8 image of what `paint(draw)` fills on black: drawn SUPERSAMPLE times larger (its coordinates scaled so), box-filtered."
+    canvas = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
+    paint(ImageDraw.Draw(canvas))
+    return np.asarray(canvas.resize((size, size), Image.Resampling.BOX))
+
+
 def draw_shapes(polygons: list[tuple[np.ndarray, int]], size: int = IMAGE_SIZE) -> np.ndarray:
     "Anti-aliased uint8 image of filled (vertices, grey level) polygons on black."
-    canvas = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
-    draw = ImageDraw.Draw(canvas)
-    for vertices, level in polygons:
-        draw.polygon([tuple(v) for v in vertices * SUPERSAMPLE], fill=int(level))
-    return np.asarray(canvas.resize((size, size), Image.Resampling.BOX))
+    def paint(draw):
+        for vertices, level in polygons:
+            draw.polygon([tuple(v) for v in vertices * SUPERSAMPLE], fill=int(level))
+    return draw_supersampled(paint, size)
 
 
 def _random_shape(rng: np.random.Generator, x: float, y: float, radius: float) -> tuple[np.ndarray, int]:
@@ -241,10 +248,8 @@ CELL_JITTER = 4.0        # px: the most the cell's centre moves off the image ce
 
 
 def _coverage(paint: Callable) -> np.ndarray:
-    "Coverage in [0, 1] of what `paint(draw)` fills, drawn SUPERSAMPLE times larger (coordinates in px) and box-filtered."
-    canvas = Image.new("L", (IMAGE_SIZE * SUPERSAMPLE, IMAGE_SIZE * SUPERSAMPLE), 0)
-    paint(ImageDraw.Draw(canvas))
-    return np.asarray(canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)).astype(np.float64) / 255
+    "Coverage in [0, 1] of what `paint(draw)` fills (`draw_supersampled`)."
+    return draw_supersampled(paint) / 255
 
 
 def _disc(draw: ImageDraw.ImageDraw, x: float, y: float, radius: float, fill: int = 255) -> None:
