@@ -262,12 +262,14 @@ def train_methods(settings: dict,                       # an experiment's settin
                   jobs: int | None = None,              # worker processes; None: `default_jobs`; 1: in this process
                   on_run_end: Callable[[Run], None] | None = None,   # called as each run finishes (e.g. a progress bar)
                   progress: bool = False,               # tqdm bars of `fit` (in this process only)
+                  prune: bool = False,                  # remove the folders' runs of other tasks and seeds (a stage that owns them)
                   ) -> dict[str, dict]:
     "Train (or read back) every run of each method, each method's folder locked; write and return each method's results."
     runs = plan_runs(settings, folders)
     with ExitStack() as locks:
         for method, folder in folders.items():
             locks.enter_context(writer_lock(folder))
+            if not prune: continue
             _prune(Path(folder), set(settings["tasks"]) | {"adapter"})
             for task in settings["tasks"]: _prune(Path(folder) / task, {f"seed{seed}" for seed in settings.get("seeds", [0])})
         done = _train_all(settings, runs, jobs or default_jobs(settings), on_run_end, progress)
@@ -289,11 +291,12 @@ def run_experiment(params: dict,                          # the pipeline's param
                    jobs: int | None = None,               # worker processes; None: `default_jobs`; 1: in this process
                    on_run_end: Callable[[Run], None] | None = None,
                    progress: bool = False,
+                   prune: bool = False,                   # remove runs of tasks and seeds no longer configured
                    ) -> dict[str, dict]:
     "Train (or read back) every run of the experiment's `methods`, each under `output_dir/<method>`; their results (method -> results)."
     settings = experiment_settings(params, profile, experiment)
     methods = methods or experiment_methods(settings)
-    return train_methods(settings, {method: Path(output_dir) / method for method in methods}, jobs, on_run_end, progress)
+    return train_methods(settings, {method: Path(output_dir) / method for method in methods}, jobs, on_run_end, progress, prune)
 
 
 def run_method(method: str,                          # method spec or variant, e.g. 'lora', 'moppa+ssf', 'moppa[heat]'
@@ -368,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
     with tqdm(total=runs, desc=f"train@{args.experiment}", unit="run", file=sys.stderr, mininterval=0, dynamic_ncols=True) as bar:
         try:
-            results = run_experiment(params, args.output, profile, args.experiment, methods, jobs, on_run_end=lambda run: bar.update())
+            results = run_experiment(params, args.output, profile, args.experiment, methods, jobs,
+                                     on_run_end=lambda run: bar.update(), prune=True)   # the stage owns its folder: dvc caches it whole
         except RunLocked as error: raise SystemExit(f"train: {error}") from None
     if args.metrics: write_metrics(results, args.metrics)
 

@@ -26,6 +26,7 @@ from moppa_nb.experiment import (RunLocked, SettingsError, check_profile, experi
                                  main, prepare_backbone, prepare_backbones, prepare_data, profile_settings, run_method, writer_lock)
 from moppa_nb.report import ReportContent, accuracy_table, combine_reports, load_results, write_report
 from moppa_nb.report import main as report_main
+from moppa_nb.runner import train_methods
 
 ROOT = Path(__file__).parent.parent
 TASKS = {"dtd": "Natural", "smallnorb_ele": "Structured"}
@@ -487,10 +488,33 @@ def test_persisted_runs_are_reused_only_for_the_same_settings(tmp_path):
     written = checkpoint.stat().st_mtime_ns
     again = run_method("lora", params, tmp_path / "runs")["runs"][0]
     assert again == first and checkpoint.stat().st_mtime_ns == written          # read back from record.json: nothing trained
+    assert (tmp_path / "runs" / "dtd" / "seed7").exists()                      # a caller's own folder: other runs are kept
+    train_methods(experiment_settings(params), {"lora": tmp_path / "runs"}, jobs=1, prune=True)   # as the train@ stage does
     assert not (tmp_path / "runs" / "dtd" / "seed7").exists()
     params["profiles"]["paper"]["method_train"]["lora"]["lr"] = 0.01
     changed = run_method("lora", params, tmp_path / "runs")["runs"][0]
     assert changed["summary"]["resumed_from_epoch"] == 0 and changed["settings"]["lr"] == 0.01
+
+
+def test_two_searches_over_other_tasks_in_one_folder_keep_each_others_runs(tmp_path):
+    """A script that trains one method on task set A, then on task set B, into the same folder loses nothing of A;
+    only the train@ stage (`python -m moppa_nb.runner`, prune=True) removes runs its settings no longer name."""
+    params = paper_params(tmp_path)
+    paper = params["profiles"]["paper"]
+    paper["train"].update(epochs=1, warmup_epochs=0, cooldown_epochs=0)
+    paper["tasks"] = {"dtd": "Natural"}
+    first = run_method("linear", params, tmp_path / "runs")
+    record = tmp_path / "runs" / "dtd" / "seed0" / "record.json"
+    written = record.read_bytes()
+    paper["tasks"] = {"smallnorb_ele": "Structured"}
+    second = run_method("linear", params, tmp_path / "runs")
+    assert [run["task"] for run in first["runs"]] == ["dtd"] and [run["task"] for run in second["runs"]] == ["smallnorb_ele"]
+    assert record.read_bytes() == written                                    # the first search's run is still there, untouched
+    paper["tasks"] = {"dtd": "Natural"}
+    again = run_method("linear", params, tmp_path / "runs")
+    assert again["runs"] == first["runs"]                                   # read back, not trained again
+    train_methods(experiment_settings(params), {"linear": tmp_path / "runs"}, jobs=1, prune=True)
+    assert not (tmp_path / "runs" / "smallnorb_ele").exists() and record.read_bytes() == written
 
 
 @pytest.mark.parametrize("profile", sorted(yaml.safe_load((ROOT / "params.yaml").read_text())["profiles"]))
