@@ -405,7 +405,9 @@ def plot_training_curves(histories: pd.DataFrame, metric: str = "test_acc",
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     for ax in axes.flat[len(panels):]: ax.set_visible(False)
     for ax in axes[:, 0]: ax.set_ylabel(_METRICS.get(metric, metric), fontsize=8)
-    for ax in axes[-1]: ax.set_xlabel("epoch", fontsize=8)
+    for column in axes.T:                               # each column's lowest panel carries the epochs, also above an empty cell
+        lowest = [ax for ax in column if ax.get_visible()][-1]
+        lowest.xaxis.set_tick_params(labelbottom=True); lowest.set_xlabel("epoch", fontsize=8)
     lines = ({task: matplotlib.lines.Line2D([], [], color="0.3", ls=styles[task], lw=1.2) for task in tasks} if many  # styles, no method's colour
              else {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())})
     if not many or len(tasks) > 1:
