@@ -266,7 +266,7 @@ def plot_accuracy_vs_params(table: pd.DataFrame, caption: str, score: str = "Avg
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("trainable parameters outside the head (log scale)"
-                      + ("\n(points that would overlap drawn slightly apart)" if not np.allclose(positive.x, positive.params) else ""))
+                      + ("\n(points that would overlap moved to the right; the legend gives each count)" if not np.allclose(positive.x, positive.params) else ""))
     axes[0].set_ylabel(f"{score} accuracy (%)" + (" ± std over seeds" if data.error.notna().any() else ""))
     fig.legend(*_joined_handles(axes), loc="outside lower center", ncol=min(3, len(data)), fontsize=7, frameon=False,
                title=FLAG_NOTE if flagged else None, title_fontsize=7)
