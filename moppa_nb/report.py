@@ -386,20 +386,21 @@ def plot_training_curves(histories: pd.DataFrame, metric: str = "test_acc",
                          methods: list[str] | None = None,  # order of the methods (default: as they come)
                          colours: dict[str, str] | None = None,   # method -> colour (default: method_colours)
                          ) -> plt.Figure:
-    "`metric` (%) over epochs, mean over seeds: a panel per task and a line per method, or with more than 6 methods (an ablation) a panel per method and a line style per task; colours from `method_colours`."
+    "`metric` (%) over epochs, mean over seeds: a panel per task and a line per method (its colour and dash), or with more than 6 methods (an ablation) a panel per method and a line style per task; colours from `method_colours`."
     data = histories.assign(value=histories[metric] * 100)
     methods = [m for m in (methods or dict.fromkeys(data.method)) if m in set(data.method)]
     tasks = list(dict.fromkeys(data.task))
     many = len(methods) > 6                             # a dozen lines in one panel cannot be told apart
     panels, colours = (methods if many else tasks), colours or method_colours(methods)
     styles = dict(zip(tasks, ["-", "--", ":", "-."] * len(tasks)))
+    dashes = dict(zip(methods, ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1))]))   # with colour: curves that coincide stay apart
     ncol = min(4, len(panels)); nrow = int(np.ceil(len(panels) / ncol))
     fig, axes = plt.subplots(nrow, ncol, figsize=(max(5.0, 2.8 * ncol), 2.1 * nrow + 1.0), sharex=True, sharey=True, squeeze=False,
                              layout="constrained")
     for ax, panel in zip(axes.flat, panels):
         for method, task in ([(panel, t) for t in tasks] if many else [(m, panel) for m in methods]):
             curve = data[(data.method == method) & (data.task == task)].groupby("epoch")["value"].mean()
-            if len(curve): ax.plot(curve.index, curve.to_numpy(), color=colours[method], ls=styles[task] if many else "-", lw=1.2,
+            if len(curve): ax.plot(curve.index, curve.to_numpy(), color=colours[method], ls=styles[task] if many else dashes[method], lw=1.2,
                                    marker="o" if len(curve) <= 3 else None, ms=3, label=task if many else _marked(method, flagged))
         ax.set_title(_marked(panel, flagged) if many else panel, fontsize=8); ax.tick_params(labelsize=7); ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
